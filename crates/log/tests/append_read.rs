@@ -1,0 +1,310 @@
+//! Appending and reading back: roundtrips across segment rolls, tailing, retention, close.
+
+#![allow(clippy::unwrap_used)] // tests unwrap freely
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use sensorflow_log::{Durability, Log, LogConfig, LogError};
+
+fn payload(i: u64, len: usize) -> Bytes {
+    (0..len)
+        .map(|j| (i as usize * 31 + j) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn config(dir: &std::path::Path) -> LogConfig {
+    let mut c = LogConfig::new(dir);
+    c.durability = Durability::None;
+    c
+}
+
+/// Reads everything currently published from `from`.
+fn read_all(log: &Log, from: u64) -> Vec<(u64, Bytes)> {
+    let mut reader = log.reader_untracked(from).unwrap();
+    let mut out = Vec::new();
+    while reader.read_batch(&mut out, 7, Duration::ZERO).unwrap() > 0 {}
+    out
+}
+
+fn segment_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn records_roundtrip_across_segment_rolls_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_bytes = 1024;
+    let (log, report) = Log::open(cfg.clone()).unwrap();
+    assert_eq!(report.next_offset, 0);
+    for i in 0..100u64 {
+        assert_eq!(
+            log.append(payload(i, (i as usize * 7) % 300))
+                .await
+                .unwrap(),
+            i
+        );
+    }
+    assert_eq!(log.end_offset(), 100);
+    let stats = log.stats();
+    assert!(
+        stats.segments > 5,
+        "expected several segments, got {}",
+        stats.segments
+    );
+    assert_eq!(stats.appended_records, 100);
+
+    let records = read_all(&log, 0);
+    assert_eq!(records.len(), 100);
+    for (i, (offset, p)) in records.iter().enumerate() {
+        assert_eq!(*offset, i as u64);
+        assert_eq!(*p, payload(i as u64, (i * 7) % 300));
+    }
+    // Starting in the middle of a segment skips to the right record.
+    assert_eq!(read_all(&log, 57)[0], (57, payload(57, (57 * 7) % 300)));
+    log.close().unwrap();
+    drop(log);
+
+    let (log, report) = Log::open(cfg).unwrap();
+    assert_eq!(report.next_offset, 100);
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(log.append(Bytes::from_static(b"after")).await.unwrap(), 100);
+    let records = read_all(&log, 95);
+    assert_eq!(records.len(), 6);
+    assert_eq!(records[5], (100, Bytes::from_static(b"after")));
+}
+
+#[tokio::test]
+async fn every_durability_mode_completes_appends_in_order() {
+    for durability in [
+        Durability::None,
+        Durability::Fsync,
+        Durability::DEFAULT_BATCH,
+        Durability::Batch {
+            interval: Duration::ZERO,
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.durability = durability;
+        let (log, _) = Log::open(cfg).unwrap();
+        let handles: Vec<_> = (0..50u64)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(payload(i, 100)).await })
+            })
+            .collect();
+        let mut offsets = Vec::new();
+        for h in handles {
+            offsets.push(h.await.unwrap().unwrap());
+        }
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..50).collect::<Vec<_>>(), "{durability:?}");
+        assert_eq!(read_all(&log, 0).len(), 50, "{durability:?}");
+        if durability != Durability::None {
+            assert!(log.stats().fsyncs >= 1, "{durability:?} never synced");
+        }
+    }
+}
+
+#[test]
+fn reader_blocks_until_an_append_is_published() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(config(dir.path())).unwrap();
+    let mut reader = log.reader(0).unwrap();
+
+    let (started_tx, started_rx) = mpsc::channel();
+    let (result_tx, result_rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        started_tx.send(()).unwrap();
+        let n = reader
+            .read_batch(&mut out, 10, Duration::from_secs(30))
+            .unwrap();
+        result_tx.send((n, out)).unwrap();
+    });
+    started_rx.recv().unwrap();
+    // Nothing is published, so the reader must still be waiting.
+    assert!(result_rx.recv_timeout(Duration::from_millis(50)).is_err());
+
+    rt.block_on(log.append(Bytes::from_static(b"wake up")))
+        .unwrap();
+    let (n, out) = result_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(out, vec![(0, Bytes::from_static(b"wake up"))]);
+    waiter.join().unwrap();
+}
+
+#[test]
+fn read_batch_times_out_with_zero_and_reports_closed_after_the_last_record() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(config(dir.path())).unwrap();
+    let mut reader = log.reader(0).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(
+        reader
+            .read_batch(&mut out, 10, Duration::from_millis(1))
+            .unwrap(),
+        0
+    );
+
+    rt.block_on(log.append(Bytes::from_static(b"last")))
+        .unwrap();
+    log.close().unwrap();
+    assert!(matches!(
+        rt.block_on(log.append(Bytes::new())),
+        Err(LogError::Closed)
+    ));
+    assert_eq!(
+        reader
+            .read_batch(&mut out, 10, Duration::from_secs(5))
+            .unwrap(),
+        1
+    );
+    assert!(matches!(
+        reader.read_batch(&mut out, 10, Duration::from_secs(5)),
+        Err(LogError::Closed)
+    ));
+    // close is idempotent.
+    log.close().unwrap();
+}
+
+#[tokio::test]
+async fn oversized_records_are_rejected_and_empty_ones_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_record_bytes = 10;
+    let (log, _) = Log::open(cfg).unwrap();
+    assert!(matches!(
+        log.append(Bytes::from(vec![0; 11])).await,
+        Err(LogError::RecordTooLarge { len: 11, max: 10 })
+    ));
+    assert_eq!(log.append(Bytes::new()).await.unwrap(), 0);
+    assert_eq!(log.append(Bytes::from(vec![1; 10])).await.unwrap(), 1);
+    assert_eq!(read_all(&log, 0)[0], (0, Bytes::new()));
+}
+
+#[tokio::test]
+async fn delete_before_removes_only_whole_segments_below_the_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Header (24) + 10 records of 8 + 100 bytes per segment.
+    cfg.segment_bytes = 24 + 10 * 108;
+    let (log, _) = Log::open(cfg.clone()).unwrap();
+    for i in 0..35u64 {
+        log.append(payload(i, 100)).await.unwrap();
+    }
+    assert_eq!(
+        segment_files(dir.path()),
+        [0, 10, 20, 30].map(|b| format!("{b:020}.log"))
+    );
+
+    // Offset 15 lies inside segment 10: only segment 0 is wholly below it.
+    assert_eq!(log.delete_before(15).unwrap(), 1);
+    assert_eq!(log.start_offset(), 10);
+    assert_eq!(
+        segment_files(dir.path()),
+        [10, 20, 30].map(|b| format!("{b:020}.log"))
+    );
+    assert!(matches!(
+        log.reader(5),
+        Err(LogError::OffsetOutOfRange {
+            requested: 5,
+            start: 10,
+            end: 35
+        })
+    ));
+    assert_eq!(read_all(&log, 10).len(), 25);
+
+    // Far beyond the end: the active segment always stays.
+    assert_eq!(log.delete_before(u64::MAX).unwrap(), 2);
+    assert_eq!(segment_files(dir.path()), [format!("{:020}.log", 30)]);
+    assert_eq!(log.delete_before(u64::MAX).unwrap(), 0);
+    log.close().unwrap();
+    drop(log);
+
+    let (log, report) = Log::open(cfg).unwrap();
+    assert_eq!((report.start_offset, report.next_offset), (30, 35));
+    assert_eq!(log.append(payload(35, 1)).await.unwrap(), 35);
+}
+
+#[test]
+fn second_open_of_the_same_directory_is_refused_until_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(config(dir.path())).unwrap();
+    assert!(matches!(
+        Log::open(config(dir.path())),
+        Err(LogError::Locked { .. })
+    ));
+    log.close().unwrap();
+    Log::open(config(dir.path())).unwrap();
+}
+
+#[test]
+fn dropping_the_last_handle_flushes_queued_appends() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (log, _) = Log::open(config(dir.path())).unwrap();
+        rt.block_on(log.append(Bytes::from_static(b"kept")))
+            .unwrap();
+    }
+    let (log, report) = Log::open(config(dir.path())).unwrap();
+    assert_eq!(report.next_offset, 1);
+    assert_eq!(read_all(&log, 0), vec![(0, Bytes::from_static(b"kept"))]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_payloads_and_segment_sizes_roundtrip_through_reopen(
+        sizes in proptest::collection::vec(0usize..600, 1..80),
+        segment_bytes in 40u64..4000,
+        split in 0usize..80,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.segment_bytes = segment_bytes;
+        let expected: Vec<Bytes> = sizes.iter().enumerate().map(|(i, &n)| payload(i as u64, n)).collect();
+        let split = split.min(expected.len());
+
+        let (log, _) = Log::open(cfg.clone()).unwrap();
+        for (i, p) in expected[..split].iter().enumerate() {
+            prop_assert_eq!(rt.block_on(log.append(p.clone())).unwrap(), i as u64);
+        }
+        log.close().unwrap();
+        drop(log);
+        let (log, report) = Log::open(cfg).unwrap();
+        prop_assert_eq!(report.next_offset, split as u64);
+        prop_assert_eq!(report.truncated_bytes, 0);
+        for (i, p) in expected[split..].iter().enumerate() {
+            prop_assert_eq!(rt.block_on(log.append(p.clone())).unwrap(), (split + i) as u64);
+        }
+        let got = read_all(&log, 0);
+        prop_assert_eq!(got.len(), expected.len());
+        for (i, (offset, p)) in got.into_iter().enumerate() {
+            prop_assert_eq!(offset, i as u64);
+            prop_assert_eq!(&p, &expected[i]);
+        }
+    }
+}
