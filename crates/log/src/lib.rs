@@ -39,5 +39,5 @@ mod writer;
 pub use crate::config::{Durability, LogConfig};
 pub use crate::error::{CorruptReason, IoOp, LogError, Result};
 pub use crate::fault::{FaultInjector, FaultSwitch, WriteFault};
-pub use crate::log::{Log, LogStats, OpenReport};
+pub use crate::log::{Log, LogStats, OpenReport, Pending};
 pub use crate::reader::{ConsumerHandle, LogReader};

@@ -35,6 +35,22 @@ pub(crate) struct Request {
     pub(crate) done: oneshot::Sender<Result<u64>>,
 }
 
+/// An admitted append: resolves to the record's offset once it is durable, or to the error
+/// that failed its batch. Dropping it does not withdraw the record.
+#[must_use = "the append is durable only once this resolves"]
+pub struct Pending {
+    done: oneshot::Receiver<Result<u64>>,
+}
+
+impl std::future::Future for Pending {
+    type Output = Result<u64>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<u64>> {
+        // A dropped sender means the writer thread died before completing the record.
+        std::pin::Pin::new(&mut self.done).poll(cx).map(|r| r.unwrap_or(Err(LogError::Closed)))
+    }
+}
+
 /// Mutable state shared by appenders, the writer thread, readers and consumers.
 pub(crate) struct State {
     /// Appends admitted but not yet taken by the writer.
@@ -295,6 +311,17 @@ impl Log {
     /// Dropping the future after it was admitted does not withdraw the record: it may still be
     /// appended (as with any at-least-once producer whose ack got lost).
     pub async fn append(&self, payload: Bytes) -> Result<u64> {
+        self.admit(payload).await?.await
+    }
+
+    /// The first half of [`Log::append`]: waits (only under backpressure) until the record is
+    /// admitted to the writer's queue, which fixes its place in the log, and returns a future
+    /// that resolves when it is durable.
+    ///
+    /// Records admitted one after another by one task are appended in that order. Callers that
+    /// must keep an order across many concurrent appends (MQTT ingest: a sensor's packets) admit
+    /// from one task and await the completions elsewhere, so durability waits overlap.
+    pub async fn admit(&self, payload: Bytes) -> Result<Pending> {
         let shared = &self.inner.shared;
         let max = shared.config.max_record_bytes;
         if payload.len() > max {
@@ -304,7 +331,7 @@ impl Log {
             });
         }
         let frame = frame_len(payload.len());
-        let done = loop {
+        loop {
             // Register for wake-ups before checking, so a notify between the check and the
             // await is not lost.
             let mut room = pin!(shared.space.notified());
@@ -321,13 +348,11 @@ impl Log {
                     st.in_flight_bytes += frame;
                     drop(st);
                     shared.writer_cv.notify_one();
-                    break rx;
+                    return Ok(Pending { done: rx });
                 }
             }
             room.await;
-        };
-        // A dropped sender means the writer thread died before completing the record.
-        done.await.unwrap_or(Err(LogError::Closed))
+        }
     }
 
     /// The offset the next durable record gets; every record below it is durable and

@@ -308,3 +308,28 @@ proptest! {
         }
     }
 }
+
+#[tokio::test]
+async fn records_admitted_in_sequence_are_appended_in_that_order_even_if_completions_are_awaited_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = sensorflow_log::Log::open(sensorflow_log::LogConfig::new(dir.path())).unwrap();
+    let mut pendings = Vec::new();
+    for i in 0..100u32 {
+        pendings.push(log.admit(bytes::Bytes::from(i.to_le_bytes().to_vec())).await.unwrap());
+    }
+    // Await the completions backwards: the offsets still follow admission order.
+    let mut offsets = Vec::new();
+    while let Some(p) = pendings.pop() {
+        offsets.push(p.await.unwrap());
+    }
+    offsets.reverse();
+    assert_eq!(offsets, (0..100).collect::<Vec<u64>>());
+    let mut reader = log.reader(0).unwrap();
+    let mut out = Vec::new();
+    while out.len() < 100 {
+        reader.read_batch(&mut out, 100, std::time::Duration::from_secs(5)).unwrap();
+    }
+    let values: Vec<u32> = out.iter().map(|(_, b)| u32::from_le_bytes(b[..4].try_into().unwrap())).collect();
+    assert_eq!(values, (0..100).collect::<Vec<u32>>());
+    log.close().unwrap();
+}
