@@ -1,0 +1,186 @@
+//! Minimal MQTT session state per client id.
+//!
+//! ntex-mqtt keeps no state between connections, and an ingest endpoint has no subscriptions
+//! or outgoing queues to persist. What a client can observe is `session_present` in CONNACK
+//! and the takeover of an older connection using the same client id, so that is what this
+//! registry keeps: for each client id, whether a persistent session exists, when it expires,
+//! and how to close the connection currently attached to it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// Sessions whose client was gone longer than this are forgotten even when they asked to
+/// persist forever (MQTT 3.1.1 has no expiry), bounding the registry.
+const MAX_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Lifetime of a session after its connection closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    /// Clean session / MQTT 5 expiry 0: dropped when the connection closes.
+    OnClose,
+    /// Kept this long after the connection closed.
+    After(Duration),
+}
+
+#[derive(Debug)]
+struct Entry {
+    expiry: Expiry,
+    /// Serial of the attached connection, `None` while no client is connected.
+    attached: Option<u64>,
+    /// Notified to make the attached connection close (session takeover).
+    kick: Arc<Notify>,
+    detached_at: Option<Instant>,
+}
+
+/// What [`SessionRegistry::attach`] tells the connect handler.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    /// Value for CONNACK `session_present`.
+    pub(crate) session_present: bool,
+    /// Notified when a newer connection takes this session over.
+    pub(crate) kick: Arc<Notify>,
+}
+
+/// Client id -> session, shared by all worker threads.
+#[derive(Debug, Default)]
+pub(crate) struct SessionRegistry {
+    sessions: Mutex<HashMap<Arc<str>, Entry>>,
+}
+
+impl SessionRegistry {
+    /// Attaches connection `serial` to the session of `client_id`, taking it over from any
+    /// connection still attached. `clean` discards existing state (clean session / clean start).
+    pub(crate) fn attach(
+        &self,
+        client_id: &Arc<str>,
+        serial: u64,
+        clean: bool,
+        expiry: Expiry,
+    ) -> Attached {
+        let now = Instant::now();
+        let mut sessions = self.sessions.lock();
+        let previous = sessions.remove(client_id);
+        let session_present = match &previous {
+            Some(old) => {
+                if let Some(_serial) = old.attached {
+                    // [MQTT-3.1.4-2]: the server disconnects the existing client.
+                    old.kick.notify_one();
+                }
+                !clean && old.expiry != Expiry::OnClose && !expired(old, now)
+            }
+            None => false,
+        };
+        let kick = Arc::new(Notify::new());
+        sessions.insert(
+            client_id.clone(),
+            Entry {
+                expiry,
+                attached: Some(serial),
+                kick: kick.clone(),
+                detached_at: None,
+            },
+        );
+        Attached {
+            session_present,
+            kick,
+        }
+    }
+
+    /// Detaches connection `serial` (which closed). Its session is kept or dropped according
+    /// to its expiry; a session already taken over by a newer connection is left alone.
+    pub(crate) fn detach(&self, client_id: &Arc<str>, serial: u64) {
+        let now = Instant::now();
+        let mut sessions = self.sessions.lock();
+        if let Some(entry) = sessions.get_mut(client_id)
+            && entry.attached == Some(serial)
+        {
+            if entry.expiry == Expiry::OnClose {
+                sessions.remove(client_id);
+            } else {
+                entry.attached = None;
+                entry.detached_at = Some(now);
+            }
+        }
+        // Amortised cleanup so that clients that never come back do not accumulate.
+        if sessions.len() > 1024 && serial.is_multiple_of(256) {
+            sessions.retain(|_, e| e.attached.is_some() || !expired(e, now));
+        }
+    }
+
+    /// Number of known sessions (attached or persisted).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.sessions.lock().len()
+    }
+}
+
+fn expired(entry: &Entry, now: Instant) -> bool {
+    let Some(detached_at) = entry.detached_at else {
+        return false;
+    };
+    let idle = now.saturating_duration_since(detached_at);
+    match entry.expiry {
+        Expiry::OnClose => true,
+        Expiry::After(d) => idle >= d.min(MAX_IDLE),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    #[test]
+    fn persistent_session_is_present_on_reconnect_and_clean_one_is_not() {
+        let reg = SessionRegistry::default();
+        let keep = Expiry::After(Duration::from_secs(60));
+        assert!(!reg.attach(&id("a"), 1, false, keep).session_present);
+        reg.detach(&id("a"), 1);
+        assert!(reg.attach(&id("a"), 2, false, keep).session_present);
+        reg.detach(&id("a"), 2);
+        // clean start discards the stored session
+        assert!(
+            !reg.attach(&id("a"), 3, true, Expiry::OnClose)
+                .session_present
+        );
+        reg.detach(&id("a"), 3);
+        assert_eq!(reg.len(), 0);
+        assert!(!reg.attach(&id("a"), 4, false, keep).session_present);
+    }
+
+    #[test]
+    fn takeover_kicks_the_attached_connection_and_ignores_its_late_detach() {
+        let reg = SessionRegistry::default();
+        let keep = Expiry::After(Duration::from_secs(60));
+        let first = reg.attach(&id("a"), 1, false, keep);
+        let second = reg.attach(&id("a"), 2, false, keep);
+        assert!(second.session_present);
+        // the first connection's kick has a stored permit
+        let kicked = first.kick.notified();
+        futures::pin_mut!(kicked);
+        assert!(futures::FutureExt::now_or_never(kicked.as_mut()).is_some());
+        reg.detach(&id("a"), 1);
+        assert_eq!(reg.len(), 1);
+        reg.detach(&id("a"), 2);
+        assert!(reg.attach(&id("a"), 3, false, keep).session_present);
+    }
+
+    #[test]
+    fn expired_session_is_not_present() {
+        let reg = SessionRegistry::default();
+        reg.attach(&id("a"), 1, false, Expiry::After(Duration::ZERO));
+        reg.detach(&id("a"), 1);
+        assert!(
+            !reg.attach(&id("a"), 2, false, Expiry::OnClose)
+                .session_present
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! Lock-free counters of the ingest listener and their point-in-time snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Live counters, shared by all worker threads. Read them via [`IngestStats::snapshot`].
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub(crate) connections_current: AtomicU64,
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) received_qos: [AtomicU64; 3],
+    pub(crate) received_bytes: AtomicU64,
+    pub(crate) stored: AtomicU64,
+    pub(crate) acked: AtomicU64,
+    pub(crate) nacked: AtomicU64,
+    pub(crate) rejected_by_sink: AtomicU64,
+    pub(crate) unknown_topic: AtomicU64,
+    pub(crate) oversize: AtomicU64,
+    pub(crate) dropped_on_shutdown: AtomicU64,
+}
+
+/// Counter values at one instant. All counters are totals since start except
+/// `connections_current`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IngestStatsSnapshot {
+    /// Open MQTT sessions (CONNACK sent, not yet closed).
+    pub connections_current: u64,
+    /// Sessions accepted since start.
+    pub connections_total: u64,
+    /// CONNECTs refused (connection limit reached, shutting down, invalid client id).
+    pub connections_refused: u64,
+    /// PUBLISH packets received, indexed by QoS (0, 1, 2).
+    pub received_by_qos: [u64; 3],
+    /// Payload bytes received (including messages not stored).
+    pub received_bytes: u64,
+    /// Records the sink confirmed as stored.
+    pub stored: u64,
+    /// QoS 1/2 publishes answered with a success PUBACK/PUBREC (includes unknown-topic and
+    /// oversize messages on MQTT 3.1.1, which has no negative acknowledgement).
+    pub acked: u64,
+    /// MQTT 5 QoS 1/2 publishes answered with an error reason code.
+    pub nacked: u64,
+    /// Appends the sink failed (`SinkError`), whatever the QoS.
+    pub rejected_by_sink: u64,
+    /// Publishes on a topic matching neither pattern.
+    pub unknown_topic: u64,
+    /// Publishes larger than `max_message_bytes`.
+    pub oversize: u64,
+    /// Publishes that arrived after `stop()` began and were not stored (QoS 1/2 ones are not
+    /// acknowledged, so the client re-sends them after reconnecting).
+    pub dropped_on_shutdown: u64,
+}
+
+impl IngestStats {
+    /// Reads every counter (each individually atomic; the set is not a transaction).
+    pub fn snapshot(&self) -> IngestStatsSnapshot {
+        IngestStatsSnapshot {
+            connections_current: self.connections_current.load(Relaxed),
+            connections_total: self.connections_total.load(Relaxed),
+            connections_refused: self.connections_refused.load(Relaxed),
+            received_by_qos: [
+                self.received_qos[0].load(Relaxed),
+                self.received_qos[1].load(Relaxed),
+                self.received_qos[2].load(Relaxed),
+            ],
+            received_bytes: self.received_bytes.load(Relaxed),
+            stored: self.stored.load(Relaxed),
+            acked: self.acked.load(Relaxed),
+            nacked: self.nacked.load(Relaxed),
+            rejected_by_sink: self.rejected_by_sink.load(Relaxed),
+            unknown_topic: self.unknown_topic.load(Relaxed),
+            oversize: self.oversize.load(Relaxed),
+            dropped_on_shutdown: self.dropped_on_shutdown.load(Relaxed),
+        }
+    }
+}
+
+/// Adds one to a counter.
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Relaxed);
+}
