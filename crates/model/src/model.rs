@@ -1,0 +1,923 @@
+//! Loading an ONNX model, checking it against the model contract, and running many keys'
+//! sequences in few batched tract calls with their recurrent state carried.
+//!
+//! The parsed graph is kept with symbolic `batch` and `T`; each `(batch bucket, T)` shape a
+//! caller needs gets its own plan, typed and optimised for exactly that shape (tract is several
+//! times faster on a fixed shape), compiled on first use and cached.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::{Factoid, InferenceModel};
+use tract_onnx::tract_hir::internal::DimLike;
+
+use crate::batch::{self, Call};
+use crate::{ModelError, Sidecar, StateSpec};
+
+/// Input and output names fixed by the model contract (DESIGN.md).
+const FEATURES: &str = "sequence_features";
+const H_0: &str = "h_0";
+const C_0: &str = "c_0";
+const VELOCITY: &str = "velocity_pred";
+const MOVEMENT: &str = "movement_prob";
+const H_N: &str = "h_n";
+const C_N: &str = "c_n";
+
+/// Compiled plans kept at once. Steady state needs a handful (one `T` per packet size, a few
+/// batch buckets); the bound only stops a caller cycling through many lengths from growing
+/// memory without limit.
+const MAX_PLANS: usize = 64;
+
+static DEMO_ONNX: &[u8] = include_bytes!("../../../models/demo_lstm.onnx");
+static DEMO_SIDECAR: &[u8] = include_bytes!("../../../models/demo_lstm.json");
+
+type Plan = TypedRunnableModel;
+
+/// Where the contract's tensors sit among the graph's inputs and outputs.
+#[derive(Debug, Clone, Copy)]
+struct Io {
+    n_inputs: usize,
+    features: usize,
+    /// `(h_0, c_0)` input positions of a stateful model.
+    state_in: Option<(usize, usize)>,
+    velocity: usize,
+    movement: usize,
+    /// `(h_n, c_n)` output positions of a stateful model.
+    state_out: Option<(usize, usize)>,
+}
+
+struct PlanCache {
+    plans: HashMap<(usize, usize), (Arc<Plan>, u64)>,
+    clock: u64,
+}
+
+/// One key's sequence for [`Model::run`]: scaled features in, predictions out, recurrent state
+/// read and written in place.
+#[derive(Debug)]
+pub struct SequenceMut<'a> {
+    /// `T * n_features` values, row-major (`[t][feature]`), already standard-scaled with the
+    /// sidecar's scaler.
+    pub features: &'a [f32],
+    /// Hidden state, `state_len` values laid out `[layers * directions, hidden]`: read as the
+    /// initial state, overwritten with the state after the last timestep. Empty for a
+    /// stateless model.
+    pub h: &'a mut [f32],
+    /// Cell state, same layout and contract as `h`.
+    pub c: &'a mut [f32],
+    /// `T` outputs: predicted velocity per timestep. Its length defines `T`.
+    pub velocity: &'a mut [f32],
+    /// `T` outputs: movement probability per timestep.
+    pub movement_prob: &'a mut [f32],
+}
+
+/// A loaded model with its sidecar, ready to run.
+///
+/// `Model` is `Send + Sync`: [`Model::run`] takes `&self`, so one model can be shared by
+/// several pipeline threads; they only serialise briefly on the plan cache.
+pub struct Model {
+    sidecar: Sidecar,
+    graph: InferenceModel,
+    io: Io,
+    n_features: usize,
+    state: Option<StateSpec>,
+    plans: Mutex<PlanCache>,
+}
+
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("sidecar", &self.sidecar)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Loads `onnx_path` and its sidecar, the same path with the extension `.json`.
+    pub fn load(onnx_path: &Path) -> Result<Model, ModelError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| ModelError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let onnx = read(onnx_path)?;
+        let sidecar = read(&onnx_path.with_extension("json"))?;
+        let model = Model::from_bytes(&onnx, &sidecar)?;
+        tracing::info!(path = %onnx_path.display(), state = ?model.state, "model loaded");
+        Ok(model)
+    }
+
+    /// Loads a model from the bytes of its ONNX file and of its JSON sidecar.
+    ///
+    /// Validates the sidecar, checks the graph's inputs and outputs against the contract and
+    /// the sidecar (names, element type, the feature and state dimensions it declares), then
+    /// compiles and runs a one-sample plan to prove the graph executes and yields the
+    /// contract's output shapes.
+    pub fn from_bytes(onnx: &[u8], sidecar_json: &[u8]) -> Result<Model, ModelError> {
+        let sidecar = Sidecar::from_json(sidecar_json)?;
+        let graph = tract_onnx::onnx()
+            .model_for_read(&mut &onnx[..])
+            .map_err(ModelError::onnx)?;
+        let io = find_io(&graph)?;
+        let state = match (io.state_in, sidecar.state) {
+            (Some(_), Some(spec)) => Some(spec),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ModelError::StateMismatch {
+                    model: "takes h_0",
+                    sidecar: "has no state",
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ModelError::StateMismatch {
+                    model: "takes no h_0",
+                    sidecar: "declares a state",
+                });
+            }
+        };
+        let n_features = sidecar.feature_cols.len();
+        check_declared_input(
+            &graph,
+            io.features,
+            FEATURES,
+            &[None, None, Some(n_features)],
+        )?;
+        if let (Some((h, c)), Some(s)) = (io.state_in, state) {
+            let dims = [Some(s.stacks()), None, Some(s.hidden)];
+            check_declared_input(&graph, h, H_0, &dims)?;
+            check_declared_input(&graph, c, C_0, &dims)?;
+        }
+        let model = Model {
+            sidecar,
+            graph,
+            io,
+            n_features,
+            state,
+            plans: Mutex::new(PlanCache {
+                plans: HashMap::new(),
+                clock: 0,
+            }),
+        };
+        model.probe()?;
+        Ok(model)
+    }
+
+    /// The bundled demo model (`models/demo_lstm.onnx` and its sidecar, compiled into the
+    /// binary): a 2-layer LSTM over scaled `accl_mag`/`gyro_mag`, trained by
+    /// `scripts/train_demo_model.py` on the simulator's synthetic motion.
+    pub fn demo() -> Result<Model, ModelError> {
+        Model::from_bytes(DEMO_ONNX, DEMO_SIDECAR)
+    }
+
+    /// The model's sidecar (feature columns, scaler, state spec, movement threshold).
+    pub fn sidecar(&self) -> &Sidecar {
+        &self.sidecar
+    }
+
+    /// Features per timestep (`F`, the length of `feature_cols`).
+    pub fn n_features(&self) -> usize {
+        self.n_features
+    }
+
+    /// Floats per key for `h` (and the same for `c`): `layers * directions * hidden`; 0 for a
+    /// stateless model.
+    pub fn state_len(&self) -> usize {
+        self.state.map_or(0, |s| s.len())
+    }
+
+    /// Runs independent sequences (typically one per sensor) in as few model calls as possible.
+    ///
+    /// Sequences of equal length share a call (at most [`MAX_BATCH`](crate::MAX_BATCH) each); the
+    /// batch dimension is padded up to a bucket size so only a few plans are ever compiled.
+    /// Each sequence's `h`/`c` are its initial state and are overwritten with its final
+    /// state, so consecutive calls continue the recurrence. Results equal running each
+    /// sequence alone, up to float rounding of differently-shaped kernels (<= 1e-5 in tests).
+    ///
+    /// Every sequence's buffer lengths are checked before anything runs; if tract fails
+    /// part-way, sequences of earlier calls have already been updated.
+    pub fn run(&self, seqs: &mut [SequenceMut<'_>]) -> Result<(), ModelError> {
+        let state_len = self.state_len();
+        let mut steps = Vec::with_capacity(seqs.len());
+        for (index, s) in seqs.iter().enumerate() {
+            let t = s.velocity.len();
+            let check = |buffer, expected: usize, found: usize| {
+                if expected == found {
+                    Ok(())
+                } else {
+                    Err(ModelError::SequenceShape {
+                        index,
+                        buffer,
+                        expected,
+                        found,
+                    })
+                }
+            };
+            check("features", t * self.n_features, s.features.len())?;
+            check("movement_prob", t, s.movement_prob.len())?;
+            check("h", state_len, s.h.len())?;
+            check("c", state_len, s.c.len())?;
+            steps.push(t);
+        }
+        for call in batch::plan_calls(&steps) {
+            self.run_call(&call, seqs)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one batched call: gathers members into padded input tensors, runs the plan for
+    /// `(call.batch, call.steps)`, scatters outputs and final states back.
+    fn run_call(&self, call: &Call, seqs: &mut [SequenceMut<'_>]) -> Result<(), ModelError> {
+        let (b, t, f) = (call.batch, call.steps, self.n_features);
+        let plan = self.plan(b, t)?;
+
+        let mut features = vec![0f32; b * t * f];
+        for (row, &i) in call.members.iter().enumerate() {
+            features[row * t * f..(row + 1) * t * f].copy_from_slice(seqs[i].features);
+        }
+        let mut inputs: Vec<Option<TValue>> = vec![None; self.io.n_inputs];
+        inputs[self.io.features] = Some(tensor(&[b, t, f], &features)?);
+        if let (Some((h_ix, c_ix)), Some(spec)) = (self.io.state_in, self.state) {
+            let (stacks, hidden) = (spec.stacks(), spec.hidden);
+            // Per key the state is [stacks, hidden]; the model wants [stacks, batch, hidden].
+            let mut h = vec![0f32; stacks * b * hidden];
+            let mut c = vec![0f32; stacks * b * hidden];
+            for (row, &i) in call.members.iter().enumerate() {
+                for s in 0..stacks {
+                    let dst = (s * b + row) * hidden..(s * b + row + 1) * hidden;
+                    let src = s * hidden..(s + 1) * hidden;
+                    h[dst.clone()].copy_from_slice(&seqs[i].h[src.clone()]);
+                    c[dst].copy_from_slice(&seqs[i].c[src]);
+                }
+            }
+            inputs[h_ix] = Some(tensor(&[stacks, b, hidden], &h)?);
+            inputs[c_ix] = Some(tensor(&[stacks, b, hidden], &c)?);
+        }
+        let inputs: TVec<TValue> = inputs.into_iter().flatten().collect();
+        let outputs = plan.run(inputs).map_err(ModelError::inference)?;
+
+        let velocity = output(&outputs, self.io.velocity, VELOCITY, b * t)?;
+        let movement = output(&outputs, self.io.movement, MOVEMENT, b * t)?;
+        for (row, &i) in call.members.iter().enumerate() {
+            seqs[i]
+                .velocity
+                .copy_from_slice(&velocity[row * t..(row + 1) * t]);
+            seqs[i]
+                .movement_prob
+                .copy_from_slice(&movement[row * t..(row + 1) * t]);
+        }
+        if let (Some((hn_ix, cn_ix)), Some(spec)) = (self.io.state_out, self.state) {
+            let (stacks, hidden) = (spec.stacks(), spec.hidden);
+            let h_n = output(&outputs, hn_ix, H_N, stacks * b * hidden)?;
+            let c_n = output(&outputs, cn_ix, C_N, stacks * b * hidden)?;
+            for (row, &i) in call.members.iter().enumerate() {
+                for s in 0..stacks {
+                    let src = (s * b + row) * hidden..(s * b + row + 1) * hidden;
+                    let dst = s * hidden..(s + 1) * hidden;
+                    seqs[i].h[dst.clone()].copy_from_slice(&h_n[src.clone()]);
+                    seqs[i].c[dst].copy_from_slice(&c_n[src]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The plan for inputs of batch `b` and `t` timesteps, compiled on first use.
+    ///
+    /// Compiling holds the cache lock: two threads needing the same new shape then compile
+    /// it once, and compilation happens only while a new shape warms up.
+    fn plan(&self, b: usize, t: usize) -> Result<Arc<Plan>, ModelError> {
+        // A poisoned lock only means another thread panicked mid-lookup; the map is still valid.
+        let mut cache = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.clock += 1;
+        let now = cache.clock;
+        if let Some((plan, last_used)) = cache.plans.get_mut(&(b, t)) {
+            *last_used = now;
+            return Ok(Arc::clone(plan));
+        }
+        if cache.plans.len() >= MAX_PLANS
+            && let Some(oldest) = cache
+                .plans
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k)
+        {
+            cache.plans.remove(&oldest);
+        }
+        let started = std::time::Instant::now();
+        let plan = self.compile(b, t)?;
+        tracing::debug!(
+            batch = b,
+            steps = t,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compiled model plan"
+        );
+        cache.plans.insert((b, t), (Arc::clone(&plan), now));
+        Ok(plan)
+    }
+
+    fn compile(&self, b: usize, t: usize) -> Result<Arc<Plan>, ModelError> {
+        let mut graph = self.graph.clone();
+        let f32_fact = |shape: &[usize]| InferenceFact::dt_shape(f32::datum_type(), shape);
+        graph
+            .set_input_fact(self.io.features, f32_fact(&[b, t, self.n_features]))
+            .map_err(ModelError::onnx)?;
+        if let (Some((h, c)), Some(spec)) = (self.io.state_in, self.state) {
+            let shape = [spec.stacks(), b, spec.hidden];
+            graph
+                .set_input_fact(h, f32_fact(&shape))
+                .map_err(ModelError::onnx)?;
+            graph
+                .set_input_fact(c, f32_fact(&shape))
+                .map_err(ModelError::onnx)?;
+        }
+        graph
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(ModelError::onnx)
+    }
+
+    /// Runs one zero sample through a batch-1 plan and checks every output's shape, so a model
+    /// that parses but cannot run, or runs with the wrong output shapes, fails at load.
+    fn probe(&self) -> Result<(), ModelError> {
+        let plan = self.plan(1, 1)?;
+        let mut inputs: Vec<Option<TValue>> = vec![None; self.io.n_inputs];
+        inputs[self.io.features] = Some(tensor(
+            &[1, 1, self.n_features],
+            &vec![0.0; self.n_features],
+        )?);
+        let mut expected = vec![
+            (self.io.velocity, VELOCITY, vec![1, 1]),
+            (self.io.movement, MOVEMENT, vec![1, 1]),
+        ];
+        if let (Some((h, c)), Some(spec)) = (self.io.state_in, self.state) {
+            let zeros = vec![0.0; spec.len()];
+            inputs[h] = Some(tensor(&[spec.stacks(), 1, spec.hidden], &zeros)?);
+            inputs[c] = Some(tensor(&[spec.stacks(), 1, spec.hidden], &zeros)?);
+        }
+        if let (Some((h, c)), Some(spec)) = (self.io.state_out, self.state) {
+            expected.push((h, H_N, vec![spec.stacks(), 1, spec.hidden]));
+            expected.push((c, C_N, vec![spec.stacks(), 1, spec.hidden]));
+        }
+        let outputs = plan
+            .run(inputs.into_iter().flatten().collect())
+            .map_err(ModelError::onnx)?;
+        for (ix, name, shape) in expected {
+            let found = outputs.get(ix).ok_or(ModelError::MissingOutput(name))?;
+            if found.shape() != shape.as_slice() || found.datum_type() != f32::datum_type() {
+                return Err(ModelError::TensorShape {
+                    tensor: name,
+                    expected: format!("f32 {shape:?} for batch 1, T 1"),
+                    found: format!("{:?} {:?}", found.datum_type(), found.shape()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Locates the contract's inputs (by source node name) and outputs (by outlet label).
+fn find_io(graph: &InferenceModel) -> Result<Io, ModelError> {
+    let (mut features, mut h, mut c) = (None, None, None);
+    let input_outlets = graph.input_outlets().map_err(ModelError::onnx)?;
+    for (ix, outlet) in input_outlets.iter().enumerate() {
+        match graph.node(outlet.node).name.as_str() {
+            FEATURES => features = Some(ix),
+            H_0 => h = Some(ix),
+            C_0 => c = Some(ix),
+            other => return Err(ModelError::UnexpectedInput(other.to_string())),
+        }
+    }
+    let features = features.ok_or(ModelError::MissingInput(FEATURES))?;
+    let state_in = match (h, c) {
+        (Some(h), Some(c)) => Some((h, c)),
+        (None, None) => None,
+        (Some(_), None) => return Err(ModelError::MissingInput(C_0)),
+        (None, Some(_)) => return Err(ModelError::MissingInput(H_0)),
+    };
+    let output_outlets = graph.output_outlets().map_err(ModelError::onnx)?;
+    let find_output = |name: &'static str| {
+        output_outlets
+            .iter()
+            .position(|o| graph.outlet_label(*o) == Some(name))
+            .ok_or(ModelError::MissingOutput(name))
+    };
+    let velocity = find_output(VELOCITY)?;
+    let movement = find_output(MOVEMENT)?;
+    let state_out = match state_in {
+        Some(_) => Some((find_output(H_N)?, find_output(C_N)?)),
+        None => None,
+    };
+    Ok(Io {
+        n_inputs: input_outlets.len(),
+        features,
+        state_in,
+        velocity,
+        movement,
+        state_out,
+    })
+}
+
+/// Checks what the ONNX file declares for an input: f32 (if typed), rank 3 (if known), and
+/// each dimension that the contract fixes and the file states concretely.
+fn check_declared_input(
+    graph: &InferenceModel,
+    ix: usize,
+    name: &'static str,
+    expected: &[Option<usize>; 3],
+) -> Result<(), ModelError> {
+    let fact = graph.input_fact(ix).map_err(ModelError::onnx)?;
+    let describe = || {
+        let dims: Vec<String> = expected
+            .iter()
+            .map(|d| d.map_or("_".to_string(), |d| d.to_string()))
+            .collect();
+        format!("f32 [{}]", dims.join(", "))
+    };
+    let mismatch = || ModelError::TensorShape {
+        tensor: name,
+        expected: describe(),
+        found: fact.format_dt_shape(),
+    };
+    if let Some(dt) = fact.datum_type.concretize()
+        && dt != f32::datum_type()
+    {
+        return Err(mismatch());
+    }
+    if fact.shape.is_open() {
+        return Ok(());
+    }
+    let dims: Vec<_> = fact.shape.dims().collect();
+    if dims.len() != expected.len() {
+        return Err(mismatch());
+    }
+    for (dim, want) in dims.iter().zip(expected) {
+        let declared = dim.concretize().and_then(|d| d.to_usize().ok());
+        if let (Some(declared), Some(want)) = (declared, want)
+            && declared != *want
+        {
+            return Err(mismatch());
+        }
+    }
+    Ok(())
+}
+
+fn tensor(shape: &[usize], data: &[f32]) -> Result<TValue, ModelError> {
+    Tensor::from_shape(shape, data)
+        .map(IntoTValue::into_tvalue)
+        .map_err(ModelError::inference)
+}
+
+/// Output `ix` as a flat f32 slice of exactly `len` values.
+fn output<'a>(
+    outputs: &'a [TValue],
+    ix: usize,
+    name: &'static str,
+    len: usize,
+) -> Result<&'a [f32], ModelError> {
+    let value = outputs.get(ix).ok_or(ModelError::MissingOutput(name))?;
+    let slice = value
+        .try_as_plain_ram()
+        .and_then(|v| v.as_slice::<f32>())
+        .map_err(ModelError::inference)?;
+    if slice.len() != len {
+        return Err(ModelError::TensorShape {
+            tensor: name,
+            expected: format!("{len} values"),
+            found: format!("{:?}", value.shape()),
+        });
+    }
+    Ok(slice)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
+mod tests {
+    use super::*;
+    use prost::Message;
+    use tract_onnx::pb::{ModelProto, TensorProto};
+
+    static STATELESS_ONNX: &[u8] = include_bytes!("../tests/fixtures/stateless_lstm.onnx");
+    static STATELESS_SIDECAR: &[u8] = include_bytes!("../tests/fixtures/stateless_lstm.json");
+
+    /// Deterministic xorshift noise in [-1, 1): tests need varied inputs, not a `rand` dependency.
+    struct Noise(u64);
+    impl Noise {
+        fn next(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| self.next() * scale).collect()
+        }
+    }
+
+    /// Owned buffers behind one `SequenceMut`.
+    #[derive(Clone, Debug)]
+    struct Seq {
+        features: Vec<f32>,
+        h: Vec<f32>,
+        c: Vec<f32>,
+        velocity: Vec<f32>,
+        movement: Vec<f32>,
+    }
+
+    impl Seq {
+        fn random(model: &Model, noise: &mut Noise, t: usize) -> Seq {
+            Seq {
+                // Scaled features are roughly standard normal; states lie in (-1, 1).
+                features: noise.vec(t * model.n_features(), 2.0),
+                h: noise.vec(model.state_len(), 0.5),
+                c: noise.vec(model.state_len(), 1.0),
+                velocity: vec![f32::NAN; t],
+                movement: vec![f32::NAN; t],
+            }
+        }
+        fn as_mut(&mut self) -> SequenceMut<'_> {
+            SequenceMut {
+                features: &self.features,
+                h: &mut self.h,
+                c: &mut self.c,
+                velocity: &mut self.velocity,
+                movement_prob: &mut self.movement,
+            }
+        }
+    }
+
+    fn run_all(model: &Model, seqs: &mut [Seq]) {
+        let mut views: Vec<SequenceMut<'_>> = seqs.iter_mut().map(Seq::as_mut).collect();
+        model.run(&mut views).unwrap();
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn assert_same(a: &Seq, b: &Seq, tol: f32, what: &str) {
+        for (name, x, y) in [
+            ("velocity", &a.velocity, &b.velocity),
+            ("movement_prob", &a.movement, &b.movement),
+            ("h", &a.h, &b.h),
+            ("c", &a.c, &b.c),
+        ] {
+            assert!(
+                x.iter().all(|v| v.is_finite()),
+                "{what}: {name} not fully written"
+            );
+            let d = max_diff(x, y);
+            assert!(d <= tol, "{what}: {name} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn demo_loads_with_the_contract_shapes() {
+        let model = Model::demo().unwrap();
+        assert_eq!(model.n_features(), 2);
+        assert_eq!(model.sidecar().feature_cols, ["accl_mag", "gyro_mag"]);
+        assert_eq!(
+            model.sidecar().state,
+            Some(StateSpec {
+                layers: 2,
+                directions: 1,
+                hidden: 32
+            })
+        );
+        assert_eq!(model.state_len(), 64);
+        assert_eq!(model.sidecar().movement_threshold, 0.5);
+    }
+
+    #[test]
+    fn model_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Model>();
+    }
+
+    #[test]
+    fn batched_run_equals_per_sequence_runs() {
+        let model = Model::demo().unwrap();
+        let mut noise = Noise(0x5eed_1234_abcd_0001);
+        // Mixed lengths, groups that need padding (5 -> 6, 70 -> 96) and a lone sequence.
+        let mut lengths = vec![64; 70];
+        lengths.extend([1, 7, 7, 7, 7, 7, 100, 0]);
+        let mut batched: Vec<Seq> = lengths
+            .iter()
+            .map(|&t| Seq::random(&model, &mut noise, t))
+            .collect();
+        let mut alone = batched.clone();
+        run_all(&model, &mut batched);
+        for (i, seq) in alone.iter_mut().enumerate() {
+            run_all(&model, std::slice::from_mut(seq));
+            assert_same(
+                &batched[i],
+                seq,
+                1e-5,
+                &format!("sequence {i} (T={})", lengths[i]),
+            );
+        }
+        assert!(
+            batched[0].h != Seq::random(&model, &mut Noise(1), 64).h,
+            "state was updated"
+        );
+    }
+
+    #[test]
+    fn carried_state_makes_two_halves_equal_one_whole() {
+        let model = Model::demo().unwrap();
+        let mut noise = Noise(42);
+        let mut whole: Vec<Seq> = (0..3)
+            .map(|_| Seq::random(&model, &mut noise, 128))
+            .collect();
+        let mut halves: Vec<[Seq; 2]> = whole
+            .iter()
+            .map(|w| {
+                let mut first = Seq {
+                    velocity: vec![f32::NAN; 64],
+                    movement: vec![f32::NAN; 64],
+                    ..w.clone()
+                };
+                first.features.truncate(64 * 2);
+                let second = Seq {
+                    features: w.features[64 * 2..].to_vec(),
+                    ..first.clone()
+                };
+                [first, second]
+            })
+            .collect();
+        run_all(&model, &mut whole);
+        for (i, [first, second]) in halves.iter_mut().enumerate() {
+            let mut firsts = vec![first.clone()];
+            run_all(&model, &mut firsts);
+            second.h = firsts[0].h.clone();
+            second.c = firsts[0].c.clone();
+            run_all(&model, std::slice::from_mut(second));
+            let joined = Seq {
+                velocity: [firsts[0].velocity.clone(), second.velocity.clone()].concat(),
+                movement: [firsts[0].movement.clone(), second.movement.clone()].concat(),
+                ..second.clone()
+            };
+            assert_same(&whole[i], &joined, 1e-5, &format!("sequence {i}"));
+        }
+    }
+
+    #[test]
+    fn demo_predicts_rest_for_resting_input() {
+        let model = Model::demo().unwrap();
+        let sc = model.sidecar();
+        // A sensor lying still: |acc| = 1 g, |gyro| ~ 0.015 rad/s of noise.
+        let t = 400;
+        let row = [sc.scale(0, 1.0), sc.scale(1, 0.015)];
+        let mut seq = Seq {
+            features: row.repeat(t),
+            h: vec![0.0; 64],
+            c: vec![0.0; 64],
+            velocity: vec![f32::NAN; t],
+            movement: vec![f32::NAN; t],
+        };
+        run_all(&model, std::slice::from_mut(&mut seq));
+        let tail = t - 100..t;
+        assert!(
+            seq.velocity[tail.clone()].iter().all(|v| v.abs() < 0.2),
+            "{:?}",
+            &seq.velocity[tail.clone()]
+        );
+        assert!(
+            seq.movement[tail.clone()].iter().all(|p| *p < 0.2),
+            "{:?}",
+            &seq.movement[tail]
+        );
+    }
+
+    #[test]
+    fn stateless_model_runs_like_the_stateful_one_from_zero_state() {
+        // The fixture has the demo's weights with the initial state fixed at zero.
+        let stateless = Model::from_bytes(STATELESS_ONNX, STATELESS_SIDECAR).unwrap();
+        assert_eq!(stateless.state_len(), 0);
+        let stateful = Model::demo().unwrap();
+        let mut noise = Noise(7);
+        let mut a: Vec<Seq> = (0..4)
+            .map(|_| Seq::random(&stateless, &mut noise, 32))
+            .collect();
+        let mut b: Vec<Seq> = a
+            .iter()
+            .map(|s| Seq {
+                h: vec![0.0; 64],
+                c: vec![0.0; 64],
+                ..s.clone()
+            })
+            .collect();
+        run_all(&stateless, &mut a);
+        run_all(&stateful, &mut b);
+        for (x, y) in a.iter().zip(&b) {
+            assert!(max_diff(&x.velocity, &y.velocity) <= 1e-5);
+            assert!(max_diff(&x.movement, &y.movement) <= 1e-5);
+        }
+    }
+
+    #[test]
+    fn rejects_sequences_with_wrong_buffer_lengths() {
+        let model = Model::demo().unwrap();
+        let mut noise = Noise(3);
+        let mut ok = Seq::random(&model, &mut noise, 8);
+        let mut bad = Seq::random(&model, &mut noise, 8);
+        bad.features.pop();
+        let mut views = vec![ok.as_mut(), bad.as_mut()];
+        let err = model.run(&mut views).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModelError::SequenceShape {
+                    index: 1,
+                    buffer: "features",
+                    expected: 16,
+                    found: 15
+                }
+            ),
+            "{err}"
+        );
+        let mut short_state = Seq::random(&model, &mut noise, 8);
+        short_state.c.truncate(10);
+        let err = model.run(&mut [short_state.as_mut()]).unwrap_err();
+        assert!(matches!(
+            err,
+            ModelError::SequenceShape {
+                buffer: "c",
+                expected: 64,
+                found: 10,
+                ..
+            }
+        ));
+        assert!(
+            ok.velocity.iter().all(|v| v.is_nan()),
+            "nothing runs when any sequence is malformed"
+        );
+    }
+
+    fn demo_proto() -> ModelProto {
+        ModelProto::decode(DEMO_ONNX).unwrap()
+    }
+
+    fn load_proto(proto: &ModelProto, sidecar: &[u8]) -> Result<Model, ModelError> {
+        Model::from_bytes(&proto.encode_to_vec(), sidecar)
+    }
+
+    #[test]
+    fn reports_a_missing_c_0_input() {
+        // Turn c_0 into a constant: the graph still runs but no longer takes c_0.
+        let mut proto = demo_proto();
+        let graph = proto.graph.as_mut().unwrap();
+        graph.input.retain(|i| i.name != "c_0");
+        graph.initializer.push(TensorProto {
+            name: "c_0".into(),
+            dims: vec![2, 1, 32],
+            data_type: 1,
+            float_data: vec![0.0; 64],
+            ..Default::default()
+        });
+        let err = load_proto(&proto, DEMO_SIDECAR).unwrap_err();
+        assert!(matches!(err, ModelError::MissingInput("c_0")), "{err}");
+    }
+
+    #[test]
+    fn reports_unexpected_inputs_and_missing_outputs() {
+        let mut proto = demo_proto();
+        let graph = proto.graph.as_mut().unwrap();
+        graph
+            .input
+            .iter_mut()
+            .filter(|i| i.name == "h_0")
+            .for_each(|i| i.name = "hidden".into());
+        for node in &mut graph.node {
+            node.input
+                .iter_mut()
+                .filter(|n| *n == "h_0")
+                .for_each(|n| *n = "hidden".into());
+        }
+        let err = load_proto(&proto, DEMO_SIDECAR).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::UnexpectedInput(n) if n == "hidden"),
+            "{err}"
+        );
+
+        let mut proto = demo_proto();
+        proto
+            .graph
+            .as_mut()
+            .unwrap()
+            .output
+            .retain(|o| o.name != "movement_prob");
+        let err = load_proto(&proto, DEMO_SIDECAR).unwrap_err();
+        assert!(
+            matches!(err, ModelError::MissingOutput("movement_prob")),
+            "{err}"
+        );
+
+        let mut proto = demo_proto();
+        proto
+            .graph
+            .as_mut()
+            .unwrap()
+            .output
+            .retain(|o| o.name != "c_n");
+        let err = load_proto(&proto, DEMO_SIDECAR).unwrap_err();
+        assert!(matches!(err, ModelError::MissingOutput("c_n")), "{err}");
+    }
+
+    fn demo_sidecar_with(edit: impl FnOnce(&mut Sidecar)) -> Vec<u8> {
+        let mut sidecar = Sidecar::from_json(DEMO_SIDECAR).unwrap();
+        edit(&mut sidecar);
+        serde_json::to_vec(&sidecar).unwrap()
+    }
+
+    #[test]
+    fn rejects_a_sidecar_that_disagrees_with_the_graph() {
+        let three_features = demo_sidecar_with(|s| {
+            s.feature_cols.push("mag_mag".into());
+            s.scaler.mean.insert("mag_mag".into(), 0.0);
+            s.scaler.std.insert("mag_mag".into(), 1.0);
+        });
+        let err = Model::from_bytes(DEMO_ONNX, &three_features).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModelError::TensorShape {
+                    tensor: "sequence_features",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let wrong_hidden = demo_sidecar_with(|s| {
+            s.state = Some(StateSpec {
+                layers: 2,
+                directions: 1,
+                hidden: 16,
+            })
+        });
+        let err = Model::from_bytes(DEMO_ONNX, &wrong_hidden).unwrap_err();
+        assert!(
+            matches!(err, ModelError::TensorShape { tensor: "h_0", .. }),
+            "{err}"
+        );
+
+        let err = Model::from_bytes(DEMO_ONNX, STATELESS_SIDECAR).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModelError::StateMismatch {
+                    model: "takes h_0",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = Model::from_bytes(STATELESS_ONNX, DEMO_SIDECAR).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModelError::StateMismatch {
+                    model: "takes no h_0",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let bad_std = demo_sidecar_with(|s| {
+            s.scaler.std.insert("gyro_mag".into(), 0.0);
+        });
+        assert!(matches!(
+            Model::from_bytes(DEMO_ONNX, &bad_std),
+            Err(ModelError::BadStd { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_bytes_that_are_not_onnx_and_missing_files() {
+        let err = Model::from_bytes(b"definitely not protobuf", DEMO_SIDECAR).unwrap_err();
+        assert!(matches!(err, ModelError::Onnx(_)), "{err}");
+        let err = Model::load(Path::new("/nonexistent/model.onnx")).unwrap_err();
+        assert!(matches!(err, ModelError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn loads_model_and_sidecar_from_a_path() {
+        let dir =
+            std::env::temp_dir().join(format!("sensorflow-model-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m.onnx"), DEMO_ONNX).unwrap();
+        std::fs::write(dir.join("m.json"), DEMO_SIDECAR).unwrap();
+        let loaded = Model::load(&dir.join("m.onnx"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(loaded.unwrap().sidecar(), Model::demo().unwrap().sidecar());
+    }
+}
