@@ -1,0 +1,539 @@
+//! The sensorflow pipeline: pure, deterministic operators keyed by sensor.
+//!
+//! Records in, records out: no sockets, files, threads or clocks in here (the caller passes the
+//! processing time), so every operator is unit-testable and its state can be checkpointed.
+//!
+//! # Layout
+//!
+//! - [`record`]: the output records (lake tables, live feeds) and [`Outputs`].
+//! - [`dedupe`]: stage 1, duplicates, gaps and device restarts from sample indices.
+//! - [`window`]: stage 4, tumbling event-time windows with per-sensor watermarks.
+//! - [`session`]: stages 3 and 6, gap-based sessions and their aggregates.
+//! - [`stats`]: per-sensor counters for `/sensors` and `/metrics`.
+//! - [`config`]: the `[pipeline]` settings.
+//! - this file: [`Pipeline`], which decodes log records (framing, JSON), runs the stages in order
+//!   per sensor (transform is stage 2) and batches inference (stage 5) across sensors.
+//!
+//! # One step
+//!
+//! [`Pipeline::process`] takes a batch of ingest records. Phase one walks them in order:
+//! framing, dedupe, sessions, transform and windows, appending each sensor's accepted samples to
+//! that sensor's pending chunk. Phase two runs the model once for all sensors with pending
+//! samples (one sequence per sensor, its recurrent state carried in and out) and then adds the
+//! predictions to the session aggregates and emits the chunks. When a session ends in the middle
+//! of a step, that sensor's pending samples are inferred first, so an aggregate never misses
+//! samples of its own session and a new session always starts from a zero model state.
+
+pub mod config;
+pub mod dedupe;
+pub mod record;
+pub mod session;
+pub mod stats;
+pub mod window;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sensorflow_model::{Model, SequenceMut};
+use sensorflow_protocol::framing::{BadReason, Frame, FrameDecoder};
+use sensorflow_protocol::imu::PhysSample;
+use sensorflow_protocol::json::parse_json_packet;
+use sensorflow_protocol::record::{IngestRecordRef, PayloadFormat};
+
+pub use config::PipelineConfig;
+pub use record::*;
+pub use stats::SensorCounters;
+
+use dedupe::{SequenceTracker, Verdict};
+use session::ActiveSession;
+use window::{Added, SensorWindows};
+
+/// Errors building a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("invalid pipeline configuration: {0}")]
+    Config(String),
+    #[error("model feature column {0:?} is not one the pipeline computes")]
+    UnknownFeature(String),
+}
+
+/// A column the pipeline can feed to the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Feature {
+    AcclMag,
+    GyroMag,
+    Acc(usize),
+    Gyro(usize),
+    Mag(usize),
+}
+
+impl Feature {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "accl_mag" => Feature::AcclMag,
+            "gyro_mag" => Feature::GyroMag,
+            "acc_x" => Feature::Acc(0),
+            "acc_y" => Feature::Acc(1),
+            "acc_z" => Feature::Acc(2),
+            "gyro_x" => Feature::Gyro(0),
+            "gyro_y" => Feature::Gyro(1),
+            "gyro_z" => Feature::Gyro(2),
+            "mag_x" => Feature::Mag(0),
+            "mag_y" => Feature::Mag(1),
+            "mag_z" => Feature::Mag(2),
+            _ => return None,
+        })
+    }
+
+    fn value(self, c: &SampleChunk, i: usize) -> f32 {
+        match self {
+            Feature::AcclMag => c.accl_mag[i],
+            Feature::GyroMag => c.gyro_mag[i],
+            Feature::Acc(0) => c.acc_x[i],
+            Feature::Acc(1) => c.acc_y[i],
+            Feature::Acc(_) => c.acc_z[i],
+            Feature::Gyro(0) => c.gyro_x[i],
+            Feature::Gyro(1) => c.gyro_y[i],
+            Feature::Gyro(_) => c.gyro_z[i],
+            Feature::Mag(0) => c.mag_x[i],
+            Feature::Mag(1) => c.mag_y[i],
+            Feature::Mag(_) => c.mag_z[i],
+        }
+    }
+}
+
+/// Settings resolved to the units the hot path uses.
+#[derive(Clone, Copy, Debug)]
+struct Ctx {
+    period_us: i64,
+    dt_s: f64,
+    gap_us: i64,
+    window_us: i64,
+    lateness_us: i64,
+    aggregate_us: i64,
+    threshold: f32,
+}
+
+/// Everything the pipeline keeps for one sensor.
+#[derive(Debug)]
+struct SensorState {
+    id: SensorId,
+    framing: FrameDecoder,
+    seq: SequenceTracker,
+    session: Option<ActiveSession>,
+    windows: SensorWindows,
+    /// Recurrent model state carried across packets (`[L*D, H]` each), zeroed at session start.
+    h: Vec<f32>,
+    c: Vec<f32>,
+    /// Accepted samples of this step waiting for inference (all of the current session).
+    pending: Option<SampleChunk>,
+    counters: SensorCounters,
+}
+
+/// Pipeline-wide counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    pub records: u64,
+    pub samples_out: u64,
+    pub model_calls: u64,
+    pub model_errors: u64,
+}
+
+/// A read-only view of one sensor for the API.
+#[derive(Clone, Copy, Debug)]
+pub struct SensorView<'a> {
+    pub sensor_id: &'a SensorId,
+    pub counters: &'a SensorCounters,
+    pub active_session: Option<&'a SessionId>,
+}
+
+/// The keyed pipeline of DESIGN.md stages 1–6. See the crate docs for one step's phases.
+pub struct Pipeline {
+    ctx: Ctx,
+    config: PipelineConfig,
+    model: Arc<Model>,
+    features: Vec<Feature>,
+    /// (mean, std) per model feature.
+    scaler: Vec<(f32, f32)>,
+    sensors: HashMap<SensorId, SensorState>,
+    scratch: Scratch,
+    stats: PipelineStats,
+}
+
+/// Buffers reused by every step, so the hot path does not allocate per packet.
+#[derive(Default)]
+struct Scratch {
+    phys: Vec<PhysSample>,
+    features: Vec<f32>,
+    h: Vec<f32>,
+    c: Vec<f32>,
+    velocity: Vec<f32>,
+    prob: Vec<f32>,
+}
+
+impl Pipeline {
+    /// Builds a pipeline around `model`, checking that the model's feature columns are ones the
+    /// pipeline computes.
+    pub fn new(config: PipelineConfig, model: Arc<Model>) -> Result<Self, PipelineError> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return Err(PipelineError::Config(text.join("; ")));
+        }
+        let sidecar = model.sidecar();
+        let mut features = Vec::with_capacity(sidecar.feature_cols.len());
+        let mut scaler = Vec::with_capacity(sidecar.feature_cols.len());
+        for name in &sidecar.feature_cols {
+            features.push(Feature::parse(name).ok_or_else(|| PipelineError::UnknownFeature(name.clone()))?);
+            // The sidecar was validated at load: every feature has a mean and a positive std.
+            let mean = sidecar.scaler.mean.get(name).copied().unwrap_or(0.0);
+            let std = sidecar.scaler.std.get(name).copied().unwrap_or(1.0);
+            scaler.push((mean, std));
+        }
+        let ctx = Ctx {
+            period_us: config.period_us(),
+            dt_s: 1.0 / config.sample_rate_hz,
+            gap_us: PipelineConfig::secs_to_us(config.session_gap_secs),
+            window_us: PipelineConfig::secs_to_us(config.window_secs),
+            lateness_us: PipelineConfig::secs_to_us(config.allowed_lateness_secs),
+            aggregate_us: PipelineConfig::secs_to_us(config.aggregate_interval_secs),
+            threshold: config.movement_threshold.unwrap_or(sidecar.movement_threshold),
+        };
+        Ok(Self {
+            ctx,
+            config,
+            model,
+            features,
+            scaler,
+            sensors: HashMap::new(),
+            scratch: Scratch::default(),
+            stats: PipelineStats::default(),
+        })
+    }
+
+    /// Processes ingest records in log order; `now_us` is the processing time (µs since the
+    /// epoch) used for idle detection. Everything produced is appended to `out`.
+    pub fn process<'a>(&mut self, records: impl IntoIterator<Item = IngestRecordRef<'a>>, now_us: i64, out: &mut Outputs) {
+        for record in records {
+            self.stats.records += 1;
+            self.ingest(record, now_us, out);
+        }
+        self.infer_dirty(out);
+    }
+
+    /// Processing-time duties: closes sessions of sensors silent for the session gap and emits
+    /// the periodic session aggregates. Call it regularly (e.g. every 100 ms).
+    pub fn on_tick(&mut self, now_us: i64, out: &mut Outputs) {
+        // Nothing is pending between steps: `process` always infers before returning.
+        let ctx = self.ctx;
+        for state in self.sensors.values_mut() {
+            let Some(session) = &mut state.session else { continue };
+            if now_us - session.last_seen_proc_us >= ctx.gap_us {
+                end_session(&ctx, state, SessionEndReason::Idle, now_us, out);
+                state.windows.emit_all(&state.id, ctx.window_us, &mut out.windows);
+            } else if now_us - session.last_emit_us >= ctx.aggregate_us {
+                session.last_emit_us = now_us;
+                out.aggregates.push(session.aggregate(&state.id, now_us, ctx.dt_s));
+            }
+        }
+    }
+
+    /// Ends every active session (reason [`SessionEndReason::Shutdown`]) and emits every open
+    /// window: the last step of a clean shutdown.
+    pub fn close_all(&mut self, now_us: i64, out: &mut Outputs) {
+        self.infer_dirty(out);
+        let ctx = self.ctx;
+        for state in self.sensors.values_mut() {
+            if state.session.is_some() {
+                end_session(&ctx, state, SessionEndReason::Shutdown, now_us, out);
+            }
+            state.windows.emit_all(&state.id, ctx.window_us, &mut out.windows);
+        }
+    }
+
+    /// Every sensor seen so far.
+    pub fn sensors(&self) -> impl Iterator<Item = SensorView<'_>> {
+        self.sensors.values().map(|s| SensorView {
+            sensor_id: &s.id,
+            counters: &s.counters,
+            active_session: s.session.as_ref().map(|s| &s.id),
+        })
+    }
+
+    /// Pipeline-wide counters.
+    pub fn stats(&self) -> &PipelineStats {
+        &self.stats
+    }
+
+    /// The settings the pipeline runs with.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// Phase one for one record: decode, then dedupe/sessions/transform/windows per packet.
+    fn ingest(&mut self, record: IngestRecordRef<'_>, now_us: i64, out: &mut Outputs) {
+        let state = match self.sensors.get_mut(record.sensor_id) {
+            Some(s) => s,
+            None => {
+                let id: SensorId = Arc::from(record.sensor_id);
+                let state = SensorState {
+                    id: id.clone(),
+                    framing: FrameDecoder::new(self.config.max_framing_buffer_bytes, self.config.max_samples_per_packet),
+                    seq: SequenceTracker::default(),
+                    session: None,
+                    windows: SensorWindows::default(),
+                    h: vec![0.0; self.model.state_len()],
+                    c: vec![0.0; self.model.state_len()],
+                    pending: None,
+                    counters: SensorCounters::default(),
+                };
+                self.sensors.entry(id).or_insert(state)
+            }
+        };
+        state.counters.seen(record.ingest_us);
+        let phys = &mut self.scratch.phys;
+        match record.format {
+            PayloadFormat::Binary => {
+                state.framing.push(record.payload);
+                loop {
+                    let (base, ts) = match state.framing.next_frame() {
+                        None => break,
+                        Some(Frame::Bad { reason, .. }) => {
+                            state.counters.count_bad(reason);
+                            continue;
+                        }
+                        Some(Frame::Packet(p)) => {
+                            phys.clear();
+                            phys.extend(p.samples().map(|s| s.to_physical()));
+                            (p.base_sample_number(), p.timestamp_us())
+                        }
+                    };
+                    accept_packet(&self.ctx, &self.model, &self.features, &self.scaler, &mut self.stats, state, base, ts, phys, record.ingest_us, now_us, out);
+                }
+            }
+            PayloadFormat::Json => match parse_json_packet(record.payload) {
+                Ok(packet) => {
+                    accept_packet(&self.ctx, &self.model, &self.features, &self.scaler, &mut self.stats, state, packet.base_sample_number, packet.timestamp_us, &packet.samples, record.ingest_us, now_us, out);
+                }
+                Err(_) => state.counters.count_bad(BadReason::InvalidJson),
+            },
+        }
+    }
+
+    /// Phase two: one batched model call over every sensor with pending samples.
+    fn infer_dirty(&mut self, out: &mut Outputs) {
+        let mut states: Vec<&mut SensorState> = self.sensors.values_mut().filter(|s| s.pending.is_some()).collect();
+        if states.is_empty() {
+            return;
+        }
+        infer(&self.ctx, &self.model, &self.features, &self.scaler, &mut self.stats, &mut self.scratch, &mut states, out);
+    }
+}
+
+/// Stages 1–4 for one decoded packet of `state`'s sensor.
+#[allow(clippy::too_many_arguments)]
+fn accept_packet(
+    ctx: &Ctx,
+    model: &Model,
+    features: &[Feature],
+    scaler: &[(f32, f32)],
+    stats: &mut PipelineStats,
+    state: &mut SensorState,
+    base: u32,
+    timestamp_us: u64,
+    samples: &[PhysSample],
+    ingest_us: i64,
+    now_us: i64,
+    out: &mut Outputs,
+) {
+    let n = samples.len();
+    state.counters.packets_decoded += 1;
+    state.counters.samples_decoded += n as u64;
+    if n == 0 {
+        return;
+    }
+    let ts0 = i64::try_from(timestamp_us).unwrap_or(i64::MAX);
+    let skip = match state.seq.classify(base, n, ts0, ctx.period_us) {
+        Verdict::Duplicate => {
+            state.counters.duplicates += n as u64;
+            return;
+        }
+        Verdict::Accept { skip, gap } => {
+            state.counters.duplicates += skip as u64;
+            if let Some((from, to)) = gap {
+                let missing = u64::from(to.wrapping_sub(from));
+                state.counters.gaps += 1;
+                state.counters.missing_samples += missing;
+                out.gaps.push(GapRecord { sensor_id: state.id.clone(), from_index: from, to_index: to, missing, detected_at_us: now_us });
+            }
+            skip
+        }
+        Verdict::Restart => {
+            state.counters.restarts += 1;
+            if state.session.is_some() {
+                flush_sensor(ctx, model, features, scaler, stats, state, out);
+                end_session(ctx, state, SessionEndReason::DeviceRestart, now_us, out);
+            }
+            0
+        }
+    };
+    let first_ts = ts0 + skip as i64 * ctx.period_us;
+    if let Some(session) = &state.session {
+        if first_ts - session.last_event_us > ctx.gap_us {
+            flush_sensor(ctx, model, features, scaler, stats, state, out);
+            end_session(ctx, state, SessionEndReason::Gap, now_us, out);
+        }
+    }
+    if state.session.is_none() {
+        let session = ActiveSession::start(&state.id, first_ts, now_us);
+        out.session_events.push(SessionEvent::Started { session: session.record(&state.id, None) });
+        state.counters.sessions_started += 1;
+        state.session = Some(session);
+        state.h.fill(0.0);
+        state.c.fill(0.0);
+    }
+    let Some(session) = state.session.as_mut() else { return };
+    let chunk = match &mut state.pending {
+        Some(chunk) => chunk,
+        None => state.pending.insert(SampleChunk::with_capacity(state.id.clone(), session.id.clone(), n - skip)),
+    };
+    let mut last_ts = first_ts;
+    for (i, s) in samples.iter().enumerate().skip(skip) {
+        let ts = ts0 + i as i64 * ctx.period_us;
+        last_ts = ts;
+        let gyro = s.gyro.map(|d| d.to_radians());
+        let accl_mag = norm(s.acc);
+        let gyro_mag = norm(gyro);
+        chunk.sample_index.push(base.wrapping_add(i as u32));
+        chunk.timestamp_us.push(ts);
+        chunk.acc_x.push(s.acc[0]);
+        chunk.acc_y.push(s.acc[1]);
+        chunk.acc_z.push(s.acc[2]);
+        chunk.gyro_x.push(gyro[0]);
+        chunk.gyro_y.push(gyro[1]);
+        chunk.gyro_z.push(gyro[2]);
+        chunk.mag_x.push(s.mag[0]);
+        chunk.mag_y.push(s.mag[1]);
+        chunk.mag_z.push(s.mag[2]);
+        chunk.temp_raw.push(s.temp_raw);
+        chunk.accl_mag.push(accl_mag);
+        chunk.gyro_mag.push(gyro_mag);
+        chunk.ingest_us.push(ingest_us);
+        if let Added::Late { watermark_us } = state.windows.add(ts, accl_mag, gyro_mag, ctx.window_us, ctx.lateness_us) {
+            state.counters.late += 1;
+            out.late.push(LateRecord {
+                sensor_id: state.id.clone(),
+                sample_index: base.wrapping_add(i as u32),
+                timestamp_us: ts,
+                watermark_us,
+                detected_at_us: now_us,
+            });
+        }
+    }
+    session.last_event_us = session.last_event_us.max(last_ts);
+    session.last_seen_proc_us = now_us;
+    session.sample_count += (n - skip) as u64;
+    state.windows.emit_ready(&state.id, ctx.window_us, ctx.lateness_us, &mut out.windows);
+}
+
+/// Infers and emits one sensor's pending samples now (before its session ends).
+fn flush_sensor(ctx: &Ctx, model: &Model, features: &[Feature], scaler: &[(f32, f32)], stats: &mut PipelineStats, state: &mut SensorState, out: &mut Outputs) {
+    if state.pending.is_some() {
+        let mut scratch = Scratch::default();
+        infer(ctx, model, features, scaler, stats, &mut scratch, &mut [state], out);
+    }
+}
+
+/// Runs the model over the pending chunk of every state in one call, then adds predictions to
+/// the session aggregates and moves the chunks to `out`.
+#[allow(clippy::too_many_arguments)]
+fn infer(
+    ctx: &Ctx,
+    model: &Model,
+    features: &[Feature],
+    scaler: &[(f32, f32)],
+    stats: &mut PipelineStats,
+    scratch: &mut Scratch,
+    states: &mut [&mut SensorState],
+    out: &mut Outputs,
+) {
+    let nf = features.len();
+    let sl = model.state_len();
+    let total: usize = states.iter().map(|s| s.pending.as_ref().map_or(0, SampleChunk::len)).sum();
+    scratch.features.clear();
+    scratch.features.reserve(total * nf);
+    scratch.h.clear();
+    scratch.c.clear();
+    for state in states.iter() {
+        let Some(chunk) = &state.pending else { continue };
+        for i in 0..chunk.len() {
+            for (f, &(mean, std)) in features.iter().zip(scaler) {
+                scratch.features.push((f.value(chunk, i) - mean) / std);
+            }
+        }
+        scratch.h.extend_from_slice(&state.h);
+        scratch.c.extend_from_slice(&state.c);
+    }
+    scratch.velocity.clear();
+    scratch.velocity.resize(total, f32::NAN);
+    scratch.prob.clear();
+    scratch.prob.resize(total, f32::NAN);
+
+    {
+        let mut seqs = Vec::with_capacity(states.len());
+        let (mut feats, mut hs, mut cs) = (&scratch.features[..], &mut scratch.h[..], &mut scratch.c[..]);
+        let (mut vel, mut prob) = (&mut scratch.velocity[..], &mut scratch.prob[..]);
+        for state in states.iter() {
+            let Some(chunk) = &state.pending else { continue };
+            let t = chunk.len();
+            let (f, rest_f) = feats.split_at(t * nf);
+            let (h, rest_h) = std::mem::take(&mut hs).split_at_mut(sl);
+            let (c, rest_c) = std::mem::take(&mut cs).split_at_mut(sl);
+            let (v, rest_v) = std::mem::take(&mut vel).split_at_mut(t);
+            let (p, rest_p) = std::mem::take(&mut prob).split_at_mut(t);
+            seqs.push(SequenceMut { features: f, h, c, velocity: v, movement_prob: p });
+            (feats, hs, cs, vel, prob) = (rest_f, rest_h, rest_c, rest_v, rest_p);
+        }
+        stats.model_calls += 1;
+        if let Err(e) = model.run(&mut seqs) {
+            stats.model_errors += 1;
+            tracing::warn!(error = %e, sequences = seqs.len(), "model call failed; predictions of these samples are NaN");
+            for s in seqs.iter_mut() {
+                s.velocity.fill(f32::NAN);
+                s.movement_prob.fill(f32::NAN);
+            }
+        }
+    }
+
+    let mut offset = 0;
+    let mut state_offset = 0;
+    for state in states.iter_mut() {
+        let Some(mut chunk) = state.pending.take() else { continue };
+        let t = chunk.len();
+        let (vel, prob) = (&scratch.velocity[offset..offset + t], &scratch.prob[offset..offset + t]);
+        chunk.velocity_pred.extend_from_slice(vel);
+        chunk.movement_prob.extend_from_slice(prob);
+        state.h.copy_from_slice(&scratch.h[state_offset..state_offset + sl]);
+        state.c.copy_from_slice(&scratch.c[state_offset..state_offset + sl]);
+        if let Some(session) = state.session.as_mut() {
+            for (&v, &p) in vel.iter().zip(prob) {
+                session.agg.add(v, p, ctx.threshold, ctx.dt_s);
+            }
+        }
+        offset += t;
+        state_offset += sl;
+        stats.samples_out += t as u64;
+        out.samples.push(chunk);
+    }
+}
+
+/// Ends `state`'s active session: final aggregate, then the ended event.
+fn end_session(ctx: &Ctx, state: &mut SensorState, reason: SessionEndReason, now_us: i64, out: &mut Outputs) {
+    let Some(session) = state.session.take() else { return };
+    out.aggregates.push(session.aggregate(&state.id, now_us, ctx.dt_s));
+    out.session_events.push(SessionEvent::Ended { session: session.record(&state.id, Some(session.last_event_us)), reason });
+}
+
+fn norm(v: [f32; 3]) -> f32 {
+    (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt()
+}

@@ -1,0 +1,262 @@
+//! Output records of the pipeline: the lake tables, the live feeds and the Kafka topics all carry
+//! these, with the same snake_case field names everywhere (DESIGN.md, "Record schemas").
+//!
+//! Samples travel as columnar chunks ([`SampleChunk`]): one chunk holds the consecutive samples of
+//! one sensor and one session (typically one device packet), column by column, so the lake writer
+//! appends them to Arrow arrays without a per-sample conversion and the live hub hands a chunk to
+//! WebSocket subscribers without copying it.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Interned sensor id. Cloning is a reference-count increment.
+pub type SensorId = Arc<str>;
+/// Interned session id, `{sensor_id}_{first_timestamp_us}`.
+pub type SessionId = Arc<str>;
+
+/// Consecutive processed samples of one sensor within one session, stored column by column.
+///
+/// Every column has the same length. Units: acc in g, gyro in rad/s, mag in gauss,
+/// `accl_mag` in g, `gyro_mag` in rad/s, `velocity_pred` in m/s, times in µs since the Unix epoch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SampleChunk {
+    pub sensor_id: SensorId,
+    pub session_id: SessionId,
+    pub sample_index: Vec<u32>,
+    pub timestamp_us: Vec<i64>,
+    pub acc_x: Vec<f32>,
+    pub acc_y: Vec<f32>,
+    pub acc_z: Vec<f32>,
+    pub gyro_x: Vec<f32>,
+    pub gyro_y: Vec<f32>,
+    pub gyro_z: Vec<f32>,
+    pub mag_x: Vec<f32>,
+    pub mag_y: Vec<f32>,
+    pub mag_z: Vec<f32>,
+    pub temp_raw: Vec<i16>,
+    pub accl_mag: Vec<f32>,
+    pub gyro_mag: Vec<f32>,
+    pub velocity_pred: Vec<f32>,
+    pub movement_prob: Vec<f32>,
+    /// When the platform received the packet these samples came in (µs since the epoch).
+    pub ingest_us: Vec<i64>,
+}
+
+impl SampleChunk {
+    /// An empty chunk for `sensor_id`/`session_id` with room for `capacity` samples.
+    pub fn with_capacity(sensor_id: SensorId, session_id: SessionId, capacity: usize) -> Self {
+        let v = || Vec::with_capacity(capacity);
+        Self {
+            sensor_id,
+            session_id,
+            sample_index: Vec::with_capacity(capacity),
+            timestamp_us: Vec::with_capacity(capacity),
+            acc_x: v(),
+            acc_y: v(),
+            acc_z: v(),
+            gyro_x: v(),
+            gyro_y: v(),
+            gyro_z: v(),
+            mag_x: v(),
+            mag_y: v(),
+            mag_z: v(),
+            temp_raw: Vec::with_capacity(capacity),
+            accl_mag: v(),
+            gyro_mag: v(),
+            velocity_pred: v(),
+            movement_prob: v(),
+            ingest_us: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Number of samples in the chunk.
+    pub fn len(&self) -> usize {
+        self.sample_index.len()
+    }
+
+    /// True when the chunk holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.sample_index.is_empty()
+    }
+
+    /// Row `i` as a self-contained record (for JSON at the WebSocket edge). Panics if `i >= len()`.
+    pub fn row(&self, i: usize) -> SampleRow {
+        SampleRow {
+            sensor_id: self.sensor_id.clone(),
+            session_id: self.session_id.clone(),
+            sample_index: self.sample_index[i],
+            timestamp_us: self.timestamp_us[i],
+            acc_x: self.acc_x[i],
+            acc_y: self.acc_y[i],
+            acc_z: self.acc_z[i],
+            gyro_x: self.gyro_x[i],
+            gyro_y: self.gyro_y[i],
+            gyro_z: self.gyro_z[i],
+            mag_x: self.mag_x[i],
+            mag_y: self.mag_y[i],
+            mag_z: self.mag_z[i],
+            temp_raw: self.temp_raw[i],
+            accl_mag: self.accl_mag[i],
+            gyro_mag: self.gyro_mag[i],
+            velocity_pred: self.velocity_pred[i],
+            movement_prob: self.movement_prob[i],
+            ingest_us: self.ingest_us[i],
+        }
+    }
+}
+
+/// One processed sample as a row: the `samples` table schema and the `/ws/raw` JSON message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleRow {
+    pub sensor_id: SensorId,
+    pub session_id: SessionId,
+    pub sample_index: u32,
+    pub timestamp_us: i64,
+    pub acc_x: f32,
+    pub acc_y: f32,
+    pub acc_z: f32,
+    pub gyro_x: f32,
+    pub gyro_y: f32,
+    pub gyro_z: f32,
+    pub mag_x: f32,
+    pub mag_y: f32,
+    pub mag_z: f32,
+    pub temp_raw: i16,
+    pub accl_mag: f32,
+    pub gyro_mag: f32,
+    pub velocity_pred: f32,
+    pub movement_prob: f32,
+    pub ingest_us: i64,
+}
+
+/// Features of one tumbling event-time window of one sensor (`windows` table, `/ws/windows`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    pub sensor_id: SensorId,
+    pub window_start_us: i64,
+    pub window_end_us: i64,
+    pub count: u64,
+    pub accl_mag_mean: f64,
+    pub accl_mag_std: f64,
+    pub accl_mag_min: f64,
+    pub accl_mag_max: f64,
+    pub gyro_mag_mean: f64,
+    pub gyro_mag_std: f64,
+    pub gyro_mag_min: f64,
+    pub gyro_mag_max: f64,
+}
+
+/// State of a session (`sessions` table, sessions store, `GET /sessions`). `end_us` is `None`
+/// while the session is active.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub session_id: SessionId,
+    pub sensor_id: SensorId,
+    pub start_us: i64,
+    pub end_us: Option<i64>,
+    pub last_seen_us: i64,
+    pub sample_count: u64,
+}
+
+/// Why a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEndReason {
+    /// The next sample came more than the session gap after the previous one (event time).
+    Gap,
+    /// The sensor went silent for the session gap in processing time.
+    Idle,
+    /// The device restarted (sample index went backwards while time moved on).
+    DeviceRestart,
+    /// The platform is shutting down cleanly (sessions are reopened from the store on start).
+    Shutdown,
+}
+
+/// A session lifecycle event (`new-session-topic`, `/ws/session/{id}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SessionEvent {
+    Started { session: SessionRecord },
+    Ended { session: SessionRecord, reason: SessionEndReason },
+}
+
+impl SessionEvent {
+    /// The session the event is about.
+    pub fn session(&self) -> &SessionRecord {
+        match self {
+            SessionEvent::Started { session } | SessionEvent::Ended { session, .. } => session,
+        }
+    }
+}
+
+/// Periodic aggregate of an active session (`session_aggregates` table, `/ws/aggregate`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionAggregate {
+    pub session_id: SessionId,
+    pub sensor_id: SensorId,
+    pub emitted_at_us: i64,
+    pub max_velocity: f64,
+    pub distance_m: f64,
+    pub mean_velocity: f64,
+    pub moving_time_s: f64,
+    pub sample_count: u64,
+    pub duration_s: f64,
+}
+
+/// A jump in a sensor's sample index (`gaps` table). `to_index` is exclusive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapRecord {
+    pub sensor_id: SensorId,
+    pub from_index: u32,
+    pub to_index: u32,
+    pub missing: u64,
+    pub detected_at_us: i64,
+}
+
+/// A sample that arrived after its window was closed by the watermark (`late` table).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LateRecord {
+    pub sensor_id: SensorId,
+    pub sample_index: u32,
+    pub timestamp_us: i64,
+    /// The sensor's watermark when the sample arrived.
+    pub watermark_us: i64,
+    pub detected_at_us: i64,
+}
+
+/// Everything the pipeline produced in one step, in the order it was produced.
+///
+/// The runtime drains it after each step and hands each part to the sinks (lake, sessions
+/// store, live hub). `clear()` keeps the allocations for the next step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outputs {
+    pub samples: Vec<SampleChunk>,
+    pub windows: Vec<WindowRecord>,
+    pub session_events: Vec<SessionEvent>,
+    pub aggregates: Vec<SessionAggregate>,
+    pub gaps: Vec<GapRecord>,
+    pub late: Vec<LateRecord>,
+}
+
+impl Outputs {
+    /// Empties every part, keeping capacity.
+    pub fn clear(&mut self) {
+        self.samples.clear();
+        self.windows.clear();
+        self.session_events.clear();
+        self.aggregates.clear();
+        self.gaps.clear();
+        self.late.clear();
+    }
+
+    /// True when the step produced nothing.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+            && self.windows.is_empty()
+            && self.session_events.is_empty()
+            && self.aggregates.is_empty()
+            && self.gaps.is_empty()
+            && self.late.is_empty()
+    }
+}
