@@ -1,0 +1,1110 @@
+//! The Parquet lake writer: date-partitioned tables whose files appear atomically and are
+//! rolled by size and age.
+//!
+//! # Layout
+//!
+//! `{root}/{table}/date=YYYY-MM-DD/part-{unix_ms:013}-{seq:06}-{writer_id}.parquet`, Hive-style,
+//! so DuckDB (`hive_partitioning=true`), pyarrow (`partitioning="hive"`) and Spark add a `date`
+//! column. The partition date is the UTC date of the row's event time (see [`Table`]). Names
+//! sort by creation time; `writer_id` keeps several writers sharing one root apart.
+//!
+//! # How a file becomes visible
+//!
+//! Rows are appended to columnar buffers, one per open (table, partition). Every
+//! `min(row_group_rows, 16384)` rows the buffer becomes a record batch handed to an
+//! [`ArrowWriter`] writing a hidden `.part-….parquet.tmp` in the partition directory (readers'
+//! globs skip dot files); the `ArrowWriter` cuts a row group every `row_group_rows` rows, which
+//! bounds memory. A file is committed when its estimated size reaches `target_file_bytes`, when it
+//! is older than `max_file_age` ([`LakeWriter::roll_due`]) or on [`LakeWriter::flush`]: footer
+//! written, file fsynced, renamed to its final name, directory fsynced. A reader therefore sees a
+//! complete file or none. Rows still in buffers or in a `.tmp` are not durable: on a crash they
+//! are lost and the leftover `.tmp` is deleted by the next [`LakeWriter::open`]; the caller
+//! replays them from its last checkpoint (it commits the lake with `flush` on checkpoint).
+//!
+//! # Compression
+//!
+//! zstd level 1 by default: on sensor data it is about as fast to write as snappy and files are
+//! markedly smaller, and every reader we target (DuckDB, pyarrow, Spark) decodes it. Only the
+//! id strings are dictionary-encoded; readings are high-cardinality floats for which building a
+//! dictionary costs time and saves nothing.
+//!
+//! # Compaction
+//!
+//! [`LakeWriter::compact`] merges the small files of a partition into one. Its order of steps
+//! means a concurrent reader may briefly see *fewer* rows, never duplicates:
+//!
+//! 1. write the merged file as a hidden `.tmp`, fsync;
+//! 2. write a journal `.compact-….json` naming the output and the inputs, fsync file and dir;
+//! 3. delete the inputs, fsync dir (from here until 4, readers miss those rows);
+//! 4. rename the `.tmp` to its final name, fsync dir;
+//! 5. delete the journal.
+//!
+//! A crash before 2 completes leaves the inputs untouched and a `.tmp` that `open` deletes. A crash
+//! after 2 is rolled forward by `open`: it deletes whatever inputs remain, renames the `.tmp` if
+//! it is still there, and deletes the journal. A reader that listed the directory before step 3
+//! and opens an input after it gets a "file not found" and must retry; object stores with
+//! listing-by-manifest (later work) remove that window.
+
+use std::fs::{self, File};
+use std::hash::BuildHasher;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arrow_schema::ArrowError;
+use chrono::NaiveDate;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::ZstdLevel;
+use parquet::errors::ParquetError;
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+use sensorflow_pipeline::{
+    GapRecord, LateRecord, SampleChunk, SensorId, SessionAggregate, SessionRecord, WindowRecord,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{
+    AggregatesBuffer, GapsBuffer, LateBuffer, RowBuffer, SamplesBuffer, SessionsBuffer, Table,
+    WindowsBuffer, sample_f32_columns,
+};
+
+/// Default size at which a file is committed and a new one started: 128 MiB.
+pub const DEFAULT_TARGET_FILE_BYTES: u64 = 128 * 1024 * 1024;
+/// Default age at which a file is committed: rows are visible at most this long after arrival.
+pub const DEFAULT_MAX_FILE_AGE: Duration = Duration::from_secs(10);
+/// Default rows per Parquet row group.
+pub const DEFAULT_ROW_GROUP_ROWS: usize = 128 * 1024;
+/// Largest record batch handed to the Parquet encoder at once (smaller when row groups are).
+const MAX_BATCH_ROWS: usize = 16 * 1024;
+const DAY_US: i64 = 86_400_000_000;
+/// Days from 0001-01-01 (chrono's day 1 of the common era) to 1970-01-01.
+const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
+
+/// Parquet compression codec of the lake's files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// No compression (fastest to write, largest files).
+    Uncompressed,
+    /// Snappy.
+    Snappy,
+    /// Zstandard at `level` (1..=22; 1 is fast and already much smaller than snappy).
+    Zstd {
+        /// Compression level, 1..=22.
+        level: i32,
+    },
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression::Zstd { level: 1 }
+    }
+}
+
+impl Compression {
+    fn to_parquet(self) -> Result<parquet::basic::Compression, LakeError> {
+        Ok(match self {
+            Compression::Uncompressed => parquet::basic::Compression::UNCOMPRESSED,
+            Compression::Snappy => parquet::basic::Compression::SNAPPY,
+            Compression::Zstd { level } => parquet::basic::Compression::ZSTD(
+                ZstdLevel::try_new(level)
+                    .map_err(|_| LakeError::InvalidConfig("zstd level must be within 1..=22"))?,
+            ),
+        })
+    }
+}
+
+/// Configuration of a [`LakeWriter`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LakeConfig {
+    /// Lake root directory; tables are directories beneath it.
+    pub root: PathBuf,
+    /// A file is committed once its estimated encoded size reaches this many bytes.
+    pub target_file_bytes: u64,
+    /// A file is committed by [`LakeWriter::roll_due`] once its first row is this old.
+    pub max_file_age: Duration,
+    /// Rows per Parquet row group (at least 1).
+    pub row_group_rows: usize,
+    /// Compression codec of every column.
+    pub compression: Compression,
+    /// Suffix of file names that keeps concurrent writers on one root apart: ASCII letters,
+    /// digits, `_` and `-`. [`LakeConfig::new`] picks a random one per process.
+    pub writer_id: String,
+}
+
+impl LakeConfig {
+    /// Defaults (128 MiB files, 10 s age, 128 Ki-row row groups, zstd 1) for a lake at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            target_file_bytes: DEFAULT_TARGET_FILE_BYTES,
+            max_file_age: DEFAULT_MAX_FILE_AGE,
+            row_group_rows: DEFAULT_ROW_GROUP_ROWS,
+            compression: Compression::default(),
+            writer_id: random_writer_id(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), LakeError> {
+        if self.row_group_rows == 0 {
+            return Err(LakeError::InvalidConfig(
+                "row_group_rows must be at least 1",
+            ));
+        }
+        if self.target_file_bytes == 0 {
+            return Err(LakeError::InvalidConfig(
+                "target_file_bytes must be at least 1",
+            ));
+        }
+        let id_ok = !self.writer_id.is_empty()
+            && self
+                .writer_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !id_ok {
+            return Err(LakeError::InvalidConfig(
+                "writer_id must be non-empty ASCII letters, digits, '_' or '-'",
+            ));
+        }
+        self.compression.to_parquet().map(|_| ())
+    }
+}
+
+/// Eight hex digits from the standard library's per-process random hasher keys.
+fn random_writer_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let h = std::collections::hash_map::RandomState::new().hash_one((std::process::id(), nanos));
+    format!("{:08x}", h as u32)
+}
+
+/// Failure of a lake operation.
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    /// A filesystem operation failed.
+    #[error("lake I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory operated on.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Encoding or decoding Parquet failed.
+    #[error("parquet: {0}")]
+    Parquet(#[from] ParquetError),
+    /// Building a record batch failed.
+    #[error("arrow: {0}")]
+    Arrow(#[from] ArrowError),
+    /// The configuration is unusable.
+    #[error("invalid lake config: {0}")]
+    InvalidConfig(&'static str),
+    /// A sample chunk's columns do not all have the same length.
+    #[error("sample chunk of sensor {sensor_id} has columns of different lengths")]
+    RaggedChunk {
+        /// The chunk's sensor.
+        sensor_id: SensorId,
+    },
+    /// An event time lies outside the dates the lake can name.
+    #[error("{table} row has event time {timestamp_us} µs, outside the representable dates")]
+    TimestampOutOfRange {
+        /// The table written to.
+        table: Table,
+        /// The offending event time.
+        timestamp_us: i64,
+    },
+    /// A file in a partition does not have the table's schema (compaction refuses to merge it).
+    #[error("{path} does not have the schema of table {table}")]
+    SchemaMismatch {
+        /// The table compacted.
+        table: Table,
+        /// The foreign file.
+        path: PathBuf,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LakeError + '_ {
+    move |source| LakeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Counters of one table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TableStats {
+    /// Rows accepted by the `write_*` call (buffered or already in files).
+    pub rows_written: u64,
+    /// Rows in committed (visible) files, compaction not counted.
+    pub rows_committed: u64,
+    /// Files committed, compaction outputs not counted.
+    pub files_committed: u64,
+    /// Bytes of the files committed.
+    pub bytes_committed: u64,
+}
+
+/// Counters of a [`LakeWriter`] since it was opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LakeStats {
+    /// Per table, indexed by [`Table::index`]; see [`LakeStats::table`].
+    pub tables: [TableStats; 6],
+    /// Failed operations (each dropped the rows of the file it was writing).
+    pub errors: u64,
+    /// Leftover `.tmp` files deleted by [`LakeWriter::open`].
+    pub tmp_files_removed: u64,
+    /// Interrupted compactions rolled forward by [`LakeWriter::open`].
+    pub compactions_recovered: u64,
+    /// Compactions completed.
+    pub compactions: u64,
+    /// Files open (written to or buffered, not yet committed) right now.
+    pub open_files: usize,
+}
+
+impl LakeStats {
+    /// The counters of `table`.
+    pub fn table(&self, table: Table) -> &TableStats {
+        &self.tables[table.index()]
+    }
+
+    /// Sum of [`TableStats::files_committed`] over all tables.
+    pub fn files_committed(&self) -> u64 {
+        self.tables.iter().map(|t| t.files_committed).sum()
+    }
+}
+
+/// What one [`LakeWriter::compact`] call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Small files merged (0 when there was nothing to do).
+    pub input_files: usize,
+    /// Their total size.
+    pub input_bytes: u64,
+    /// Rows in the merged file.
+    pub rows: u64,
+    /// The merged file, if one was written.
+    pub output: Option<PathBuf>,
+    /// Its size.
+    pub output_bytes: u64,
+}
+
+/// Directory of `table`'s partition for `date` under `root`.
+pub fn partition_dir(root: &Path, table: Table, date: NaiveDate) -> PathBuf {
+    root.join(table.name())
+        .join(format!("date={}", date.format("%Y-%m-%d")))
+}
+
+/// Days since 1970-01-01 (UTC) of an event time in µs.
+fn day_of(timestamp_us: i64) -> i32 {
+    // |i64::MAX / DAY_US| < 2^27, so the quotient always fits.
+    timestamp_us.div_euclid(DAY_US) as i32
+}
+
+fn date_of_day(day: i32) -> Option<NaiveDate> {
+    NaiveDate::from_num_days_from_ce_opt(day.checked_add(UNIX_EPOCH_DAYS_FROM_CE)?)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LakeError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))
+}
+
+/// State shared by every table: configuration, naming and counters.
+struct Ctx {
+    config: LakeConfig,
+    /// Writer properties per table (they differ in dictionary columns), indexed by `Table::index`.
+    props: Vec<WriterProperties>,
+    batch_rows: usize,
+    seq: u64,
+    stats: LakeStats,
+}
+
+impl Ctx {
+    /// A fresh `(hidden temp path, final path)` pair in `dir`.
+    fn next_paths(&mut self, dir: &Path) -> (PathBuf, PathBuf) {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        self.seq += 1;
+        let name = format!(
+            "part-{unix_ms:013}-{:06}-{}.parquet",
+            self.seq, self.config.writer_id
+        );
+        (dir.join(format!(".{name}.tmp")), dir.join(name))
+    }
+
+    fn new_file(&mut self, table: Table, dir: &Path) -> Result<OpenFile, LakeError> {
+        let (tmp_path, final_path) = self.next_paths(dir);
+        let file = File::create(&tmp_path).map_err(io_at(&tmp_path))?;
+        let props = self.props[table.index()].clone();
+        let writer = match ArrowWriter::try_new(file, table.schema(), Some(props)) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(e.into());
+            }
+        };
+        Ok(OpenFile {
+            writer,
+            tmp_path,
+            final_path,
+        })
+    }
+}
+
+/// A Parquet file being written under its hidden temp name.
+struct OpenFile {
+    writer: ArrowWriter<File>,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+}
+
+impl OpenFile {
+    /// Finishes the file and makes it visible atomically; returns its size.
+    fn commit(self) -> Result<u64, LakeError> {
+        let OpenFile {
+            writer,
+            tmp_path,
+            final_path,
+        } = self;
+        let result = (|| {
+            let file = writer.into_inner()?;
+            file.sync_all().map_err(io_at(&tmp_path))?;
+            let bytes = file.metadata().map_err(io_at(&tmp_path))?.len();
+            drop(file);
+            fs::rename(&tmp_path, &final_path).map_err(io_at(&final_path))?;
+            Ok(bytes)
+        })();
+        match result {
+            Ok(bytes) => {
+                if let Some(dir) = final_path.parent() {
+                    sync_dir(dir)?;
+                }
+                tracing::debug!(path = %final_path.display(), bytes, "lake file committed");
+                Ok(bytes)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops the file without making it visible.
+    fn abort(self) {
+        drop(self.writer);
+        let _ = fs::remove_file(&self.tmp_path);
+    }
+}
+
+/// The rows of one (table, date) that are not yet in a committed file.
+struct Partition<B> {
+    day: i32,
+    dir: PathBuf,
+    rows: B,
+    /// Created when the first batch is encoded.
+    file: Option<OpenFile>,
+    /// When the first row of the current file arrived (drives the age roll).
+    opened_at: Instant,
+    /// Rows accepted into this file so far (buffered plus encoded).
+    row_count: u64,
+}
+
+impl<B: RowBuffer> Partition<B> {
+    /// Encodes the buffered rows into the open file (creating it if needed).
+    fn encode_buffered(&mut self, ctx: &mut Ctx) -> Result<(), LakeError> {
+        if self.rows.len() == 0 {
+            return Ok(());
+        }
+        let batch = self.rows.take_batch(ctx.batch_rows)?;
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(ctx.new_file(B::TABLE, &self.dir)?),
+        };
+        file.writer.write(&batch)?;
+        Ok(())
+    }
+
+    fn estimated_bytes(&self) -> u64 {
+        self.file.as_ref().map_or(0, |f| {
+            (f.writer.bytes_written() + f.writer.in_progress_size()) as u64
+        })
+    }
+}
+
+/// The open partitions of one table. Usually one or two (around midnight), so a `Vec` with a
+/// linear search beats a map.
+struct TableWriter<B> {
+    partitions: Vec<Partition<B>>,
+}
+
+impl<B: RowBuffer> TableWriter<B> {
+    fn new() -> Self {
+        Self {
+            partitions: Vec::new(),
+        }
+    }
+
+    /// Index of the partition of `day`, opened (with `opened_at = now`) if needed.
+    fn partition_index(
+        &mut self,
+        day: i32,
+        timestamp_us: i64,
+        ctx: &Ctx,
+    ) -> Result<usize, LakeError> {
+        if let Some(i) = self.partitions.iter().position(|p| p.day == day) {
+            return Ok(i);
+        }
+        let date = date_of_day(day).ok_or(LakeError::TimestampOutOfRange {
+            table: B::TABLE,
+            timestamp_us,
+        })?;
+        let dir = partition_dir(&ctx.config.root, B::TABLE, date);
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        self.partitions.push(Partition {
+            day,
+            dir,
+            rows: B::with_capacity(ctx.batch_rows),
+            file: None,
+            opened_at: Instant::now(),
+            row_count: 0,
+        });
+        Ok(self.partitions.len() - 1)
+    }
+
+    /// Called after rows were appended to partition `i`: encodes a full buffer and commits the
+    /// file once it reached the target size.
+    fn after_append(&mut self, i: usize, ctx: &mut Ctx) -> Result<(), LakeError> {
+        let p = &mut self.partitions[i];
+        if p.rows.len() < ctx.batch_rows {
+            return Ok(());
+        }
+        if let Err(e) = p.encode_buffered(ctx) {
+            self.abort(i, ctx);
+            return Err(e);
+        }
+        if self.partitions[i].estimated_bytes() >= ctx.config.target_file_bytes {
+            self.commit(i, ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Drops partition `i` and its rows after a failure.
+    fn abort(&mut self, i: usize, ctx: &mut Ctx) {
+        let p = self.partitions.swap_remove(i);
+        tracing::warn!(
+            table = %B::TABLE, dir = %p.dir.display(), rows = p.row_count,
+            "lake file aborted after an error; its rows are dropped"
+        );
+        if let Some(f) = p.file {
+            f.abort();
+        }
+        ctx.stats.errors += 1;
+    }
+
+    /// Commits partition `i`'s file and forgets the partition; `Ok(false)` if it held no row.
+    fn commit(&mut self, i: usize, ctx: &mut Ctx) -> Result<bool, LakeError> {
+        let mut p = self.partitions.swap_remove(i);
+        let result = p
+            .encode_buffered(ctx)
+            .and_then(|()| p.file.take().map(OpenFile::commit).transpose());
+        match result {
+            // No row ever reached the partition: nothing to commit.
+            Ok(None) => Ok(false),
+            Ok(Some(bytes)) => {
+                let s = &mut ctx.stats.tables[B::TABLE.index()];
+                s.rows_committed += p.row_count;
+                s.files_committed += 1;
+                s.bytes_committed += bytes;
+                Ok(true)
+            }
+            Err(e) => {
+                if let Some(f) = p.file.take() {
+                    f.abort();
+                }
+                ctx.stats.errors += 1;
+                tracing::warn!(table = %B::TABLE, error = %e, rows = p.row_count, "lake commit failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends rows through `push`, each to the partition of its event time.
+    fn write_rows<R>(
+        &mut self,
+        ctx: &mut Ctx,
+        rows: &[R],
+        event_us: impl Fn(&R) -> i64,
+        push: impl Fn(&mut B, &R),
+    ) -> Result<(), LakeError> {
+        for r in rows {
+            let ts = event_us(r);
+            let i = self.partition_index(day_of(ts), ts, ctx)?;
+            let p = &mut self.partitions[i];
+            push(&mut p.rows, r);
+            p.row_count += 1;
+            ctx.stats.tables[B::TABLE.index()].rows_written += 1;
+            self.after_append(i, ctx)?;
+        }
+        Ok(())
+    }
+}
+
+/// Operations `roll_due`/`flush` apply to every table regardless of its row type.
+trait AnyTable {
+    /// Commits every partition for which `due(opened_at)`; returns the files committed and the
+    /// first error (the other partitions are still attempted).
+    fn commit_where(
+        &mut self,
+        ctx: &mut Ctx,
+        due: &dyn Fn(Instant) -> bool,
+    ) -> (usize, Option<LakeError>);
+    fn open_partitions(&self) -> usize;
+}
+
+impl<B: RowBuffer> AnyTable for TableWriter<B> {
+    fn commit_where(
+        &mut self,
+        ctx: &mut Ctx,
+        due: &dyn Fn(Instant) -> bool,
+    ) -> (usize, Option<LakeError>) {
+        let mut committed = 0;
+        let mut first_err = None;
+        let mut i = 0;
+        while i < self.partitions.len() {
+            if !due(self.partitions[i].opened_at) {
+                i += 1;
+                continue;
+            }
+            // `commit` swap-removes index i, so i now names the next partition.
+            match self.commit(i, ctx) {
+                Ok(true) => committed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        (committed, first_err)
+    }
+
+    fn open_partitions(&self) -> usize {
+        self.partitions.len()
+    }
+}
+
+/// Writes pipeline outputs to the Parquet lake. Owned by one sink thread (`Send`, not shared).
+///
+/// Dropping it without [`flush`](LakeWriter::flush) discards the rows not yet committed (their
+/// `.tmp` files are deleted by the next `open`).
+pub struct LakeWriter {
+    ctx: Ctx,
+    samples: TableWriter<SamplesBuffer>,
+    windows: TableWriter<WindowsBuffer>,
+    aggregates: TableWriter<AggregatesBuffer>,
+    sessions: TableWriter<SessionsBuffer>,
+    gaps: TableWriter<GapsBuffer>,
+    late: TableWriter<LateBuffer>,
+}
+
+impl LakeWriter {
+    /// Opens the lake at `config.root`: creates the table directories, rolls interrupted
+    /// compactions forward and deletes leftover hidden `.tmp` files of crashed writers (counted
+    /// in [`LakeStats::tmp_files_removed`]).
+    ///
+    /// One lake root is written by one process at a time; in distributed mode every processor
+    /// has its own root or prefix (leftover-file cleanup would otherwise race a live writer).
+    pub fn open(config: LakeConfig) -> Result<LakeWriter, LakeError> {
+        config.validate()?;
+        let props = Table::ALL
+            .iter()
+            .map(|&t| writer_properties(t, &config))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ctx = Ctx {
+            batch_rows: config.row_group_rows.min(MAX_BATCH_ROWS),
+            config,
+            props,
+            seq: 0,
+            stats: LakeStats::default(),
+        };
+        for table in Table::ALL {
+            let dir = ctx.config.root.join(table.name());
+            fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+            recover_table_dir(&dir, &mut ctx.stats)?;
+        }
+        if ctx.stats.tmp_files_removed > 0 || ctx.stats.compactions_recovered > 0 {
+            tracing::info!(
+                root = %ctx.config.root.display(),
+                tmp_files_removed = ctx.stats.tmp_files_removed,
+                compactions_recovered = ctx.stats.compactions_recovered,
+                "lake recovered leftovers of an earlier run"
+            );
+        }
+        Ok(LakeWriter {
+            ctx,
+            samples: TableWriter::new(),
+            windows: TableWriter::new(),
+            aggregates: TableWriter::new(),
+            sessions: TableWriter::new(),
+            gaps: TableWriter::new(),
+            late: TableWriter::new(),
+        })
+    }
+
+    /// The configuration the writer was opened with.
+    pub fn config(&self) -> &LakeConfig {
+        &self.ctx.config
+    }
+
+    /// Appends sample chunks to `samples`, partitioned by `timestamp_us` (a chunk spanning
+    /// midnight is split). Fails without writing anything of a chunk whose columns differ in
+    /// length; chunks before it are kept.
+    pub fn write_samples(&mut self, chunks: &[SampleChunk]) -> Result<(), LakeError> {
+        let Self { ctx, samples, .. } = self;
+        for chunk in chunks {
+            let n = chunk.len();
+            let equal = chunk.timestamp_us.len() == n
+                && chunk.temp_raw.len() == n
+                && chunk.ingest_us.len() == n
+                && sample_f32_columns(chunk).iter().all(|c| c.len() == n);
+            if !equal {
+                ctx.stats.errors += 1;
+                return Err(LakeError::RaggedChunk {
+                    sensor_id: chunk.sensor_id.clone(),
+                });
+            }
+            let ts = &chunk.timestamp_us;
+            let mut start = 0;
+            while start < n {
+                let day = day_of(ts[start]);
+                let mut end = start + 1;
+                while end < n && day_of(ts[end]) == day {
+                    end += 1;
+                }
+                let i = samples.partition_index(day, ts[start], ctx)?;
+                let p = &mut samples.partitions[i];
+                p.rows.push_range(chunk, start..end);
+                p.row_count += (end - start) as u64;
+                ctx.stats.tables[Table::Samples.index()].rows_written += (end - start) as u64;
+                samples.after_append(i, ctx)?;
+                start = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends window features to `windows`, partitioned by `window_start_us`.
+    pub fn write_windows(&mut self, rows: &[WindowRecord]) -> Result<(), LakeError> {
+        self.windows.write_rows(
+            &mut self.ctx,
+            rows,
+            |r| r.window_start_us,
+            WindowsBuffer::push,
+        )
+    }
+
+    /// Appends sessions (the pipeline writes each session here once, when it ends) to
+    /// `sessions`, partitioned by `start_us`.
+    pub fn write_sessions(&mut self, rows: &[SessionRecord]) -> Result<(), LakeError> {
+        self.sessions
+            .write_rows(&mut self.ctx, rows, |r| r.start_us, SessionsBuffer::push)
+    }
+
+    /// Appends session aggregates to `session_aggregates`, partitioned by `emitted_at_us`.
+    pub fn write_aggregates(&mut self, rows: &[SessionAggregate]) -> Result<(), LakeError> {
+        self.aggregates.write_rows(
+            &mut self.ctx,
+            rows,
+            |r| r.emitted_at_us,
+            AggregatesBuffer::push,
+        )
+    }
+
+    /// Appends gap events to `gaps`, partitioned by `detected_at_us`.
+    pub fn write_gaps(&mut self, rows: &[GapRecord]) -> Result<(), LakeError> {
+        self.gaps
+            .write_rows(&mut self.ctx, rows, |r| r.detected_at_us, GapsBuffer::push)
+    }
+
+    /// Appends late samples to `late`, partitioned by `detected_at_us`.
+    pub fn write_late(&mut self, rows: &[LateRecord]) -> Result<(), LakeError> {
+        self.late
+            .write_rows(&mut self.ctx, rows, |r| r.detected_at_us, LateBuffer::push)
+    }
+
+    /// Commits every file whose first row arrived at least `max_file_age` before `now`; returns
+    /// how many were committed. Call it periodically (every second or so). On error the other
+    /// due files are still committed and the first error is returned.
+    pub fn roll_due(&mut self, now: Instant) -> Result<usize, LakeError> {
+        let max_age = self.ctx.config.max_file_age;
+        self.commit_where(&|opened_at| now.saturating_duration_since(opened_at) >= max_age)
+    }
+
+    /// Commits every open file (shutdown, checkpoint); returns how many were committed. After
+    /// `Ok`, every row written so far is in a visible, fsynced file.
+    pub fn flush(&mut self) -> Result<usize, LakeError> {
+        self.commit_where(&|_| true)
+    }
+
+    fn commit_where(&mut self, due: &dyn Fn(Instant) -> bool) -> Result<usize, LakeError> {
+        let Self {
+            ctx,
+            samples,
+            windows,
+            aggregates,
+            sessions,
+            gaps,
+            late,
+        } = self;
+        let tables: [&mut dyn AnyTable; 6] = [samples, windows, aggregates, sessions, gaps, late];
+        let mut committed = 0;
+        let mut first_err = None;
+        for t in tables {
+            let (n, err) = t.commit_where(ctx, due);
+            committed += n;
+            if let Some(e) = err {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(committed),
+        }
+    }
+
+    /// Counters since open, plus the number of files open right now.
+    pub fn stats(&self) -> LakeStats {
+        let open = [
+            self.samples.open_partitions(),
+            self.windows.open_partitions(),
+            self.aggregates.open_partitions(),
+            self.sessions.open_partitions(),
+            self.gaps.open_partitions(),
+            self.late.open_partitions(),
+        ];
+        LakeStats {
+            open_files: open.iter().sum(),
+            ..self.ctx.stats.clone()
+        }
+    }
+
+    /// Merges the committed files of `table`'s partition `date` that are smaller than
+    /// `target_file_bytes` into one file (oldest first, up to about `target_file_bytes`; call
+    /// again to continue). Meant for closed partitions (dates no longer written), but safe on
+    /// any: files still open are not visible and are left alone. See the module docs for the
+    /// order of steps and what readers see.
+    pub fn compact(
+        &mut self,
+        table: Table,
+        date: NaiveDate,
+    ) -> Result<CompactionReport, LakeError> {
+        let result = self.compact_inner(table, date);
+        if result.is_err() {
+            self.ctx.stats.errors += 1;
+        }
+        result
+    }
+
+    fn compact_inner(
+        &mut self,
+        table: Table,
+        date: NaiveDate,
+    ) -> Result<CompactionReport, LakeError> {
+        let ctx = &mut self.ctx;
+        let dir = partition_dir(&ctx.config.root, table, date);
+        let target = ctx.config.target_file_bytes;
+        let mut inputs = Vec::new();
+        let mut input_bytes = 0u64;
+        for (name, len) in committed_files(&dir)? {
+            if len >= target {
+                continue;
+            }
+            if inputs.len() >= 2 && input_bytes + len > target {
+                break;
+            }
+            input_bytes += len;
+            inputs.push(name);
+        }
+        if inputs.len() < 2 {
+            return Ok(CompactionReport::default());
+        }
+
+        // 1. The merged file, hidden.
+        let mut out = ctx.new_file(table, &dir)?;
+        let schema = table.schema();
+        let mut rows = 0u64;
+        let copied = (|| {
+            for name in &inputs {
+                let path = dir.join(name);
+                let file = File::open(&path).map_err(io_at(&path))?;
+                let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+                if builder.schema().fields() != schema.fields() {
+                    return Err(LakeError::SchemaMismatch { table, path });
+                }
+                for batch in builder.with_batch_size(ctx.batch_rows).build()? {
+                    let batch = batch?;
+                    rows += batch.num_rows() as u64;
+                    out.writer.write(&batch)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            out.abort();
+            return Err(e);
+        }
+        let tmp_path = out.tmp_path.clone();
+        let final_path = out.final_path.clone();
+        let file = match out.writer.into_inner() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(e.into());
+            }
+        };
+        let synced = file
+            .sync_all()
+            .and_then(|()| file.metadata())
+            .map_err(io_at(&tmp_path));
+        drop(file);
+        let output_bytes = match synced {
+            Ok(m) => m.len(),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp_path);
+                return Err(e);
+            }
+        };
+
+        // 2. The journal that lets `open` finish the job after a crash.
+        let journal = CompactionJournal {
+            output: file_name_string(&final_path),
+            tmp: file_name_string(&tmp_path),
+            inputs: inputs.clone(),
+        };
+        let journal_path = dir.join(format!(".compact-{}.json", journal.output));
+        if let Err(e) = write_synced(&journal_path, &journal) {
+            let _ = fs::remove_file(&tmp_path);
+            let _ = fs::remove_file(&journal_path);
+            return Err(e);
+        }
+        sync_dir(&dir)?;
+
+        // 3.-5. Once the journal is durable the compaction only moves forward.
+        finish_compaction(&dir, &journal)?;
+        fs::remove_file(&journal_path).map_err(io_at(&journal_path))?;
+
+        ctx.stats.compactions += 1;
+        tracing::info!(
+            %table, %date, inputs = inputs.len(), rows, output = %final_path.display(),
+            "lake partition compacted"
+        );
+        Ok(CompactionReport {
+            input_files: inputs.len(),
+            input_bytes,
+            rows,
+            output: Some(final_path),
+            output_bytes,
+        })
+    }
+}
+
+fn writer_properties(table: Table, config: &LakeConfig) -> Result<WriterProperties, LakeError> {
+    let mut builder = WriterProperties::builder()
+        .set_compression(config.compression.to_parquet()?)
+        .set_max_row_group_row_count(Some(config.row_group_rows))
+        .set_dictionary_enabled(false);
+    for col in table.dictionary_columns() {
+        builder = builder.set_column_dictionary_enabled(ColumnPath::from(*col), true);
+    }
+    Ok(builder.build())
+}
+
+fn file_name_string(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Committed data files of a partition directory, sorted by name (= creation order), with sizes.
+fn committed_files(dir: &Path) -> Result<Vec<(String, u64)>, LakeError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_at(dir)(e)),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_at(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("part-") && name.ends_with(".parquet") {
+            let len = entry.metadata().map_err(io_at(&entry.path()))?.len();
+            files.push((name, len));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// What an in-flight compaction is replacing with what (`.compact-{output}.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct CompactionJournal {
+    /// Final name of the merged file.
+    output: String,
+    /// Hidden name it is written under.
+    tmp: String,
+    /// Files it replaces.
+    inputs: Vec<String>,
+}
+
+impl CompactionJournal {
+    /// True when every name is a plain file name (a corrupt journal must not reach elsewhere).
+    fn names_are_local(&self) -> bool {
+        std::iter::once(&self.output)
+            .chain(std::iter::once(&self.tmp))
+            .chain(&self.inputs)
+            .all(|n| !n.is_empty() && Path::new(n).file_name() == Some(n.as_ref()))
+    }
+}
+
+fn write_synced(path: &Path, journal: &CompactionJournal) -> Result<(), LakeError> {
+    let bytes = serde_json::to_vec(journal).map_err(|e| io_at(path)(io::Error::other(e)))?;
+    let mut f = File::create(path).map_err(io_at(path))?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io_at(path))
+}
+
+/// Steps 3 and 4 of a compaction: delete the inputs, then reveal the output. Idempotent.
+fn finish_compaction(dir: &Path, journal: &CompactionJournal) -> Result<(), LakeError> {
+    for name in &journal.inputs {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_at(&path)(e)),
+        }
+    }
+    sync_dir(dir)?;
+    let tmp = dir.join(&journal.tmp);
+    if tmp.exists() {
+        let out = dir.join(&journal.output);
+        fs::rename(&tmp, &out).map_err(io_at(&out))?;
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Rolls interrupted compactions forward and deletes leftover temp files in every partition of
+/// one table directory.
+fn recover_table_dir(table_dir: &Path, stats: &mut LakeStats) -> Result<(), LakeError> {
+    for entry in fs::read_dir(table_dir).map_err(io_at(table_dir))? {
+        let entry = entry.map_err(io_at(table_dir))?;
+        let is_partition = entry.file_name().to_string_lossy().starts_with("date=")
+            && entry.file_type().map_err(io_at(&entry.path()))?.is_dir();
+        if !is_partition {
+            continue;
+        }
+        let dir = entry.path();
+        let names: Vec<String> = fs::read_dir(&dir)
+            .map_err(io_at(&dir))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()
+            .map_err(io_at(&dir))?;
+
+        // Journals first: they may name a `.tmp` that must be renamed, not deleted.
+        for name in names
+            .iter()
+            .filter(|n| n.starts_with(".compact-") && n.ends_with(".json"))
+        {
+            let path = dir.join(name);
+            let journal = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<CompactionJournal>(&b).ok())
+                .filter(CompactionJournal::names_are_local);
+            match journal {
+                // The output exists (hidden or already renamed): the journal was durable before
+                // any input was deleted, so finishing is safe.
+                Some(j) if dir.join(&j.tmp).exists() || dir.join(&j.output).exists() => {
+                    finish_compaction(&dir, &j)?;
+                    stats.compactions_recovered += 1;
+                }
+                // Torn journal (crash while writing it: no input was deleted yet) or no output:
+                // keep the inputs.
+                _ => {
+                    tracing::warn!(journal = %path.display(), "discarding unusable compaction journal")
+                }
+            }
+            fs::remove_file(&path).map_err(io_at(&path))?;
+        }
+
+        for name in &names {
+            if name.starts_with(".part-") && name.ends_with(".parquet.tmp") {
+                let path = dir.join(name);
+                match fs::remove_file(&path) {
+                    Ok(()) => stats.tmp_files_removed += 1,
+                    // Renamed by a journal above.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_at(&path)(e)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn day_zero_is_the_unix_epoch_and_negative_times_fall_on_the_previous_day() {
+        assert_eq!(date_of_day(day_of(0)), NaiveDate::from_ymd_opt(1970, 1, 1));
+        assert_eq!(
+            date_of_day(day_of(-1)),
+            NaiveDate::from_ymd_opt(1969, 12, 31)
+        );
+        // 2024-03-10T00:00:00Z
+        let midnight = 1_710_028_800_000_000;
+        assert_eq!(
+            date_of_day(day_of(midnight - 1)),
+            NaiveDate::from_ymd_opt(2024, 3, 9)
+        );
+        assert_eq!(
+            date_of_day(day_of(midnight)),
+            NaiveDate::from_ymd_opt(2024, 3, 10)
+        );
+        assert_eq!(date_of_day(day_of(i64::MAX)), None);
+    }
+
+    #[test]
+    fn writer_can_move_to_a_sink_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<LakeWriter>();
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let mut c = LakeConfig::new("/nonexistent");
+        c.row_group_rows = 0;
+        assert!(matches!(c.validate(), Err(LakeError::InvalidConfig(_))));
+        let mut c = LakeConfig::new("/nonexistent");
+        c.writer_id = "../x".into();
+        assert!(matches!(c.validate(), Err(LakeError::InvalidConfig(_))));
+        let mut c = LakeConfig::new("/nonexistent");
+        c.compression = Compression::Zstd { level: 99 };
+        assert!(matches!(c.validate(), Err(LakeError::InvalidConfig(_))));
+        assert!(LakeConfig::new("/nonexistent").validate().is_ok());
+    }
+
+    #[test]
+    fn journal_names_must_stay_in_the_partition() {
+        let j = CompactionJournal {
+            output: "part-1.parquet".into(),
+            tmp: ".part-1.parquet.tmp".into(),
+            inputs: vec!["../../etc/passwd".into()],
+        };
+        assert!(!j.names_are_local());
+    }
+}

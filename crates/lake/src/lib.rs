@@ -1,0 +1,33 @@
+//! Sinks that persist the pipeline's outputs.
+//!
+//! # Layout
+//!
+//! - [`lake`]: the Parquet lake writer. Date-partitioned tables under one root, files that appear
+//!   atomically, rolled by size and age, plus compaction of small files.
+//! - [`schema`]: the lake's tables, their Arrow schemas and the columnar buffers that turn
+//!   pipeline records into record batches.
+//! - [`read`]: reading the lake back (delivery counts for load tests).
+//! - [`sessions_store`]: the SQLite sessions store (WAL) written by the sink and read by the API.
+//!
+//! # Invariants
+//!
+//! - A lake reader (DuckDB, pyarrow, Spark) never sees a partial file: data files are written
+//!   under a hidden `.tmp` name and renamed only once complete and fsynced.
+//! - Nothing here spawns threads: the owner calls `write_*`, `roll_due` and `flush` from its sink
+//!   loop, which gives natural backpressure.
+//! - Column names are those of DESIGN.md "Record schemas", identical to the JSON field names.
+
+pub mod lake;
+pub mod read;
+pub mod schema;
+pub mod sessions_store;
+
+pub use lake::{
+    CompactionReport, Compression, LakeConfig, LakeError, LakeStats, LakeWriter, TableStats,
+    partition_dir,
+};
+pub use read::{SampleCounts, count_samples_by_sensor};
+pub use schema::Table;
+pub use sessions_store::{
+    AggregateView, SessionQuery, SessionView, SessionsReader, SessionsStore, StoreError,
+};
