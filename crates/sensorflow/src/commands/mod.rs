@@ -1,0 +1,102 @@
+//! Subcommands. Each module exports its clap args and an `async fn run(args)`.
+
+pub(crate) mod demo;
+pub(crate) mod loadtest;
+pub(crate) mod run;
+pub(crate) mod simulate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::config::{Config, DEFAULT_TOML};
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run the whole platform embedded in this process.
+    Run(run::RunArgs),
+    /// `run` plus a built-in simulator feeding virtual sensors; open http://localhost:8000.
+    Demo(demo::DemoArgs),
+    /// Publish simulated device packets to any MQTT broker (also our load generator).
+    Simulate(simulate::SimulateArgs),
+    /// Drive N virtual sensors at a platform; report loss, latency, CPU and memory.
+    Loadtest(loadtest::LoadtestArgs),
+    /// Print the default configuration, every key documented.
+    Config,
+}
+
+pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => run::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Simulate(args) => simulate::run(args).await,
+        Command::Loadtest(args) => loadtest::run(args).await,
+        Command::Config => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+    }
+}
+
+/// Flags shared by the roles that run the platform (`run`, `demo`).
+#[derive(Args, Clone, Debug)]
+pub(crate) struct PlatformArgs {
+    /// Configuration file (TOML); see `sensorflow config` for every key.
+    #[arg(long, env = "SENSORFLOW_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Directory for the log, sessions store and default lake [default: ./data].
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// MQTT listener [default: 0.0.0.0:1883]; port 0 picks a free port.
+    #[arg(long)]
+    pub(crate) mqtt_listen: Option<SocketAddr>,
+    /// HTTP listener [default: 0.0.0.0:8000]; port 0 picks a free port.
+    #[arg(long)]
+    pub(crate) http_listen: Option<SocketAddr>,
+    /// ONNX model (sidecar FILE.json beside it) [default: the bundled demo model].
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+}
+
+impl PlatformArgs {
+    /// Defaults, then the file, then `SENSORFLOW_*` env, then these flags.
+    pub(crate) fn load_config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref(), std::env::vars())?;
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
+        if let Some(a) = self.mqtt_listen {
+            config.mqtt.listen = a;
+        }
+        if let Some(a) = self.http_listen {
+            config.http.listen = a;
+        }
+        if let Some(m) = &self.model {
+            config.model.path = m.display().to_string();
+        }
+        Ok(config)
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the process");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,284 @@
+//! `sensorflow.toml`: the settings of every role, layered defaults → file → env → flags.
+//!
+//! The defaults live in one embedded file, `default.toml` (printed by `sensorflow config`), so
+//! the documentation of every key and its default value cannot drift apart. Layers are merged as
+//! TOML values before deserialising once into [`Config`], whose structs deny unknown keys: a typo
+//! in a file or an environment variable is an error, not a silently ignored setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use sensorflow_pipeline::PipelineConfig;
+use serde::Deserialize;
+
+/// The documented defaults, embedded in the binary.
+pub(crate) const DEFAULT_TOML: &str = include_str!("../default.toml");
+
+/// Prefix of environment overrides: `SENSORFLOW_<SECTION>_<KEY>`.
+const ENV_PREFIX: &str = "SENSORFLOW_";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) mqtt: MqttConfig,
+    pub(crate) http: HttpConfig,
+    pub(crate) log: LogSettings,
+    pub(crate) pipeline: PipelineConfig,
+    pub(crate) runtime: RuntimeConfig,
+    pub(crate) model: ModelConfig,
+    pub(crate) lake: LakeSettings,
+    pub(crate) demo: DemoConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MqttConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) binary_topic: String,
+    pub(crate) json_topic: String,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) receive_maximum: u16,
+    pub(crate) max_connections: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) ws_buffer_messages: usize,
+}
+
+/// How appends are made durable before a QoS 1 publish is acknowledged.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DurabilityMode {
+    Fsync,
+    Batch,
+    None,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogSettings {
+    pub(crate) durability: DurabilityMode,
+    pub(crate) batch_interval_ms: u64,
+    pub(crate) segment_bytes: u64,
+    pub(crate) max_unconsumed_bytes: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RuntimeConfig {
+    pub(crate) batch_records: usize,
+    pub(crate) tick_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ModelConfig {
+    /// Empty: the bundled demo model.
+    pub(crate) path: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LakeSettings {
+    /// Empty: `{data_dir}/lake`.
+    pub(crate) root: String,
+    pub(crate) target_file_bytes: u64,
+    pub(crate) max_file_age_secs: u64,
+    pub(crate) row_group_rows: usize,
+    pub(crate) compression: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DemoConfig {
+    pub(crate) sensors: usize,
+    pub(crate) rate_hz: f64,
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then `SENSORFLOW_*` variables from `env`.
+    pub(crate) fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Config> {
+        let mut value: toml::Table = toml::from_str(DEFAULT_TOML).context("embedded default.toml is invalid")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+            let layer: toml::Table = toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+            merge(&mut value, layer);
+        }
+        apply_env(&mut value, env)?;
+        let config: Config = toml::Value::Table(value).try_into().context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reports every invalid setting at once.
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        let mut problems: Vec<String> = self.pipeline.validate().into_iter().map(|e| e.to_string()).collect();
+        for (key, pattern) in [("mqtt.binary_topic", &self.mqtt.binary_topic), ("mqtt.json_topic", &self.mqtt.json_topic)] {
+            if pattern.matches("{sensor_id}").count() != 1 {
+                problems.push(format!("{key}: must contain {{sensor_id}} exactly once, got {pattern:?}"));
+            }
+        }
+        if self.runtime.batch_records == 0 {
+            problems.push("runtime.batch_records: must be at least 1".into());
+        }
+        if self.runtime.tick_ms == 0 {
+            problems.push("runtime.tick_ms: must be at least 1".into());
+        }
+        if !matches!(self.lake.compression.as_str(), "zstd" | "snappy") {
+            problems.push(format!("lake.compression: must be \"zstd\" or \"snappy\", got {:?}", self.lake.compression));
+        }
+        if self.demo.rate_hz <= 0.0 {
+            problems.push("demo.rate_hz: must be positive".into());
+        }
+        if !problems.is_empty() {
+            bail!("invalid configuration:\n  {}", problems.join("\n  "));
+        }
+        Ok(())
+    }
+
+    /// Root directory of the lake.
+    pub(crate) fn lake_root(&self) -> PathBuf {
+        if self.lake.root.is_empty() { self.data_dir.join("lake") } else { PathBuf::from(&self.lake.root) }
+    }
+}
+
+/// Overlays `layer` on `base`, table by table.
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (key, value) in layer {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => merge(b, l),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies `SENSORFLOW_<SECTION>_<KEY>` overrides. The name is matched against the keys that
+/// exist (sections and keys contain underscores, so the split is found by lookup, not guessed).
+/// A value is parsed as a TOML literal when it is one (numbers, booleans) and taken as a string
+/// otherwise. Unknown `SENSORFLOW_*` names that look like settings are errors.
+fn apply_env(value: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<()> {
+    let mut paths = Vec::new();
+    collect_paths(value, &mut Vec::new(), &mut paths);
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(path) = paths.iter().find(|p| p.join("_").eq_ignore_ascii_case(rest)) else {
+            // Other SENSORFLOW_ variables (the simulator's, RUST_LOG-like ones) are not ours.
+            continue;
+        };
+        let parsed = parse_env_value(&raw);
+        set_path(value, path, parsed).with_context(|| format!("applying {name}"))?;
+    }
+    Ok(())
+}
+
+fn collect_paths(table: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    for (key, value) in table {
+        prefix.push(key.clone());
+        match value {
+            toml::Value::Table(t) => collect_paths(t, prefix, out),
+            _ => out.push(prefix.clone()),
+        }
+        prefix.pop();
+    }
+    // Keys documented but commented out in default.toml can be set from the environment too.
+    if prefix.as_slice() == ["pipeline"] {
+        out.push(vec!["pipeline".into(), "movement_threshold".into()]);
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> anyhow::Result<()> {
+    let (last, parents) = path.split_last().context("empty key path")?;
+    let mut current = table;
+    for key in parents {
+        current = current
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("{key} is not a section"))?;
+    }
+    // Keep strings strings: "0.0.0.0:1883" and "batch" must not be mangled, and a numeric-looking
+    // value for a string key (a topic "1") is still a string.
+    let value = match (current.get(last), value) {
+        (Some(toml::Value::String(_)), v) if !v.is_str() => toml::Value::String(v.to_string()),
+        (_, v) => v,
+    };
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn embedded_defaults_load_and_validate() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.mqtt.listen.port(), 1883);
+        assert_eq!(c.http.listen.port(), 8000);
+        assert_eq!(c.log.durability, DurabilityMode::Batch);
+        assert_eq!(c.lake_root(), PathBuf::from("./data/lake"));
+    }
+
+    #[test]
+    fn env_overrides_keys_with_underscores_in_section_and_key() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SENSORFLOW_MQTT_LISTEN", "127.0.0.1:1999"),
+                ("SENSORFLOW_PIPELINE_SESSION_GAP_SECS", "30"),
+                ("SENSORFLOW_LOG_DURABILITY", "fsync"),
+                ("SENSORFLOW_DATA_DIR", "/tmp/x"),
+                ("SENSORFLOW_PIPELINE_MOVEMENT_THRESHOLD", "0.7"),
+                ("SENSORFLOW_SIM_SENSORS", "5"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.listen.port(), 1999);
+        assert_eq!(c.pipeline.session_gap_secs, 30.0);
+        assert_eq!(c.log.durability, DurabilityMode::Fsync);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.pipeline.movement_threshold, Some(0.7));
+    }
+
+    #[test]
+    fn file_layer_with_unknown_key_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "[mqtt]\nlisten = \"127.0.0.1:1\"\nlisenn = 3\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&path), env(&[])).unwrap_err());
+        assert!(err.contains("lisenn"), "{err}");
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let err = format!(
+            "{:#}",
+            Config::load(
+                None,
+                env(&[("SENSORFLOW_MQTT_BINARY_TOPIC", "stream/x"), ("SENSORFLOW_LAKE_COMPRESSION", "lz4"), ("SENSORFLOW_PIPELINE_WINDOW_SECS", "0")]),
+            )
+            .unwrap_err()
+        );
+        assert!(err.contains("mqtt.binary_topic"), "{err}");
+        assert!(err.contains("lake.compression"), "{err}");
+        assert!(err.contains("pipeline.window_secs"), "{err}");
+    }
+}

@@ -1,0 +1,263 @@
+//! What the API shows about the running platform: sensor table, readiness, Prometheus metrics.
+//!
+//! Each component publishes snapshots here from its own thread (the pipeline every 500 ms, the
+//! sink after each batch, ingest through its observer); API requests only read snapshots, so
+//! a busy dashboard never contends with the hot path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+use sensorflow_api::{ComponentStatus, ReadyStatus, SensorStatus, SessionsQuery, StatusSource};
+use std::net::SocketAddr;
+
+use sensorflow_ingest::{IngestObserver, IngestStats};
+use sensorflow_lake::LakeStats;
+use sensorflow_log::Log;
+use sensorflow_pipeline::{Pipeline, PipelineStats};
+use sensorflow_protocol::framing::BadReason;
+
+/// Snapshot store shared by the runtime's threads and the API.
+pub(crate) struct SharedStatus {
+    sensors: RwLock<Arc<Vec<SensorStatus>>>,
+    /// Per sensor: samples and packets decoded at the previous refresh, for rates.
+    previous: Mutex<(Option<Instant>, HashMap<String, (u64, u64)>)>,
+    pipeline: Mutex<PipelineStats>,
+    components: RwLock<BTreeMap<String, ComponentStatus>>,
+    /// Bad input rejected by ingest (unknown topic, oversize): sensor ("" if unknown) → reason → count.
+    ingest_bad: Mutex<HashMap<String, BTreeMap<BadReason, u64>>>,
+    lake: Mutex<Option<LakeStats>>,
+    corrupt_records: AtomicU64,
+    pub(crate) sessions_ended: AtomicU64,
+    log: Log,
+    ingest: RwLock<Option<(SocketAddr, Arc<IngestStats>)>>,
+    sessions: Box<dyn SessionsQuery>,
+}
+
+impl SharedStatus {
+    pub(crate) fn new(log: Log, sessions: Box<dyn SessionsQuery>) -> Self {
+        Self {
+            sensors: RwLock::new(Arc::new(Vec::new())),
+            previous: Mutex::new((None, HashMap::new())),
+            pipeline: Mutex::new(PipelineStats::default()),
+            components: RwLock::new(BTreeMap::new()),
+            ingest_bad: Mutex::new(HashMap::new()),
+            lake: Mutex::new(None),
+            corrupt_records: AtomicU64::new(0),
+            sessions_ended: AtomicU64::new(0),
+            log,
+            ingest: RwLock::new(None),
+            sessions,
+        }
+    }
+
+    pub(crate) fn set_ingest(&self, addr: SocketAddr, stats: Arc<IngestStats>) {
+        *self.ingest.write() = Some((addr, stats));
+    }
+
+    pub(crate) fn set_component(&self, name: &str, ok: bool, detail: String) {
+        let mut components = self.components.write();
+        match components.get_mut(name) {
+            Some(c) if c.ok == ok && c.detail == detail => {}
+            _ => {
+                components.insert(name.to_owned(), ComponentStatus { ok, detail });
+            }
+        }
+    }
+
+    pub(crate) fn count_corrupt_record(&self) {
+        self.corrupt_records.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_lake_stats(&self, stats: LakeStats) {
+        *self.lake.lock() = Some(stats);
+    }
+
+    /// Rebuilds the sensor table from the pipeline's counters (pipeline thread).
+    pub(crate) fn refresh_sensors(&self, pipeline: &Pipeline, now: Instant) {
+        let mut previous = self.previous.lock();
+        let elapsed = previous.0.map(|t| now.duration_since(t).as_secs_f64()).filter(|s| *s > 0.0);
+        let ingest_bad = self.ingest_bad.lock();
+        let mut table: Vec<SensorStatus> = pipeline
+            .sensors()
+            .map(|view| {
+                let c = view.counters;
+                let id: &str = view.sensor_id;
+                let (prev_samples, prev_packets) = previous.1.get(id).copied().unwrap_or((c.samples_decoded, c.packets_decoded));
+                let rate = |now: u64, before: u64| elapsed.map_or(0.0, |s| now.saturating_sub(before) as f64 / s);
+                let mut bad: BTreeMap<String, u64> = c.bad.iter().map(|(r, n)| (r.as_str().to_owned(), *n)).collect();
+                if let Some(extra) = ingest_bad.get(id) {
+                    for (r, n) in extra {
+                        *bad.entry(r.as_str().to_owned()).or_default() += n;
+                    }
+                }
+                SensorStatus {
+                    sensor_id: id.to_owned(),
+                    last_seen_us: c.last_seen_us,
+                    first_seen_us: c.first_seen_us,
+                    samples_per_s: rate(c.samples_decoded, prev_samples),
+                    packets_per_s: rate(c.packets_decoded, prev_packets),
+                    packets_decoded: c.packets_decoded,
+                    samples_decoded: c.samples_decoded,
+                    duplicates: c.duplicates,
+                    gaps: c.gaps,
+                    missing_samples: c.missing_samples,
+                    late: c.late,
+                    restarts: c.restarts,
+                    bad_total: bad.values().sum(),
+                    bad,
+                    active_session_id: view.active_session.map(|s| s.to_string()),
+                }
+            })
+            .collect();
+        table.sort_by(|a, b| a.sensor_id.cmp(&b.sensor_id));
+        previous.0 = Some(now);
+        previous.1 = table.iter().map(|s| (s.sensor_id.clone(), (s.samples_decoded, s.packets_decoded))).collect();
+        *self.sensors.write() = Arc::new(table);
+        *self.pipeline.lock() = pipeline.stats().clone();
+    }
+}
+
+impl IngestObserver for SharedStatus {
+    fn bad_input(&self, sensor_id: Option<&str>, reason: BadReason, detail: &str) {
+        tracing::debug!(sensor_id, reason = reason.as_str(), detail, "bad input rejected by ingest");
+        *self.ingest_bad.lock().entry(sensor_id.unwrap_or("").to_owned()).or_default().entry(reason).or_default() += 1;
+    }
+}
+
+impl StatusSource for SharedStatus {
+    fn sensors(&self) -> Vec<SensorStatus> {
+        self.sensors.read().as_ref().clone()
+    }
+
+    fn sensor(&self, sensor_id: &str) -> Option<SensorStatus> {
+        self.sensors.read().iter().find(|s| s.sensor_id == sensor_id).cloned()
+    }
+
+    fn ready(&self) -> ReadyStatus {
+        let mut components = self.components.read().clone();
+        let log = self.log.stats();
+        components.insert(
+            "log".into(),
+            match &log.last_error {
+                Some(e) => ComponentStatus { ok: false, detail: e.clone() },
+                None => ComponentStatus { ok: true, detail: format!("end offset {}", log.end_offset) },
+            },
+        );
+        components.insert(
+            "mqtt".into(),
+            match self.ingest.read().as_ref() {
+                Some((addr, _)) => ComponentStatus { ok: true, detail: format!("listening on {addr}") },
+                None => ComponentStatus { ok: false, detail: "not started".into() },
+            },
+        );
+        ReadyStatus { ready: components.values().all(|c| c.ok), components }
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        // Hand-written exposition: every value here is a snapshot another thread already keeps,
+        // so a metrics registry would only duplicate the bookkeeping on the hot path.
+        let sensors = self.sensors.read().clone();
+        family(out, "sensorflow_sensor_samples_total", "counter", "Samples decoded per sensor.");
+        for s in sensors.iter() {
+            sample(out, "sensorflow_sensor_samples_total", &[("sensor_id", &s.sensor_id)], s.samples_decoded);
+        }
+        family(out, "sensorflow_sensor_packets_total", "counter", "Packets decoded per sensor.");
+        for s in sensors.iter() {
+            sample(out, "sensorflow_sensor_packets_total", &[("sensor_id", &s.sensor_id)], s.packets_decoded);
+        }
+        family(out, "sensorflow_sensor_bad_input_total", "counter", "Bad input per sensor and reason.");
+        for s in sensors.iter() {
+            for (reason, n) in &s.bad {
+                sample(out, "sensorflow_sensor_bad_input_total", &[("sensor_id", &s.sensor_id), ("reason", reason)], *n);
+            }
+        }
+        for (name, help, get) in [
+            ("sensorflow_sensor_duplicate_samples_total", "Samples dropped as already processed.", (|s: &SensorStatus| s.duplicates) as fn(&SensorStatus) -> u64),
+            ("sensorflow_sensor_gaps_total", "Gaps in sample indices.", |s| s.gaps),
+            ("sensorflow_sensor_missing_samples_total", "Samples missing in gaps.", |s| s.missing_samples),
+            ("sensorflow_sensor_late_samples_total", "Samples later than their window.", |s| s.late),
+            ("sensorflow_sensor_restarts_total", "Device restarts detected.", |s| s.restarts),
+        ] {
+            family(out, name, "counter", help);
+            for s in sensors.iter() {
+                sample(out, name, &[("sensor_id", &s.sensor_id)], get(s));
+            }
+        }
+        let unknown = self.ingest_bad.lock().get("").cloned().unwrap_or_default();
+        family(out, "sensorflow_ingest_rejected_total", "counter", "Messages rejected by ingest with no known sensor, by reason.");
+        for (reason, n) in unknown {
+            sample(out, "sensorflow_ingest_rejected_total", &[("reason", reason.as_str())], n);
+        }
+        let p = self.pipeline.lock().clone();
+        gauge_like(out, "sensorflow_pipeline_records_total", "counter", "Log records processed.", p.records);
+        gauge_like(out, "sensorflow_pipeline_samples_total", "counter", "Samples emitted by the pipeline.", p.samples_out);
+        gauge_like(out, "sensorflow_model_calls_total", "counter", "Batched model calls.", p.model_calls);
+        gauge_like(out, "sensorflow_model_errors_total", "counter", "Failed model calls.", p.model_errors);
+        gauge_like(out, "sensorflow_log_corrupt_records_total", "counter", "Log records that could not be decoded.", self.corrupt_records.load(Ordering::Relaxed));
+        gauge_like(out, "sensorflow_sessions_ended_total", "counter", "Sessions ended.", self.sessions_ended.load(Ordering::Relaxed));
+        let log = self.log.stats();
+        gauge_like(out, "sensorflow_log_end_offset", "gauge", "Next log offset.", log.end_offset);
+        gauge_like(out, "sensorflow_log_appended_bytes_total", "counter", "Bytes appended to the log.", log.appended_bytes);
+        gauge_like(out, "sensorflow_log_fsyncs_total", "counter", "fsync calls of the log.", log.fsyncs);
+        gauge_like(out, "sensorflow_log_unconsumed_bytes", "gauge", "Log bytes not yet processed.", log.unconsumed_bytes);
+        gauge_like(out, "sensorflow_log_write_errors_total", "counter", "Failed log writes.", log.write_errors);
+        if let Some(lake) = self.lake.lock().as_ref() {
+            gauge_like(out, "sensorflow_lake_files_total", "counter", "Parquet files committed to the lake.", lake.files_committed());
+            gauge_like(out, "sensorflow_lake_errors_total", "counter", "Lake write errors.", lake.errors);
+        }
+        if let Some((_, stats)) = self.ingest.read().as_ref() {
+            let i = stats.snapshot();
+            gauge_like(out, "sensorflow_mqtt_connections", "gauge", "Open MQTT connections.", i.connections_current);
+            gauge_like(out, "sensorflow_mqtt_connections_total", "counter", "MQTT connections accepted.", i.connections_total);
+            gauge_like(out, "sensorflow_mqtt_connections_refused_total", "counter", "MQTT connections refused.", i.connections_refused);
+            family(out, "sensorflow_mqtt_publishes_total", "counter", "PUBLISH packets received by QoS.");
+            for (qos, n) in i.received_by_qos.iter().enumerate() {
+                sample(out, "sensorflow_mqtt_publishes_total", &[("qos", &qos.to_string())], *n);
+            }
+            gauge_like(out, "sensorflow_mqtt_received_bytes_total", "counter", "Payload bytes received.", i.received_bytes);
+            gauge_like(out, "sensorflow_mqtt_stored_total", "counter", "Messages durably stored in the log.", i.stored);
+            gauge_like(out, "sensorflow_mqtt_acked_total", "counter", "QoS 1/2 publishes acknowledged.", i.acked);
+            gauge_like(out, "sensorflow_mqtt_nacked_total", "counter", "MQTT 5 publishes answered with an error code.", i.nacked);
+            gauge_like(out, "sensorflow_mqtt_sink_rejected_total", "counter", "Appends the log failed.", i.rejected_by_sink);
+            gauge_like(out, "sensorflow_mqtt_dropped_on_shutdown_total", "counter", "Publishes refused while stopping.", i.dropped_on_shutdown);
+        }
+    }
+
+    fn sessions(&self) -> &dyn SessionsQuery {
+        self.sessions.as_ref()
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
+    out.push_str(name);
+    out.push('{');
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{k}=\"");
+        for ch in v.chars() {
+            match ch {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    let _ = writeln!(out, "}} {value}");
+}
+
+fn gauge_like(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs every test suite of sensorflow, installing what the tests need on a fresh machine:
+# Debian packages (chromium for the dashboard test, build tools), a Python venv with the
+# test clients (paho-mqtt, pyarrow, DuckDB, onnxruntime), and playwright-core from npm.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --rust     only cargo tests
+#
+# Exit code: non-zero if any suite fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+install_system_packages() {
+    local missing=()
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v cmake >/dev/null || missing+=(cmake)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    if ((${#missing[@]})); then
+        step "installing Debian packages: ${missing[*]}"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+install_python() {
+    if [ ! -x .venv/bin/python ]; then
+        step "creating .venv"
+        python3 -m venv .venv
+    fi
+    step "installing Python test packages"
+    .venv/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+}
+
+install_node() {
+    step "installing playwright-core (no browser download: Debian's chromium is used)"
+    (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund --silent)
+}
+
+rust_tests() {
+    step "cargo build (debug; dependencies optimised, see Cargo.toml)"
+    cargo build --workspace --all-targets --locked
+    step "cargo test"
+    cargo test --workspace --locked
+}
+
+python_tests() {
+    step "end-to-end, lake reader, inference cross-check and browser tests (pytest)"
+    local rc=0
+    SENSORFLOW_BIN="$ROOT/target/debug/sensorflow" .venv/bin/python -m pytest tests/python -q -p no:cacheprovider || rc=$?
+    # pytest exits 5 when it collected no test: an empty suite is not a failure.
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
+        return "$rc"
+    fi
+}
+
+install_system_packages
+rust_tests
+if [ "${1:-}" = "--rust" ]; then
+    exit 0
+fi
+install_python
+install_node
+python_tests
+step "all tests passed"

@@ -1,0 +1,168 @@
+"""Shared helpers for the end-to-end tests: a device packet encoder written independently from
+the Rust one (straight from DESIGN.md, so the two cross-check each other), and a Platform
+fixture that runs the real `sensorflow` binary on free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+PERIOD_US = 5000
+
+
+def crc16_arc(data: bytes) -> int:
+    crc = 0
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+def encode_packet(base: int, timestamp_us: int, samples: list[tuple]) -> bytes:
+    """samples: (acc3 raw i16, gyro3 raw i16, mag3 raw i16, temp i16) tuples."""
+    body = bytearray()
+    body += struct.pack("<IQH", base, timestamp_us, len(samples))
+    for acc, gyro, mag, temp in samples:
+        body += struct.pack(">3h", *acc)
+        body += struct.pack(">3h", *gyro)
+        body += struct.pack("<3h", *mag)
+        body += struct.pack(">h", temp)
+    frame = bytes([0x7C, 0x1E]) + struct.pack("<H", len(body)) + bytes(body)
+    return frame + struct.pack("<H", crc16_arc(frame))
+
+
+def synthetic_samples(n: int, seed: int, moving: bool = True) -> list[tuple]:
+    """Deterministic raw samples: ~1 g on z with some motion."""
+    import math
+
+    out = []
+    for i in range(n):
+        t = (seed * 1000 + i) * 0.005
+        amp = 0.8 if moving else 0.0
+        acc_g = (0.3 * amp * math.sin(2 * math.pi * 2 * t), 0.1 * amp * math.sin(math.pi * 2 * t), 1.0 + 0.25 * amp * math.sin(2 * math.pi * 2 * t + 0.5))
+        gyro_dps = (40 * amp * math.sin(2 * math.pi * 2 * t + 1), 25 * amp * math.sin(math.pi * 2 * t), 10 * amp * math.sin(2 * math.pi * 2 * t))
+        acc = tuple(int(round(a / (0.488 / 1000))) for a in acc_g)
+        gyro = tuple(int(round(g / 0.140)) for g in gyro_dps)
+        mag = (300, -200, 500)
+        out.append((acc, gyro, mag, 2500))
+    return out
+
+
+def json_packet(base: int, timestamp_us: int, samples: list[tuple]) -> bytes:
+    def phys(s):
+        acc, gyro, mag, temp = s
+        return {
+            "acc": dict(zip("xyz", (a * 0.488 / 1000 for a in acc))),
+            "gyro": dict(zip("xyz", (g * 0.140 for g in gyro))),
+            "mag": dict(zip("xyz", (m / 1711 for m in mag))),
+            "temp_raw": temp,
+        }
+
+    return json.dumps({"timestamp_us": timestamp_us, "base_sample_number": base, "samples": [phys(s) for s in samples]}).encode()
+
+
+def binary_path() -> Path:
+    env = os.environ.get("SENSORFLOW_BIN")
+    if env:
+        return Path(env)
+    for profile in ("release", "debug"):
+        p = ROOT / "target" / profile / "sensorflow"
+        if p.exists():
+            return p
+    raise RuntimeError("sensorflow binary not built: run `cargo build` (or set SENSORFLOW_BIN)")
+
+
+class Platform:
+    """`sensorflow run|demo` on free loopback ports with its own data dir."""
+
+    def __init__(self, data_dir: Path, command: str = "run", extra_args: list[str] | None = None, env: dict | None = None):
+        self.data_dir = Path(data_dir)
+        self.log_lines: list[str] = []
+        args = [str(binary_path()), command, "--data-dir", str(self.data_dir), "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
+        args += extra_args or []
+        full_env = dict(os.environ)
+        full_env.setdefault("SENSORFLOW_LOG", "info")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=full_env)
+        self._addresses: dict[str, str] = {}
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout=120):
+            self.stop()
+            raise RuntimeError("platform did not report its addresses:\n" + "\n".join(self.log_lines[-50:]))
+        if "mqtt" not in self._addresses or "http" not in self._addresses:
+            self.stop()
+            raise RuntimeError("platform exited before listening:\n" + "\n".join(self.log_lines[-50:]))
+        host, port = self._addresses["mqtt"].rsplit(":", 1)
+        self.mqtt_host, self.mqtt_port = host, int(port)
+        self.http = "http://" + self._addresses["http"]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(self.http + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("platform /health did not answer")
+            time.sleep(0.05)
+
+    def _read_log(self):
+        pattern = re.compile(r"(mqtt|http) listening on (\S+)")
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            self.log_lines.append(line)
+            m = pattern.search(line)
+            if m:
+                self._addresses[m.group(1)] = m.group(2)
+                if len(self._addresses) == 2:
+                    self._ready.set()
+        self._ready.set()
+
+    @property
+    def ws(self) -> str:
+        return self.http.replace("http://", "ws://")
+
+    def get(self, path: str, **kw):
+        return requests.get(self.http + path, timeout=10, **kw)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait: a graceful stop drains the pipeline and flushes the lake."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Polls `predicate` until it returns a truthy value; raises with `message` on timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
