@@ -51,7 +51,8 @@ rust_tests() {
 python_tests() {
     step "end-to-end, lake reader, inference cross-check and browser tests (pytest)"
     local rc=0
-    SENSORFLOW_BIN="$ROOT/target/debug/sensorflow" .venv/bin/python -m pytest tests/python -q -p no:cacheprovider || rc=$?
+    SENSORFLOW_BIN="$ROOT/target/debug/sensorflow" SENSORFLOW_INFER_JSON="$ROOT/target/debug/examples/infer_json" \
+        .venv/bin/python -m pytest tests/python -q -p no:cacheprovider || rc=$?
     # pytest exits 5 when it collected no test: an empty suite is not a failure.
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
         return "$rc"

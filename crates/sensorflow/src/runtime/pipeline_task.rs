@@ -35,12 +35,17 @@ pub(crate) struct PipelineTask {
 /// How often the `/sensors` snapshot is rebuilt.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How often fully consumed log segments are deleted. Until operator state is checkpointed
+/// with log offsets, nothing ever reads a segment again once the pipeline has passed it.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(10);
+
 impl PipelineTask {
     pub(crate) fn run(mut self) {
         let mut buf = Vec::with_capacity(self.batch_records);
         let mut out = Outputs::default();
         let mut next_tick = Instant::now() + self.tick;
         let mut next_status = Instant::now();
+        let mut next_retention = Instant::now() + RETENTION_INTERVAL;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
             match self.reader.read_batch(&mut buf, self.batch_records, wait) {
@@ -70,6 +75,14 @@ impl PipelineTask {
             if now >= next_tick {
                 self.pipeline.on_tick(now_us(), &mut out);
                 next_tick = now + self.tick;
+            }
+            if now >= next_retention {
+                match self.log.delete_before(self.reader.position()) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(segments = n, "deleted consumed log segments"),
+                    Err(e) => tracing::warn!(error = %e, "deleting consumed log segments failed"),
+                }
+                next_retention = now + RETENTION_INTERVAL;
             }
             if now >= next_status {
                 self.status.refresh_sensors(&self.pipeline, now);

@@ -20,11 +20,24 @@ use sensorflow_log::Log;
 use sensorflow_pipeline::{Pipeline, PipelineStats};
 use sensorflow_protocol::framing::BadReason;
 
+/// Time constant of the per-sensor rate averages. Packets arrive a few times a second, so a
+/// rate over one refresh interval would jump between multiples of the packet rate.
+const RATE_TAU_SECS: f64 = 5.0;
+
+/// Exponentially weighted samples/s and packets/s of one sensor.
+#[derive(Clone, Copy, Debug, Default)]
+struct RateState {
+    samples: u64,
+    packets: u64,
+    samples_per_s: f64,
+    packets_per_s: f64,
+}
+
 /// Snapshot store shared by the runtime's threads and the API.
 pub(crate) struct SharedStatus {
     sensors: RwLock<Arc<Vec<SensorStatus>>>,
-    /// Per sensor: samples and packets decoded at the previous refresh, for rates.
-    previous: Mutex<(Option<Instant>, HashMap<String, (u64, u64)>)>,
+    /// Time of the previous refresh and, per sensor, the counts then and the smoothed rates.
+    previous: Mutex<(Option<Instant>, HashMap<String, RateState>)>,
     pipeline: Mutex<PipelineStats>,
     components: RwLock<BTreeMap<String, ComponentStatus>>,
     /// Bad input rejected by ingest (unknown topic, oversize): sensor ("" if unknown) → reason → count.
@@ -81,25 +94,39 @@ impl SharedStatus {
         let mut previous = self.previous.lock();
         let elapsed = previous.0.map(|t| now.duration_since(t).as_secs_f64()).filter(|s| *s > 0.0);
         let ingest_bad = self.ingest_bad.lock();
+        let mut next_rates = HashMap::new();
         let mut table: Vec<SensorStatus> = pipeline
             .sensors()
             .map(|view| {
                 let c = view.counters;
                 let id: &str = view.sensor_id;
-                let (prev_samples, prev_packets) = previous.1.get(id).copied().unwrap_or((c.samples_decoded, c.packets_decoded));
-                let rate = |now: u64, before: u64| elapsed.map_or(0.0, |s| now.saturating_sub(before) as f64 / s);
+                let prev = previous.1.get(id).copied();
+                let rates = match (prev, elapsed) {
+                    (Some(p), Some(dt)) => {
+                        let alpha = 1.0 - (-dt / RATE_TAU_SECS).exp();
+                        let inst_s = c.samples_decoded.saturating_sub(p.samples) as f64 / dt;
+                        let inst_p = c.packets_decoded.saturating_sub(p.packets) as f64 / dt;
+                        RateState {
+                            samples: c.samples_decoded,
+                            packets: c.packets_decoded,
+                            samples_per_s: p.samples_per_s + alpha * (inst_s - p.samples_per_s),
+                            packets_per_s: p.packets_per_s + alpha * (inst_p - p.packets_per_s),
+                        }
+                    }
+                    _ => RateState { samples: c.samples_decoded, packets: c.packets_decoded, ..RateState::default() },
+                };
                 let mut bad: BTreeMap<String, u64> = c.bad.iter().map(|(r, n)| (r.as_str().to_owned(), *n)).collect();
                 if let Some(extra) = ingest_bad.get(id) {
                     for (r, n) in extra {
                         *bad.entry(r.as_str().to_owned()).or_default() += n;
                     }
                 }
-                SensorStatus {
+                (rates, SensorStatus {
                     sensor_id: id.to_owned(),
                     last_seen_us: c.last_seen_us,
                     first_seen_us: c.first_seen_us,
-                    samples_per_s: rate(c.samples_decoded, prev_samples),
-                    packets_per_s: rate(c.packets_decoded, prev_packets),
+                    samples_per_s: rates.samples_per_s,
+                    packets_per_s: rates.packets_per_s,
                     packets_decoded: c.packets_decoded,
                     samples_decoded: c.samples_decoded,
                     duplicates: c.duplicates,
@@ -110,12 +137,18 @@ impl SharedStatus {
                     bad_total: bad.values().sum(),
                     bad,
                     active_session_id: view.active_session.map(|s| s.to_string()),
-                }
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|(rates, status)| {
+                next_rates.insert(status.sensor_id.clone(), rates);
+                status
             })
             .collect();
         table.sort_by(|a, b| a.sensor_id.cmp(&b.sensor_id));
         previous.0 = Some(now);
-        previous.1 = table.iter().map(|s| (s.sensor_id.clone(), (s.samples_decoded, s.packets_decoded))).collect();
+        previous.1 = next_rates;
         *self.sensors.write() = Arc::new(table);
         *self.pipeline.lock() = pipeline.stats().clone();
     }
