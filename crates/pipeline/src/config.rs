@@ -67,10 +67,10 @@ impl PipelineConfig {
                 message: format!("must be zero or more, got {}", self.allowed_lateness_secs),
             });
         }
-        if let Some(t) = self.movement_threshold {
-            if !(0.0..=1.0).contains(&t) {
-                errors.push(ConfigError { key: "movement_threshold", message: format!("must be within 0..=1, got {t}") });
-            }
+        if let Some(t) = self.movement_threshold
+            && !(0.0..=1.0).contains(&t)
+        {
+            errors.push(ConfigError { key: "movement_threshold", message: format!("must be within 0..=1, got {t}") });
         }
         if self.max_samples_per_packet == 0 {
             errors.push(ConfigError { key: "max_samples_per_packet", message: "must be at least 1".into() });

@@ -47,7 +47,7 @@ impl SequenceTracker {
             return Verdict::Accept { skip: 0, gap: None };
         };
         if base64 >= next {
-            let gap = (base64 > next).then(|| (next as u32, base));
+            let gap = (base64 > next).then_some((next as u32, base));
             self.accept(end, last_ts, n);
             return Verdict::Accept { skip: 0, gap };
         }

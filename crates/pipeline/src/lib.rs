@@ -11,6 +11,8 @@
 //! - [`session`]: stages 3 and 6, gap-based sessions and their aggregates.
 //! - [`stats`]: per-sensor counters for `/sensors` and `/metrics`.
 //! - [`config`]: the `[pipeline]` settings.
+//! - [`snapshot`]: checkpoints of the whole pipeline state ([`PipelineSnapshot`]) and their
+//!   binary encoding.
 //! - this file: [`Pipeline`], which decodes log records (framing, JSON), runs the stages in order
 //!   per sensor (transform is stage 2) and batches inference (stage 5) across sensors.
 //!
@@ -23,11 +25,19 @@
 //! predictions to the session aggregates and emits the chunks. When a session ends in the middle
 //! of a step, that sensor's pending samples are inferred first, so an aggregate never misses
 //! samples of its own session and a new session always starts from a zero model state.
+//!
+//! # Determinism
+//!
+//! Sensors are kept in first-seen order and every pass over them (batching, ticks, shutdown,
+//! snapshots) walks that order. The same input therefore yields the same outputs in the same
+//! order, with bit-identical predictions (the model's batch composition is identical too), and a
+//! pipeline restored from a [`PipelineSnapshot`] continues exactly as the original would have.
 
 pub mod config;
 pub mod dedupe;
 pub mod record;
 pub mod session;
+pub mod snapshot;
 pub mod stats;
 pub mod window;
 
@@ -39,22 +49,34 @@ use sensorflow_protocol::framing::{BadReason, Frame, FrameDecoder};
 use sensorflow_protocol::imu::PhysSample;
 use sensorflow_protocol::json::parse_json_packet;
 use sensorflow_protocol::record::{IngestRecordRef, PayloadFormat};
+use serde::{Deserialize, Serialize};
 
 pub use config::PipelineConfig;
 pub use record::*;
+pub use snapshot::{PipelineSnapshot, SNAPSHOT_VERSION, SensorSnapshot, SnapshotError};
 pub use stats::SensorCounters;
 
 use dedupe::{SequenceTracker, Verdict};
 use session::ActiveSession;
 use window::{Added, SensorWindows};
 
-/// Errors building a pipeline.
+/// Errors building a pipeline, fresh ([`Pipeline::new`]) or from a snapshot ([`Pipeline::restore`]).
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("invalid pipeline configuration: {0}")]
     Config(String),
     #[error("model feature column {0:?} is not one the pipeline computes")]
     UnknownFeature(String),
+    /// The snapshot was written in a format this build does not read.
+    #[error("snapshot format version {found} is not supported (this build reads version {supported})")]
+    SnapshotVersion { found: u32, supported: u32 },
+    /// A sensor's recurrent state in the snapshot does not fit the model: it was taken with a
+    /// model of another shape.
+    #[error("snapshot model state of sensor {sensor_id:?} has {found} values, the model needs {expected}")]
+    ModelStateMismatch { sensor_id: String, expected: usize, found: usize },
+    /// The snapshot holds the same sensor twice (e.g. two partitions' snapshots merged badly).
+    #[error("snapshot holds sensor {0:?} more than once")]
+    DuplicateSensor(String),
 }
 
 /// A column the pipeline can feed to the model.
@@ -131,7 +153,7 @@ struct SensorState {
 }
 
 /// Pipeline-wide counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PipelineStats {
     pub records: u64,
     pub samples_out: u64,
@@ -155,7 +177,10 @@ pub struct Pipeline {
     features: Vec<Feature>,
     /// (mean, std) per model feature.
     scaler: Vec<(f32, f32)>,
-    sensors: HashMap<SensorId, SensorState>,
+    /// Per-sensor state in first-seen order (see "Determinism" in the crate docs).
+    sensors: Vec<SensorState>,
+    /// Position of each sensor in `sensors`. Sensors are never removed, so positions are stable.
+    index: HashMap<SensorId, usize>,
     scratch: Scratch,
     stats: PipelineStats,
 }
@@ -205,7 +230,8 @@ impl Pipeline {
             model,
             features,
             scaler,
-            sensors: HashMap::new(),
+            sensors: Vec::new(),
+            index: HashMap::new(),
             scratch: Scratch::default(),
             stats: PipelineStats::default(),
         })
@@ -226,7 +252,7 @@ impl Pipeline {
     pub fn on_tick(&mut self, now_us: i64, out: &mut Outputs) {
         // Nothing is pending between steps: `process` always infers before returning.
         let ctx = self.ctx;
-        for state in self.sensors.values_mut() {
+        for state in &mut self.sensors {
             let Some(session) = &mut state.session else { continue };
             if now_us - session.last_seen_proc_us >= ctx.gap_us {
                 end_session(&ctx, state, SessionEndReason::Idle, now_us, out);
@@ -243,7 +269,7 @@ impl Pipeline {
     pub fn close_all(&mut self, now_us: i64, out: &mut Outputs) {
         self.infer_dirty(out);
         let ctx = self.ctx;
-        for state in self.sensors.values_mut() {
+        for state in &mut self.sensors {
             if state.session.is_some() {
                 end_session(&ctx, state, SessionEndReason::Shutdown, now_us, out);
             }
@@ -253,7 +279,7 @@ impl Pipeline {
 
     /// Every sensor seen so far.
     pub fn sensors(&self) -> impl Iterator<Item = SensorView<'_>> {
-        self.sensors.values().map(|s| SensorView {
+        self.sensors.iter().map(|s| SensorView {
             sensor_id: &s.id,
             counters: &s.counters,
             active_session: s.session.as_ref().map(|s| &s.id),
@@ -272,12 +298,12 @@ impl Pipeline {
 
     /// Phase one for one record: decode, then dedupe/sessions/transform/windows per packet.
     fn ingest(&mut self, record: IngestRecordRef<'_>, now_us: i64, out: &mut Outputs) {
-        let state = match self.sensors.get_mut(record.sensor_id) {
-            Some(s) => s,
+        let at = match self.index.get(record.sensor_id) {
+            Some(&at) => at,
             None => {
                 let id: SensorId = Arc::from(record.sensor_id);
                 let state = SensorState {
-                    id: id.clone(),
+                    id,
                     framing: FrameDecoder::new(self.config.max_framing_buffer_bytes, self.config.max_samples_per_packet),
                     seq: SequenceTracker::default(),
                     session: None,
@@ -287,9 +313,10 @@ impl Pipeline {
                     pending: None,
                     counters: SensorCounters::default(),
                 };
-                self.sensors.entry(id).or_insert(state)
+                self.add_sensor(state)
             }
         };
+        let state = &mut self.sensors[at];
         state.counters.seen(record.ingest_us);
         let phys = &mut self.scratch.phys;
         match record.format {
@@ -320,9 +347,17 @@ impl Pipeline {
         }
     }
 
+    /// Appends a sensor not seen before and returns its position in `sensors`.
+    fn add_sensor(&mut self, state: SensorState) -> usize {
+        let at = self.sensors.len();
+        self.index.insert(state.id.clone(), at);
+        self.sensors.push(state);
+        at
+    }
+
     /// Phase two: one batched model call over every sensor with pending samples.
     fn infer_dirty(&mut self, out: &mut Outputs) {
-        let mut states: Vec<&mut SensorState> = self.sensors.values_mut().filter(|s| s.pending.is_some()).collect();
+        let mut states: Vec<&mut SensorState> = self.sensors.iter_mut().filter(|s| s.pending.is_some()).collect();
         if states.is_empty() {
             return;
         }
@@ -378,11 +413,11 @@ fn accept_packet(
         }
     };
     let first_ts = ts0 + skip as i64 * ctx.period_us;
-    if let Some(session) = &state.session {
-        if first_ts - session.last_event_us > ctx.gap_us {
-            flush_sensor(ctx, model, features, scaler, stats, state, out);
-            end_session(ctx, state, SessionEndReason::Gap, now_us, out);
-        }
+    if let Some(session) = &state.session
+        && first_ts - session.last_event_us > ctx.gap_us
+    {
+        flush_sensor(ctx, model, features, scaler, stats, state, out);
+        end_session(ctx, state, SessionEndReason::Gap, now_us, out);
     }
     if state.session.is_none() {
         let session = ActiveSession::start(&state.id, first_ts, now_us);

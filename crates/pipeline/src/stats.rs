@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 
 use sensorflow_protocol::framing::BadReason;
+use serde::{Deserialize, Serialize};
 
 /// What the pipeline counted for one sensor since it was first seen.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SensorCounters {
     /// Messages (MQTT publishes) read from the log.
     pub messages: u64,

@@ -1,4 +1,5 @@
 //! The pipeline as a whole, with the bundled demo model and packets from the real encoder.
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is the failure report
 
 use std::sync::{Arc, OnceLock};
 
@@ -92,8 +93,9 @@ fn samples_are_transformed_to_physical_units_with_magnitudes() {
     let out = run(&mut p, &[rec("a", packet(0, 0, 1))]);
     let c = &out.samples[0];
     let raw = samples(64, 1);
-    for i in 0..64 {
-        let phys = raw[i].to_physical();
+    assert_eq!(c.len(), 64);
+    for (i, r) in raw.iter().enumerate() {
+        let phys = r.to_physical();
         assert_eq!(c.acc_x[i], phys.acc[0]);
         assert!((c.gyro_x[i] - phys.gyro[0].to_radians()).abs() < 1e-6, "gyro must be rad/s");
         let mag = (c.acc_x[i].powi(2) + c.acc_y[i].powi(2) + c.acc_z[i].powi(2)).sqrt();

@@ -66,7 +66,7 @@ pub const DEFAULT_MAX_SAMPLES_PER_PACKET: u16 = 1024;
 /// callers of [`PacketView::parse`] (`BadLength`, via `From<PacketError>`). The decoder itself
 /// counts a header with inconsistent lengths as garbage: it cannot tell one from a stray
 /// `0x7C 0x1E` in noise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum BadReason {
     /// A complete frame whose CRC does not match.
     BadCrc,
