@@ -608,7 +608,63 @@ pub struct LakeWriter {
     late: TableWriter<LateBuffer>,
 }
 
+/// The `writer_id` of files written during checkpoint epoch `epoch`: `e{epoch:010}`.
+///
+/// Exactly-once lake output works by epochs: every file committed between checkpoint `E - 1`
+/// and checkpoint `E` carries epoch `E` in its name, and checkpoint `E` is written only after
+/// all of them are committed. Recovery from checkpoint `K` deletes the files of epochs above
+/// `K` ([`remove_files_after_epoch`]) before replaying the log from `K`'s offsets, so a row is
+/// never both in a surviving file and replayed.
+pub fn epoch_writer_id(epoch: u64) -> String {
+    format!("e{epoch:010}")
+}
+
+/// The epoch in a data file name written with [`epoch_writer_id`], if any.
+fn file_epoch(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".parquet")?;
+    let (_, id) = stem.rsplit_once('-')?;
+    let digits = id.strip_prefix('e')?;
+    (digits.len() == 10).then(|| digits.parse().ok()).flatten()
+}
+
+/// Deletes every committed data file whose epoch is greater than `epoch`: the output of a
+/// checkpoint that never completed, which the log replay will write again. Returns how many.
+pub fn remove_files_after_epoch(root: &Path, epoch: u64) -> Result<usize, LakeError> {
+    let mut removed = 0;
+    for table in Table::ALL {
+        let table_dir = root.join(table.name());
+        let partitions = match fs::read_dir(&table_dir) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_at(&table_dir)(e)),
+        };
+        for partition in partitions {
+            let dir = partition.map_err(io_at(&table_dir))?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for (name, _) in committed_files(&dir)? {
+                if file_epoch(&name).is_some_and(|e| e > epoch) {
+                    let path = dir.join(&name);
+                    fs::remove_file(&path).map_err(io_at(&path))?;
+                    removed += 1;
+                }
+            }
+            if removed > 0 {
+                sync_dir(&dir)?;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 impl LakeWriter {
+    /// Files opened from now on are named for checkpoint epoch `epoch`
+    /// ([`epoch_writer_id`]). Call it right after the flush that completes the previous epoch.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.ctx.config.writer_id = epoch_writer_id(epoch);
+    }
+
     /// Opens the lake at `config.root`: creates the table directories, rolls interrupted
     /// compactions forward and deletes leftover hidden `.tmp` files of crashed writers (counted
     /// in [`LakeStats::tmp_files_removed`]).

@@ -24,7 +24,7 @@ pub mod sessions_store;
 
 pub use lake::{
     CompactionReport, Compression, LakeConfig, LakeError, LakeStats, LakeWriter, TableStats,
-    partition_dir,
+    epoch_writer_id, partition_dir, remove_files_after_epoch,
 };
 pub use read::{SampleCounts, count_samples_by_sensor};
 pub use schema::Table;

@@ -619,3 +619,23 @@ fn record_tables_round_trip_with_their_schemas() {
         ]
     );
 }
+
+#[test]
+fn files_of_epochs_after_a_checkpoint_are_removed_and_earlier_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lake = sensorflow_lake::LakeWriter::open(sensorflow_lake::LakeConfig::new(dir.path())).unwrap();
+    let day = 1_700_000_000_000_000i64;
+    let gap = |i: u32| sensorflow_pipeline::GapRecord { sensor_id: "s".into(), from_index: i, to_index: i + 1, missing: 1, detected_at_us: day };
+    for epoch in 1..=3u64 {
+        lake.set_epoch(epoch);
+        lake.write_gaps(&[gap(epoch as u32)]).unwrap();
+        lake.flush().unwrap();
+    }
+    let count = |root: &std::path::Path| -> usize {
+        std::fs::read_dir(root.join("gaps")).unwrap().flat_map(|p| std::fs::read_dir(p.unwrap().path()).unwrap()).filter(|f| f.as_ref().unwrap().file_name().to_string_lossy().ends_with(".parquet")).count()
+    };
+    assert_eq!(count(dir.path()), 3);
+    assert_eq!(sensorflow_lake::remove_files_after_epoch(dir.path(), 1).unwrap(), 2);
+    assert_eq!(count(dir.path()), 1);
+    assert_eq!(sensorflow_lake::remove_files_after_epoch(dir.path(), 1).unwrap(), 0);
+}
