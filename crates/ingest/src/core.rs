@@ -96,6 +96,7 @@ impl Core {
     /// in-flight appends have been acknowledged.
     pub(crate) fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.stats.draining.store(true, Ordering::SeqCst);
         self.drain.send_replace(true);
     }
 

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// Live counters, shared by all worker threads. Read them via [`IngestStats::snapshot`].
 #[derive(Debug, Default)]
 pub struct IngestStats {
+    /// Set when `stop()` begins draining; publishes arriving after it are refused.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
     pub(crate) connections_current: AtomicU64,
     pub(crate) connections_total: AtomicU64,
     pub(crate) connections_refused: AtomicU64,
@@ -52,6 +54,11 @@ pub struct IngestStatsSnapshot {
 }
 
 impl IngestStats {
+    /// True once `IngestServer::stop` has begun draining (new publishes are refused from then on).
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Reads every counter (each individually atomic; the set is not a transaction).
     pub fn snapshot(&self) -> IngestStatsSnapshot {
         IngestStatsSnapshot {

@@ -433,6 +433,15 @@ async fn publishes_arriving_during_stop_are_neither_stored_nor_acknowledged() {
     sink.wait_started(1).await;
     let stats = server.stats_handle();
     let stopping = tokio::spawn(server.stop());
+    // Publish 2 must arrive after stop() began draining. (Sent right after the spawn, it raced
+    // stop() under load: it was stored behind the closed gate and stop() waited for it.)
+    tokio::time::timeout(WAIT, async {
+        while !stats.draining() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("stop() begins draining");
     // Arrives while the first append is pending and stop() has begun draining.
     common::raw5::publish_qos1(&mut conn, "stream/s", 2, &[2]).await;
     sink.assert_started_stays(1).await;
