@@ -86,10 +86,18 @@ def binary_path() -> Path:
 class Platform:
     """`sensorflow run|demo` on free loopback ports with its own data dir."""
 
-    def __init__(self, data_dir: Path, command: str = "run", extra_args: list[str] | None = None, env: dict | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        command: str = "run",
+        extra_args: list[str] | None = None,
+        env: dict | None = None,
+        mqtt_listen: str = "127.0.0.1:0",
+        http_listen: str = "127.0.0.1:0",
+    ):
         self.data_dir = Path(data_dir)
         self.log_lines: list[str] = []
-        args = [str(binary_path()), command, "--data-dir", str(self.data_dir), "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
+        args = [str(binary_path()), command, "--data-dir", str(self.data_dir), "--mqtt-listen", mqtt_listen, "--http-listen", http_listen]
         args += extra_args or []
         full_env = dict(os.environ)
         full_env.setdefault("SENSORFLOW_LOG", "info")

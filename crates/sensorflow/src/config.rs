@@ -27,6 +27,7 @@ pub(crate) struct Config {
     pub(crate) log: LogSettings,
     pub(crate) pipeline: PipelineConfig,
     pub(crate) runtime: RuntimeConfig,
+    pub(crate) checkpoint: CheckpointConfig,
     pub(crate) model: ModelConfig,
     pub(crate) lake: LakeSettings,
     pub(crate) demo: DemoConfig,
@@ -73,6 +74,13 @@ pub(crate) struct LogSettings {
 pub(crate) struct RuntimeConfig {
     pub(crate) batch_records: usize,
     pub(crate) tick_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CheckpointConfig {
+    pub(crate) interval_secs: f64,
+    pub(crate) keep: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -125,6 +133,12 @@ impl Config {
         }
         if self.runtime.batch_records == 0 {
             problems.push("runtime.batch_records: must be at least 1".into());
+        }
+        if !(self.checkpoint.interval_secs.is_finite() && self.checkpoint.interval_secs > 0.0) {
+            problems.push(format!("checkpoint.interval_secs: must be positive, got {}", self.checkpoint.interval_secs));
+        }
+        if self.checkpoint.keep == 0 {
+            problems.push("checkpoint.keep: must be at least 1".into());
         }
         if self.runtime.tick_ms == 0 {
             problems.push("runtime.tick_ms: must be at least 1".into());

@@ -11,6 +11,7 @@
 //! pipeline reads only durable records; every queue between stages is bounded, so a slow stage
 //! slows the publishers down instead of dropping data.
 
+mod checkpoint;
 mod pipeline_task;
 mod sink_task;
 mod status;
@@ -30,7 +31,7 @@ use sensorflow_lake::{Compression, LakeConfig, LakeWriter, SessionsStore};
 use sensorflow_log::{Durability, Log, LogConfig};
 use sensorflow_model::Model;
 use sensorflow_api::StoreError;
-use sensorflow_pipeline::{GapRecord, LateRecord, Pipeline, SampleChunk, SessionAggregate, SessionEvent, SessionRecord, WindowRecord};
+use sensorflow_pipeline::{GapRecord, LateRecord, Pipeline, PipelineSnapshot, SampleChunk, SessionAggregate, SessionEvent, SessionRecord, WindowRecord};
 use sensorflow_protocol::record::IngestRecord;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -46,6 +47,12 @@ pub(crate) struct SinkBatch {
     pub(crate) aggregates: Vec<SessionAggregate>,
     pub(crate) gaps: Vec<GapRecord>,
     pub(crate) late: Vec<LateRecord>,
+}
+
+/// What the pipeline thread sends the sink thread, in order.
+pub(crate) enum SinkMsg {
+    Batch(SinkBatch),
+    Checkpoint(checkpoint::Checkpoint),
 }
 
 /// Pipeline turns buffered between the pipeline and the sink thread.
@@ -134,11 +141,26 @@ impl Embedded {
         };
         let (log, report) = Log::open(log_config).context("opening the log")?;
         tracing::info!(?report, "log opened");
-        // Without checkpoints (yet), a restart resumes at the end of the log: a clean shutdown
-        // drains everything first, so nothing acknowledged is skipped by a clean restart.
-        let reader = log.reader(log.end_offset()).context("opening a log reader")?;
 
-        let lake = LakeWriter::open(LakeConfig {
+        // Recovery: restore the newest checkpoint that verifies, delete lake files of epochs it
+        // does not cover, replay the log from its offset (see runtime/checkpoint.rs).
+        let checkpoints = checkpoint::CheckpointStore::open(checkpoint::dir_in(&config.data_dir)).context("opening the checkpoint directory")?;
+        let loaded = checkpoints.load_latest().context("reading checkpoints")?;
+        for path in &loaded.corrupt {
+            tracing::warn!(path = %path.display(), "checkpoint failed verification; using the previous one");
+        }
+        let (restored_epoch, from_offset, snapshot) = match loaded.checkpoint {
+            Some(c) => (c.epoch, c.log_offset, Some(c.snapshot)),
+            None => (0, log.start_offset(), None),
+        };
+        let lake_root = config.lake_root();
+        std::fs::create_dir_all(&lake_root).with_context(|| format!("creating lake root {}", lake_root.display()))?;
+        let files_removed = sensorflow_lake::remove_files_after_epoch(&lake_root, restored_epoch).context("removing lake files of incomplete epochs")?;
+        let replay = log.end_offset().saturating_sub(from_offset);
+        tracing::info!(checkpoint_epoch = restored_epoch, from_offset, replay_records = replay, lake_files_removed = files_removed, "recovering from checkpoint");
+        let reader = log.reader(from_offset).context("opening a log reader")?;
+
+        let mut lake = LakeWriter::open(LakeConfig {
             target_file_bytes: config.lake.target_file_bytes,
             max_file_age: Duration::from_secs(config.lake.max_file_age_secs),
             row_group_rows: config.lake.row_group_rows,
@@ -149,12 +171,21 @@ impl Embedded {
             ..LakeConfig::new(config.lake_root())
         })
         .context("opening the lake")?;
+        lake.set_epoch(restored_epoch + 1);
         let store = SessionsStore::open(&config.data_dir.join("sessions.sqlite")).context("opening the sessions store")?;
         let sessions_reader = store.reader().context("opening a sessions store reader")?;
 
         let status = Arc::new(SharedStatus::new(log.clone(), Box::new(SessionsAdapter(sessions_reader))));
+        status.checkpoints_corrupt.store(loaded.corrupt.len() as u64, Ordering::Relaxed);
+        *status.recovery.lock() = (files_removed, replay);
         let hub = Hub::new(HubConfig { topic_capacity: config.http.ws_buffer_messages, ..HubConfig::default() });
-        let pipeline = Pipeline::new(config.pipeline.clone(), model).context("building the pipeline")?;
+        let pipeline = match snapshot {
+            Some(bytes) => {
+                let snapshot = PipelineSnapshot::decode(&bytes).context("decoding the checkpoint's pipeline snapshot")?;
+                Pipeline::restore(config.pipeline.clone(), model, snapshot).context("restoring the pipeline from the checkpoint")?
+            }
+            None => Pipeline::new(config.pipeline.clone(), model).context("building the pipeline")?,
+        };
         let draining = Arc::new(AtomicBool::new(false));
 
         let (sink_tx, sink_rx) = std::sync::mpsc::sync_channel(SINK_QUEUE_BATCHES);
@@ -162,7 +193,9 @@ impl Embedded {
             .name("sink".into())
             .spawn({
                 let status = status.clone();
-                move || sink_task::SinkTask { lake, store, rx: sink_rx, status }.run()
+                let log = log.clone();
+                let keep_checkpoints = config.checkpoint.keep;
+                move || sink_task::SinkTask { lake, store, rx: sink_rx, status, checkpoints, keep_checkpoints, log, poisoned: false }.run()
             })
             .context("spawning the sink thread")?;
         let pipeline_thread = std::thread::Builder::new()
@@ -178,6 +211,8 @@ impl Embedded {
                     draining: draining.clone(),
                     batch_records: config.runtime.batch_records,
                     tick: Duration::from_millis(config.runtime.tick_ms),
+                    checkpoint_interval: Duration::from_secs_f64(config.checkpoint.interval_secs),
+                    next_epoch: restored_epoch + 1,
                 };
                 move || task.run()
             })

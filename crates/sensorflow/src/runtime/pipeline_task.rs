@@ -17,27 +17,29 @@ use sensorflow_pipeline::{Outputs, Pipeline, SessionEvent};
 use sensorflow_protocol::record::IngestRecordRef;
 
 use super::status::SharedStatus;
-use super::{SinkBatch, now_us};
+use super::checkpoint::Checkpoint;
+use super::{SinkBatch, SinkMsg, now_us};
 
 pub(crate) struct PipelineTask {
     pub(crate) pipeline: Pipeline,
     pub(crate) log: Log,
     pub(crate) reader: LogReader,
-    pub(crate) sink: SyncSender<SinkBatch>,
+    pub(crate) sink: SyncSender<SinkMsg>,
     pub(crate) hub: Hub,
     pub(crate) status: Arc<SharedStatus>,
     /// Set on shutdown: finish once everything appended so far is processed.
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) batch_records: usize,
     pub(crate) tick: Duration,
+    pub(crate) checkpoint_interval: Duration,
+    /// Epoch of the next checkpoint (one more than the last completed one).
+    pub(crate) next_epoch: u64,
 }
 
 /// How often the `/sensors` snapshot is rebuilt.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How often fully consumed log segments are deleted. Until operator state is checkpointed
-/// with log offsets, nothing ever reads a segment again once the pipeline has passed it.
-const RETENTION_INTERVAL: Duration = Duration::from_secs(10);
+
 
 impl PipelineTask {
     pub(crate) fn run(mut self) {
@@ -45,7 +47,7 @@ impl PipelineTask {
         let mut out = Outputs::default();
         let mut next_tick = Instant::now() + self.tick;
         let mut next_status = Instant::now();
-        let mut next_retention = Instant::now() + RETENTION_INTERVAL;
+        let mut next_checkpoint = Instant::now() + self.checkpoint_interval;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
             match self.reader.read_batch(&mut buf, self.batch_records, wait) {
@@ -76,14 +78,6 @@ impl PipelineTask {
                 self.pipeline.on_tick(now_us(), &mut out);
                 next_tick = now + self.tick;
             }
-            if now >= next_retention {
-                match self.log.delete_before(self.reader.position()) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(segments = n, "deleted consumed log segments"),
-                    Err(e) => tracing::warn!(error = %e, "deleting consumed log segments failed"),
-                }
-                next_retention = now + RETENTION_INTERVAL;
-            }
             if now >= next_status {
                 self.status.refresh_sensors(&self.pipeline, now);
                 next_status = now + STATUS_INTERVAL;
@@ -92,14 +86,35 @@ impl PipelineTask {
                 return;
             }
             self.reader.commit(self.reader.position());
+            if now >= next_checkpoint {
+                if !self.checkpoint() {
+                    return;
+                }
+                next_checkpoint = Instant::now() + self.checkpoint_interval;
+            }
             if self.draining.load(Ordering::Acquire) && self.reader.position() >= self.log.end_offset() {
                 break;
             }
         }
         self.pipeline.close_all(now_us(), &mut out);
-        self.dispatch(&mut out);
+        if self.dispatch(&mut out) {
+            self.checkpoint();
+        }
         self.status.refresh_sensors(&self.pipeline, Instant::now());
         tracing::info!(records = self.pipeline.stats().records, samples = self.pipeline.stats().samples_out, "pipeline drained");
+    }
+
+    /// Asks the sink thread to checkpoint: the pipeline's state as of the current log position,
+    /// queued behind every output produced so far. Returns false when the sink thread is gone.
+    fn checkpoint(&mut self) -> bool {
+        let snapshot = self.pipeline.snapshot().encode();
+        let msg = SinkMsg::Checkpoint(Checkpoint { epoch: self.next_epoch, log_offset: self.reader.position(), snapshot });
+        self.next_epoch += 1;
+        if self.sink.send(msg).is_err() {
+            tracing::error!("sink thread stopped; stopping the pipeline");
+            return false;
+        }
+        true
     }
 
     /// Publishes live results and passes everything to the sink thread. Returns false when the
@@ -129,7 +144,7 @@ impl PipelineTask {
             gaps: std::mem::take(&mut out.gaps),
             late: std::mem::take(&mut out.late),
         };
-        if self.sink.send(batch).is_err() {
+        if self.sink.send(SinkMsg::Batch(batch)).is_err() {
             tracing::error!("sink thread stopped; stopping the pipeline");
             return false;
         }

@@ -44,6 +44,13 @@ pub(crate) struct SharedStatus {
     ingest_bad: Mutex<HashMap<String, BTreeMap<BadReason, u64>>>,
     lake: Mutex<Option<LakeStats>>,
     corrupt_records: AtomicU64,
+    /// Last checkpoint written: (epoch, log offset, snapshot bytes), and how many were written.
+    checkpoint: Mutex<Option<(u64, u64, usize)>>,
+    checkpoints_written: AtomicU64,
+    /// Checkpoint files found corrupt at start (the previous one was used).
+    pub(crate) checkpoints_corrupt: AtomicU64,
+    /// Lake files of incomplete epochs deleted at start, and log records replayed.
+    pub(crate) recovery: Mutex<(usize, u64)>,
     pub(crate) sessions_ended: AtomicU64,
     log: Log,
     ingest: RwLock<Option<(SocketAddr, Arc<IngestStats>)>>,
@@ -60,6 +67,10 @@ impl SharedStatus {
             ingest_bad: Mutex::new(HashMap::new()),
             lake: Mutex::new(None),
             corrupt_records: AtomicU64::new(0),
+            checkpoint: Mutex::new(None),
+            checkpoints_written: AtomicU64::new(0),
+            checkpoints_corrupt: AtomicU64::new(0),
+            recovery: Mutex::new((0, 0)),
             sessions_ended: AtomicU64::new(0),
             log,
             ingest: RwLock::new(None),
@@ -79,6 +90,11 @@ impl SharedStatus {
                 components.insert(name.to_owned(), ComponentStatus { ok, detail });
             }
         }
+    }
+
+    pub(crate) fn checkpoint_written(&self, epoch: u64, log_offset: u64, bytes: usize) {
+        *self.checkpoint.lock() = Some((epoch, log_offset, bytes));
+        self.checkpoints_written.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_corrupt_record(&self) {
@@ -232,6 +248,16 @@ impl StatusSource for SharedStatus {
         gauge_like(out, "sensorflow_model_errors_total", "counter", "Failed model calls.", p.model_errors);
         gauge_like(out, "sensorflow_log_corrupt_records_total", "counter", "Log records that could not be decoded.", self.corrupt_records.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_sessions_ended_total", "counter", "Sessions ended.", self.sessions_ended.load(Ordering::Relaxed));
+        gauge_like(out, "sensorflow_checkpoints_total", "counter", "Checkpoints written.", self.checkpoints_written.load(Ordering::Relaxed));
+        gauge_like(out, "sensorflow_checkpoints_corrupt_total", "counter", "Checkpoint files that failed verification at start.", self.checkpoints_corrupt.load(Ordering::Relaxed));
+        if let Some((epoch, offset, bytes)) = *self.checkpoint.lock() {
+            gauge_like(out, "sensorflow_checkpoint_epoch", "gauge", "Epoch of the last checkpoint.", epoch);
+            gauge_like(out, "sensorflow_checkpoint_log_offset", "gauge", "Log offset of the last checkpoint.", offset);
+            gauge_like(out, "sensorflow_checkpoint_bytes", "gauge", "Size of the last pipeline snapshot.", bytes as u64);
+        }
+        let (files_removed, replayed) = *self.recovery.lock();
+        gauge_like(out, "sensorflow_recovery_lake_files_removed", "gauge", "Lake files of incomplete epochs deleted at start.", files_removed as u64);
+        gauge_like(out, "sensorflow_recovery_log_records", "gauge", "Log records after the restored checkpoint, replayed at start.", replayed);
         let log = self.log.stats();
         gauge_like(out, "sensorflow_log_end_offset", "gauge", "Next log offset.", log.end_offset);
         gauge_like(out, "sensorflow_log_appended_bytes_total", "counter", "Bytes appended to the log.", log.appended_bytes);
