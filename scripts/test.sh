@@ -59,6 +59,31 @@ python_tests() {
     fi
 }
 
+fuzz_smoke() {
+    # 60 s of coverage-guided fuzzing per target: the packet decoder, the ingest record codec and
+    # the log's record reader. cargo-fuzz needs a nightly toolchain (for the sanitizer flags).
+    if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        echo "no nightly toolchain: skipping the fuzz runs (install one with rustup to run them)"
+        return 0
+    fi
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
+    for target in framing record log_segment; do
+        step "fuzzing $target for 60 s"
+        mkdir -p "fuzz/corpus/$target"
+        local seeds=()
+        [ -d "fuzz/seeds/$target" ] && seeds=("seeds/$target")
+        local log="$ROOT/target/fuzz-$target.log"
+        mkdir -p "$ROOT/target"
+        if ! (cd fuzz && cargo +nightly fuzz run "$target" "corpus/$target" "${seeds[@]}" -- \
+            -max_total_time=60 -rss_limit_mb=2048 -print_final_stats=1) >"$log" 2>&1; then
+            tail -n 60 "$log"
+            echo "fuzz target $target failed (crash input under fuzz/artifacts/$target)"
+            return 1
+        fi
+        grep -E '^Done|stat::number_of_executed_units' "$log" || true
+    done
+}
+
 install_system_packages
 rust_tests
 if [ "${1:-}" = "--rust" ]; then
@@ -67,4 +92,5 @@ fi
 install_python
 install_node
 python_tests
+fuzz_smoke
 step "all tests passed"
