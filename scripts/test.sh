@@ -52,6 +52,7 @@ python_tests() {
     step "end-to-end, lake reader, inference cross-check and browser tests (pytest)"
     local rc=0
     SENSORFLOW_BIN="$ROOT/target/debug/sensorflow" SENSORFLOW_INFER_JSON="$ROOT/target/debug/examples/infer_json" \
+        SENSORFLOW_WRITE_SAMPLE_LAKE="$ROOT/target/debug/examples/write_sample_lake" \
         .venv/bin/python -m pytest tests/python -q -p no:cacheprovider || rc=$?
     # pytest exits 5 when it collected no test: an empty suite is not a failure.
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then

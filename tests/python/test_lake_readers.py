@@ -8,6 +8,7 @@ Run: python -m pytest tests/python/test_lake_readers.py   (needs cargo, pyarrow,
 
 import datetime as dt
 import json
+import os
 import pathlib
 import subprocess
 
@@ -40,8 +41,12 @@ SAMPLES_SCHEMA = pa.schema(
 def lake(tmp_path_factory):
     """(lake root, {table: {date: rows}}) of a freshly written sample lake."""
     root = tmp_path_factory.mktemp("lake")
+    # A prebuilt example (scripts/test.sh sets it) avoids `cargo run -p`, whose per-package
+    # feature resolution would rebuild half the dependencies.
+    prebuilt = os.environ.get("SENSORFLOW_WRITE_SAMPLE_LAKE")
+    cmd = [prebuilt] if prebuilt else ["cargo", "run", "-q", "-p", "sensorflow-lake", "--example", "write_sample_lake", "--"]
     out = subprocess.run(
-        ["cargo", "run", "-q", "-p", "sensorflow-lake", "--example", "write_sample_lake", "--", str(root)],
+        cmd + [str(root)],
         cwd=REPO,
         check=True,
         capture_output=True,
