@@ -137,7 +137,8 @@ impl SharedStatus {
                         *bad.entry(r.as_str().to_owned()).or_default() += n;
                     }
                 }
-                (rates, SensorStatus {
+                next_rates.insert(id.to_owned(), rates);
+                SensorStatus {
                     sensor_id: id.to_owned(),
                     last_seen_us: c.last_seen_us,
                     first_seen_us: c.first_seen_us,
@@ -153,13 +154,7 @@ impl SharedStatus {
                     bad_total: bad.values().sum(),
                     bad,
                     active_session_id: view.active_session.map(|s| s.to_string()),
-                })
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|(rates, status)| {
-                next_rates.insert(status.sensor_id.clone(), rates);
-                status
+                }
             })
             .collect();
         table.sort_by(|a, b| a.sensor_id.cmp(&b.sensor_id));
