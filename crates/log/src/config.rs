@@ -13,14 +13,16 @@ pub enum Durability {
     /// Complete once the bytes are in the OS page cache (`write` returned). Survives a process
     /// crash, not a power loss or kernel panic.
     None,
-    /// Group commit with a time bound: `fdatasync` at most once per `interval`, completing every
-    /// append written before that sync. Trades up to `interval` of extra latency for far fewer
-    /// syncs under load. An `interval` of zero behaves like [`Durability::Fsync`].
-    /// Each append waits for the next sync, so throughput is at most (concurrent appends) per
-    /// `interval`: on disks where `fdatasync` is fast (write-back cache, NVMe), `Fsync` is
-    /// both faster and stricter; `Batch` pays off where syncs are slow or must be rationed.
+    /// Group commit with a time bound: while appends keep arriving, the writer goes on
+    /// writing them and `fdatasync`s at most once per `interval`; as soon as it runs out of
+    /// queued appends it syncs at once (there is nothing left to group with). Every append
+    /// completes after the sync that covers it, so an acknowledged append survives power loss
+    /// as with [`Durability::Fsync`]. Under light load it costs what `Fsync` costs; under
+    /// heavy load it issues far fewer syncs, at the price of up to `interval` of latency.
+    /// An `interval` of zero behaves like [`Durability::Fsync`].
     Batch {
-        /// Minimum spacing of syncs (default 5 ms).
+        /// Longest time written appends wait for a sync while the writer stays busy
+        /// (default 5 ms).
         interval: Duration,
     },
     /// `fdatasync` after every write batch before completing its appends. Concurrent appends

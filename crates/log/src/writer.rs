@@ -199,9 +199,16 @@ impl Writer {
         (batch, closing)
     }
 
+    /// Whether the records written so far should be synced and published now. Under Batch,
+    /// the writer keeps writing while more appends are queued, up to `interval` after the
+    /// last sync; an empty queue means there is nothing to group with, so it syncs at once.
     fn sync_due(&self, closing: bool) -> bool {
         match self.batch_interval() {
-            Some(interval) => closing || self.last_sync.elapsed() >= interval,
+            Some(interval) => {
+                closing
+                    || self.last_sync.elapsed() >= interval
+                    || self.shared.state.lock().queue.is_empty()
+            }
             None => true,
         }
     }

@@ -117,6 +117,25 @@ async fn every_durability_mode_completes_appends_in_order() {
     }
 }
 
+/// Batch durability groups syncs only while the writer has more to write: a lone append is
+/// synced and completed as soon as it is written, not after the interval.
+#[tokio::test]
+async fn batch_durability_syncs_an_idle_writer_at_once_instead_of_waiting_out_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.durability = Durability::Batch {
+        interval: Duration::from_secs(3600),
+    };
+    let (log, _) = Log::open(cfg).unwrap();
+    for i in 0..3u64 {
+        let done = tokio::time::timeout(Duration::from_secs(60), log.append(payload(i, 100)))
+            .await
+            .expect("append waited for the batch interval");
+        assert_eq!(done.unwrap(), i);
+    }
+    assert!(log.stats().fsyncs >= 1);
+}
+
 #[test]
 fn reader_blocks_until_an_append_is_published() {
     let rt = tokio::runtime::Builder::new_current_thread()

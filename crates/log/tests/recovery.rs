@@ -321,13 +321,50 @@ async fn batch_durability_sync_failure_fails_every_unsynced_append() {
     assert_records(&log, 2);
 }
 
+/// A sync failure that, once armed, holds the writer inside `fdatasync` until released, so
+/// a test can look at the log while a record is written but not yet synced.
+#[derive(Default)]
+struct HeldSyncFailure {
+    state: std::sync::Mutex<(bool, bool)>, // (armed, released)
+    cv: std::sync::Condvar,
+}
+
+impl HeldSyncFailure {
+    fn arm(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+
+    fn release(&self) {
+        let mut st = self.state.lock().unwrap();
+        *st = (false, true);
+        self.cv.notify_all();
+    }
+}
+
+impl sensorflow_log::FaultInjector for HeldSyncFailure {
+    fn on_write(&self, _len: usize) -> Option<sensorflow_log::WriteFault> {
+        None
+    }
+
+    fn on_sync(&self) -> Option<ErrorKind> {
+        let mut st = self.state.lock().unwrap();
+        if !st.0 {
+            return None;
+        }
+        while !st.1 {
+            st = self.cv.wait(st).unwrap();
+        }
+        Some(ErrorKind::Other)
+    }
+}
+
 /// Regression: a reader's read-ahead buffer once could hold bytes written but not yet synced
 /// (Batch durability); after the sync failed and the offsets were rewritten, the reader
 /// returned the failed record instead of the new one.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reader_never_returns_bytes_of_a_record_that_was_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(FaultSwitch::new());
+    let faults = Arc::new(HeldSyncFailure::default());
     let mut cfg = config(dir.path());
     cfg.durability = Durability::Batch {
         interval: Duration::from_millis(300),
@@ -337,14 +374,14 @@ async fn reader_never_returns_bytes_of_a_record_that_was_rolled_back() {
     let path = segment(dir.path(), 0);
     let published_len = file_len(&path);
 
-    faults.fail_syncs(ErrorKind::Other);
+    faults.arm();
     let appender = log.clone();
     let failed = tokio::spawn(async move {
         appender
             .append(Bytes::from_static(b"never acknowledged"))
             .await
     });
-    // Wait until the doomed record is in the file (written, waiting for its sync).
+    // Wait until the doomed record is in the file (written, its sync held).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while file_len(&path) == published_len {
         assert!(std::time::Instant::now() < deadline, "record never written");
@@ -353,9 +390,9 @@ async fn reader_never_returns_bytes_of_a_record_that_was_rolled_back() {
     let mut reader = log.reader(0).unwrap();
     let mut out = Vec::new();
     assert_eq!(reader.read_batch(&mut out, 10, Duration::ZERO).unwrap(), 1);
+    faults.release();
     assert!(failed.await.unwrap().is_err());
 
-    faults.clear();
     assert_eq!(log.append(payload(1)).await.unwrap(), 1);
     out.clear();
     assert_eq!(
