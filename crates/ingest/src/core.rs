@@ -4,7 +4,8 @@
 //! The MQTT 3.1.1 and 5.0 glue in [`crate::mqtt`] only translates a [`Verdict`] into the
 //! acknowledgement (or its absence) that each protocol version can express.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -172,6 +173,7 @@ impl Core {
                 usize::from(self.config.receive_maximum),
                 self.config.max_inflight_bytes,
             )),
+            order: Rc::new(Order::default()),
             _closed: closed_tx,
         };
         Ok((conn, attached, closed_rx))
@@ -198,6 +200,8 @@ impl Core {
         payload_size: usize,
         payload: Payload,
     ) -> Verdict {
+        // First thing, before any await: handlers first run in arrival order.
+        let ticket = conn.order.ticket();
         let ingest_us = now_us();
         let qos_index = match qos {
             QoS::AtMostOnce => 0,
@@ -247,9 +251,14 @@ impl Core {
             ingest_us,
             payload: bytes::Bytes::from_owner(data),
         };
+        // `append` queues the record synchronously, so taking turns around the call keeps the
+        // connection's records in arrival order.
+        ticket.my_turn().await;
+        let append = self.sink.append(record);
+        drop(ticket);
         // Spawned, not awaited in place: the append runs on the application's runtime and
         // completes even if this connection goes away, so a record is never half-appended.
-        let result = match self.runtime.spawn(self.sink.append(record)).await {
+        let result = match self.runtime.spawn(append).await {
             Ok(result) => result,
             Err(join) => Err(SinkError::Unavailable(format!(
                 "append task failed: {join}"
@@ -294,6 +303,7 @@ pub(crate) struct Conn {
     client_id: Arc<str>,
     serial: u64,
     pub(crate) inflight: Rc<Inflight>,
+    order: Rc<Order>,
     /// Dropping this tells the closer task the connection is gone.
     _closed: oneshot::Sender<()>,
 }
@@ -387,6 +397,82 @@ impl Inflight {
         while self.count.get() > 0 {
             self.idle.notified().await;
         }
+    }
+}
+
+/// Keeps a connection's appends in the order its publishes arrived.
+///
+/// ntex-mqtt dispatches a PUBLISH whose payload is not yet fully read as a stream, and handles
+/// the publishes after it concurrently; one of those, fully buffered, can finish reading its
+/// payload first. Appending in that order would put a device's packets out of order in the log,
+/// and dedupe would then drop the overtaken packet as already processed: an acknowledged
+/// sample lost. So each publish takes a ticket when its handler first runs (in arrival order,
+/// before any await) and appends only when every earlier ticket is done. Single-threaded, like
+/// the connection.
+///
+/// Waiting for a turn cannot deadlock with the read gate: the codec decodes nothing after a
+/// streamed PUBLISH until that publish's payload is complete, so whoever waits for a ticket
+/// waits only for a handler that is already able to finish reading.
+#[derive(Debug, Default)]
+pub(crate) struct Order {
+    next: Cell<u64>,
+    serving: Cell<u64>,
+    /// Tickets dropped before their turn (publishes that ended without an append).
+    done_early: RefCell<BTreeSet<u64>>,
+    turn: Notify,
+}
+
+impl Order {
+    fn ticket(self: &Rc<Self>) -> Ticket {
+        let number = self.next.get();
+        self.next.set(number + 1);
+        Ticket {
+            order: self.clone(),
+            number,
+        }
+    }
+
+    fn finish(&self, number: u64) {
+        if number != self.serving.get() {
+            self.done_early.borrow_mut().insert(number);
+            return;
+        }
+        let mut next = number + 1;
+        {
+            let mut early = self.done_early.borrow_mut();
+            while early.remove(&next) {
+                next += 1;
+            }
+        }
+        self.serving.set(next);
+        self.turn.notify_waiters();
+    }
+}
+
+/// A publish's place in its connection's [`Order`]; dropping it lets the next one go.
+struct Ticket {
+    order: Rc<Order>,
+    number: u64,
+}
+
+impl Ticket {
+    /// Resolves when every earlier ticket of the connection is done.
+    async fn my_turn(&self) {
+        loop {
+            let notified = self.order.turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.order.serving.get() == self.number {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.order.finish(self.number);
     }
 }
 

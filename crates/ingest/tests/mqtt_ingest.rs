@@ -620,3 +620,37 @@ async fn wait_connections(server: &sensorflow_ingest::IngestServer, n: u64) {
     .await
     .unwrap_or_else(|_| panic!("connections never reached {n}"));
 }
+
+/// Regression: ntex-mqtt hands on a PUBLISH whose payload has not fully arrived as a stream and
+/// goes on with the next ones; a later, fully buffered publish could then reach the sink
+/// first, putting a device's packets out of order (and dedupe would drop the overtaken one).
+/// Writing the stream in small pieces makes payloads arrive split across reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_reach_the_sink_in_arrival_order_when_payloads_arrive_in_pieces() {
+    use tokio::io::AsyncWriteExt;
+
+    const N: u16 = 400;
+    let sink = FakeSink::open();
+    let (server, _) = start(local_config(), &sink).await;
+    let mut conn = common::raw5::connect(server.local_addr(), "pieces").await;
+    conn.set_nodelay(true).unwrap();
+    let mut wire = Vec::new();
+    for id in 1..=N {
+        let mut payload = vec![0u8; 1300];
+        payload[..2].copy_from_slice(&id.to_be_bytes());
+        wire.extend(common::raw5::encode_publish_qos1("stream/s", id, &payload));
+    }
+    for piece in wire.chunks(211) {
+        conn.write_all(piece).await.unwrap();
+        conn.flush().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    sink.wait_stored(usize::from(N)).await;
+    let order: Vec<u16> = sink
+        .calls()
+        .iter()
+        .map(|r| u16::from_be_bytes([r.payload[0], r.payload[1]]))
+        .collect();
+    assert_eq!(order, (1..=N).collect::<Vec<_>>());
+    server.stop().await;
+}

@@ -339,12 +339,20 @@ pub mod raw5 {
     }
 
     pub async fn publish_qos1(stream: &mut TcpStream, topic: &str, packet_id: u16, payload: &[u8]) {
+        stream
+            .write_all(&encode_publish_qos1(topic, packet_id, payload))
+            .await
+            .unwrap();
+    }
+
+    /// The bytes of a QoS 1 PUBLISH without properties.
+    pub fn encode_publish_qos1(topic: &str, packet_id: u16, payload: &[u8]) -> Vec<u8> {
         let mut body = Vec::new();
         string(topic, &mut body);
         body.extend_from_slice(&packet_id.to_be_bytes());
         body.push(0); // no properties
         body.extend_from_slice(payload);
-        stream.write_all(&packet(0x32, &body)).await.unwrap();
+        packet(0x32, &body)
     }
 
     /// Next packet as (first byte, body), or `None` at EOF. Panics after [`WAIT`].
