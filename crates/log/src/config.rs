@@ -44,6 +44,27 @@ impl Default for Durability {
     }
 }
 
+/// How much of the log to keep behind the position recovery needs (e.g. for replaying it
+/// through a new model), in the manner of Kafka's `retention.ms` and `retention.bytes`. A
+/// sealed segment below that position is deleted once it is older than `max_age` (judged by
+/// its file's modification time, i.e. its last write) or once the segments after it alone
+/// reach `max_bytes`. Zero for either deletes everything recovery does not need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep segments whose last write is younger than this.
+    pub max_age: Duration,
+    /// Keep at most about this many bytes of segments in total.
+    pub max_bytes: u64,
+}
+
+impl Retention {
+    /// Keeps nothing beyond what recovery needs.
+    pub const NONE: Retention = Retention {
+        max_age: Duration::ZERO,
+        max_bytes: 0,
+    };
+}
+
 /// Settings of one log directory. Build with [`LogConfig::new`] and override fields.
 #[derive(Debug, Clone)]
 pub struct LogConfig {

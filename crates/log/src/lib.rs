@@ -36,7 +36,7 @@ mod reader;
 mod segment;
 mod writer;
 
-pub use crate::config::{Durability, LogConfig};
+pub use crate::config::{Durability, LogConfig, Retention};
 pub use crate::error::{CorruptReason, IoOp, LogError, Result};
 pub use crate::fault::{FaultInjector, FaultSwitch, WriteFault};
 pub use crate::log::{Log, LogStats, OpenReport, Pending};

@@ -13,12 +13,13 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::{Notify, oneshot};
 
-use crate::config::LogConfig;
+use crate::config::{LogConfig, Retention};
 use crate::error::{IoOp, LogError, Result};
 use crate::fault::FaultInjector;
 use crate::format::frame_len;
@@ -382,6 +383,47 @@ impl Log {
     /// never slow ingest down). Same positioning rules as [`Log::reader`].
     pub fn reader_untracked(&self, from: u64) -> Result<LogReader> {
         LogReader::open(Arc::clone(&self.inner.shared), from, false)
+    }
+
+    /// Applies `retention` to the segments whose records all lie below `keep_from` (the oldest
+    /// position recovery may need): the oldest of them are removed while they are older than
+    /// `retention.max_age` or the log without them still holds `retention.max_bytes`. Returns
+    /// how many were removed. See [`Log::delete_before`] for what readers see.
+    pub fn trim(&self, keep_from: u64, retention: &Retention) -> Result<usize> {
+        let segs: Vec<SegmentMeta> = self.inner.shared.segments.read().clone();
+        let now = std::time::SystemTime::now();
+        // (base offset, bytes, age) per segment; a segment whose metadata cannot be read
+        // counts as new and empty, so it is kept until it can be judged.
+        let info: Vec<(u64, u64, Duration)> = segs
+            .iter()
+            .map(|s| {
+                let meta = std::fs::metadata(&s.path).ok();
+                let bytes = meta.as_ref().map_or(0, |m| m.len());
+                let age = meta
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| now.duration_since(t).ok())
+                    .unwrap_or(Duration::ZERO);
+                (s.base_offset, bytes, age)
+            })
+            .collect();
+        let mut total: u64 = info.iter().map(|i| i.1).sum();
+        let mut cut = None;
+        // Segment i is wholly below `keep_from` when its successor starts at or before it.
+        for i in 0..info.len().saturating_sub(1) {
+            let (_, bytes, age) = info[i];
+            let below = info[i + 1].0 <= keep_from;
+            let expired = age >= retention.max_age;
+            let over = total.saturating_sub(bytes) >= retention.max_bytes;
+            if !below || !(expired || over) {
+                break;
+            }
+            total -= bytes;
+            cut = Some(info[i + 1].0);
+        }
+        match cut {
+            Some(offset) => self.delete_before(offset),
+            None => Ok(0),
+        }
     }
 
     /// Removes every segment whose records all lie below `offset` and returns how many were

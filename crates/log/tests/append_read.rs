@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use sensorflow_log::{Durability, Log, LogConfig, LogError};
+use sensorflow_log::{Durability, Log, LogConfig, LogError, Retention};
 
 fn payload(i: u64, len: usize) -> Bytes {
     (0..len)
@@ -261,6 +261,58 @@ async fn delete_before_removes_only_whole_segments_below_the_offset() {
     let (log, report) = Log::open(cfg).unwrap();
     assert_eq!((report.start_offset, report.next_offset), (30, 35));
     assert_eq!(log.append(payload(35, 1)).await.unwrap(), 35);
+}
+
+#[tokio::test]
+async fn trim_keeps_segments_needed_for_recovery_and_young_or_within_the_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Header (24) + 10 records of 8 + 100 bytes per segment: 1,104 bytes each.
+    cfg.segment_bytes = 24 + 10 * 108;
+    let (log, _) = Log::open(cfg).unwrap();
+    for i in 0..55u64 {
+        log.append(payload(i, 100)).await.unwrap();
+    }
+    let names = |bases: &[u64]| bases.iter().map(|b| format!("{b:020}.log")).collect::<Vec<_>>();
+    assert_eq!(segment_files(dir.path()), names(&[0, 10, 20, 30, 40, 50]));
+    let generous = Retention {
+        max_age: Duration::from_secs(3600),
+        max_bytes: u64::MAX,
+    };
+
+    // Everything is young and within budget: nothing goes, even below the recovery point.
+    assert_eq!(log.trim(55, &generous).unwrap(), 0);
+
+    // Segments 0 and 10 last written two hours ago are past the age limit.
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for base in [0u64, 10] {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.path().join(format!("{base:020}.log")))
+            .unwrap();
+        f.set_modified(two_hours_ago).unwrap();
+    }
+    // ... but recovery needs offset 5 onwards, so segment 0 is all that may go.
+    assert_eq!(log.trim(5, &generous).unwrap(), 0);
+    assert_eq!(log.trim(10, &generous).unwrap(), 1);
+    assert_eq!(log.trim(55, &generous).unwrap(), 1);
+    assert_eq!(segment_files(dir.path()), names(&[20, 30, 40, 50]));
+
+    // A byte budget the newest three segments already fill (two full, the active one holding
+    // 5 records) drops the oldest young one, and only that.
+    let budget = Retention {
+        max_age: Duration::from_secs(3600),
+        max_bytes: 2 * 1104 + 24 + 5 * 108,
+    };
+    assert_eq!(log.trim(55, &budget).unwrap(), 1);
+    assert_eq!(segment_files(dir.path()), names(&[30, 40, 50]));
+
+    // No retention: everything below the recovery point goes; the active segment stays.
+    assert_eq!(log.trim(45, &Retention::NONE).unwrap(), 1);
+    assert_eq!(segment_files(dir.path()), names(&[40, 50]));
+    assert_eq!(log.trim(u64::MAX, &Retention::NONE).unwrap(), 1);
+    assert_eq!(segment_files(dir.path()), names(&[50]));
+    assert_eq!(read_all(&log, 50).len(), 5);
 }
 
 #[test]
