@@ -5,14 +5,12 @@ session's final distance equals a clean run's on the same input."""
 from __future__ import annotations
 
 import random
-import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pyarrow.parquet as pq
 
-from testkit import PERIOD_US, Platform, encode_packet, synthetic_samples, wait_until
+from testkit import PERIOD_US, Platform, Publisher, check_lake_exactly_once, encode_packet, metric, synthetic_samples
 
 SENSORS = 20
 PACKETS = 40
@@ -33,66 +31,19 @@ def make_packets(t0: int) -> dict[str, list[tuple[int, bytes]]]:
     return out
 
 
-class Publisher:
-    """One persistent-session paho client per sensor; records every PUBACKed packet."""
-
-    def __init__(self, host: str, port: int):
-        self.acked: set[tuple[str, int]] = set()
-        self.lock = threading.Lock()
-        self.clients: dict[str, mqtt.Client] = {}
-        self.mids: dict[tuple[str, int], tuple[str, int]] = {}
-        self.infos: list = []
-        self.host, self.port = host, port
-
-    def client(self, sid: str) -> mqtt.Client:
-        if sid not in self.clients:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-{sid}", clean_session=False, protocol=mqtt.MQTTv311)
-            c.max_inflight_messages_set(50)
-            c.reconnect_delay_set(min_delay=0.05, max_delay=0.5)
-
-            def on_publish(client, userdata, mid, reason_code, properties, sid=sid):
-                with self.lock:
-                    key = self.mids.get((sid, mid))
-                    if key is not None:
-                        self.acked.add(key)
-
-            c.on_publish = on_publish
-            c.connect(self.host, self.port, keepalive=10)
-            c.loop_start()
-            self.clients[sid] = c
-        return self.clients[sid]
-
-    def publish(self, sid: str, base: int, payload: bytes):
-        c = self.client(sid)
-        with self.lock:
-            info = c.publish(f"stream/{sid}", payload, qos=1)
-            self.mids[(sid, info.mid)] = (sid, base)
-        self.infos.append(info)
-
-    def close(self):
-        for c in self.clients.values():
-            c.disconnect()
-            c.loop_stop()
-
-
 def publish_all(platform_addr: tuple[str, int], packets, interval: float, on_round=None) -> Publisher:
     pub = Publisher(*platform_addr)
     for k in range(PACKETS):
         for sid, plist in packets.items():
-            pub.publish(sid, *plist[k])
+            base, payload = plist[k]
+            pub.publish(sid, (sid, base), payload)
         if on_round:
             on_round(k)
         time.sleep(interval)
     total = SENSORS * PACKETS
-    wait_until(lambda: len(pub.acked) == total, timeout=180, interval=0.2, message=f"all {total} packets acknowledged")
+    assert len(pub.published) == total
+    pub.wait_all_acked(timeout=180)
     return pub
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"metric {name} not exported")
 
 
 def final_distances(lake: Path) -> dict[str, float]:
@@ -103,19 +54,6 @@ def final_distances(lake: Path) -> dict[str, float]:
         if row["session_id"] not in best or key > best[row["session_id"]][0]:
             best[row["session_id"]] = (key, row["distance_m"])
     return {sid: v[1] for sid, v in best.items()}
-
-
-def check_lake_exactly_once(lake: Path, acked: set[tuple[str, int]]):
-    files = sorted(lake.glob("*/date=*/*.parquet"))
-    assert files, "no lake files"
-    for f in files:
-        pq.read_table(f)  # every committed file is readable
-    samples = pq.read_table(str(lake / "samples"), columns=["sensor_id", "sample_index"]).to_pylist()
-    pairs = [(r["sensor_id"], r["sample_index"]) for r in samples]
-    assert len(pairs) == len(set(pairs)), f"{len(pairs) - len(set(pairs))} duplicate samples in the lake"
-    present = set(pairs)
-    missing = [(sid, base + i) for sid, base in acked for i in range(64) if (sid, base + i) not in present]
-    assert not missing, f"{len(missing)} acknowledged samples missing, e.g. {missing[:5]}"
 
 
 def test_kill_9_four_times_loses_and_doubles_nothing(tmp_path):

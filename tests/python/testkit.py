@@ -14,19 +14,36 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+import pyarrow.parquet as pq
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 PERIOD_US = 5000
 
 
-def crc16_arc(data: bytes) -> int:
-    crc = 0
-    for b in data:
-        crc ^= b
+def _crc16_arc_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
         for _ in range(8):
             crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC16_ARC = _crc16_arc_table()
+
+
+def crc16_arc(data: bytes) -> int:
+    """CRC-16/ARC (reflected 0x8005, init 0), byte-table form; check value 0xBB3D."""
+    crc = 0
+    for b in data:
+        crc = (crc >> 8) ^ _CRC16_ARC[(crc ^ b) & 0xFF]
     return crc
+
+
+assert crc16_arc(b"123456789") == 0xBB3D
 
 
 def encode_packet(base: int, timestamp_us: int, samples: list[tuple]) -> bytes:
@@ -174,3 +191,101 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
+
+
+class Publisher:
+    """One persistent-session paho client per sensor (MQTT 3.1.1, QoS 1) that records the key
+    of every publish the broker acknowledged (PUBACK), with the time of the acknowledgement.
+
+    paho's in-flight window is unlimited by default here: with a limit, paho queues messages
+    beyond it and a publish() from another thread can overtake the queued ones when a PUBACK
+    frees a slot, so a device's packets would reach the broker out of order (a real device
+    sends in order; the callers bound what they keep outstanding themselves)."""
+
+    def __init__(self, host: str, port: int, max_inflight: int = 0):
+        self.acked: dict = {}
+        self.published: set = set()
+        self.lock = threading.Lock()
+        self.clients: dict[str, mqtt.Client] = {}
+        self.mids: dict = {}
+        self.early: dict = {}
+        self.host, self.port, self.max_inflight = host, port, max_inflight
+
+    def client(self, sid: str) -> mqtt.Client:
+        if sid not in self.clients:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-{sid}", clean_session=False, protocol=mqtt.MQTTv311)
+            c.max_inflight_messages_set(self.max_inflight)
+            c.max_queued_messages_set(0)
+            c.reconnect_delay_set(min_delay=0.05, max_delay=0.5)
+
+            def on_publish(client, userdata, mid, reason_code, properties, sid=sid):
+                now = time.monotonic()
+                with self.lock:
+                    key = self.mids.pop((sid, mid), None)
+                    if key is None:
+                        self.early[(sid, mid)] = now  # acked before publish() recorded the mid
+                    else:
+                        self.acked[key] = now
+
+            c.on_publish = on_publish
+            c.connect(self.host, self.port, keepalive=30)
+            c.loop_start()
+            self.clients[sid] = c
+        return self.clients[sid]
+
+    def publish(self, sid: str, key, payload: bytes, topic: str | None = None):
+        c = self.client(sid)
+        # Not under self.lock: paho calls on_publish holding its own lock, so taking ours
+        # around c.publish (which takes paho's) could deadlock.
+        info = c.publish(topic or f"stream/{sid}", payload, qos=1)
+        with self.lock:
+            self.published.add(key)
+            early = self.early.pop((sid, info.mid), None)
+            if early is None:
+                self.mids[(sid, info.mid)] = key
+            else:
+                self.acked[key] = early
+
+    def unacked(self) -> int:
+        with self.lock:
+            return len(self.published) - len(self.acked)
+
+    def wait_all_acked(self, timeout: float):
+        wait_until(lambda: self.unacked() == 0, timeout=timeout, interval=0.2, message=f"all {len(self.published)} publishes acknowledged")
+
+    def close(self):
+        for c in self.clients.values():
+            c.disconnect()
+            c.loop_stop()
+
+
+def metric(text: str, name: str) -> float:
+    """Value of an unlabelled metric in a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+def check_lake_exactly_once(lake: Path, acked_packets, samples_per_packet: int = 64):
+    """Every committed lake file reads; no (sensor, sample index) twice in `samples`; every
+    sample of every acknowledged packet (sensor_id, base index) present."""
+    files = sorted(lake.glob("*/date=*/*.parquet"))
+    assert files, "no lake files"
+    for f in files:
+        pq.read_table(f)
+    samples = pq.read_table(str(lake / "samples"), columns=["sensor_id", "sample_index"]).to_pylist()
+    pairs = [(r["sensor_id"], r["sample_index"]) for r in samples]
+    assert len(pairs) == len(set(pairs)), f"{len(pairs) - len(set(pairs))} duplicate samples in the lake"
+    present = set(pairs)
+    missing = [(sid, base + i) for sid, base in acked_packets for i in range(samples_per_packet) if (sid, base + i) not in present]
+    assert not missing, f"{len(missing)} acknowledged samples missing, e.g. {missing[:5]}"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")

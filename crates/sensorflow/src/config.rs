@@ -67,6 +67,8 @@ pub(crate) struct LogSettings {
     pub(crate) batch_interval_ms: u64,
     pub(crate) segment_bytes: u64,
     pub(crate) max_unconsumed_bytes: u64,
+    pub(crate) retention_secs: u64,
+    pub(crate) retention_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -28,6 +28,11 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    #[cfg(feature = "failpoints")]
+    if let Err(e) = configure_failpoints() {
+        eprintln!("error: FAILPOINTS: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sensorflow").build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -43,6 +48,22 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Configures fail points from `FAILPOINTS="name=actions;..."` (the `fail` crate's syntax, e.g.
+/// `sink-batch=sleep(100)`), reporting a malformed entry instead of panicking as
+/// `fail::FailScenario::setup` would.
+#[cfg(feature = "failpoints")]
+fn configure_failpoints() -> Result<(), String> {
+    let Ok(spec) = std::env::var("FAILPOINTS") else {
+        return Ok(());
+    };
+    for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, actions) = entry.split_once('=').ok_or_else(|| format!("`{entry}` is not name=actions"))?;
+        fail::cfg(name.trim(), actions.trim()).map_err(|e| format!("{name}: {e}"))?;
+        tracing::warn!(fail_point = name.trim(), actions = actions.trim(), "fail point configured");
+    }
+    Ok(())
 }
 
 fn init_tracing() {

@@ -7,11 +7,15 @@
 //! HTTP API (tokio) reads snapshots from `status` and feeds from the hub.
 //! ```
 //!
+//! The pipeline and sink threads form the dataflow, which [`dataflow`] starts from the last
+//! checkpoint and restarts from it after a sink failure.
+//!
 //! Invariants: a QoS 1 publish is acknowledged only after its log append is durable; the
 //! pipeline reads only durable records; every queue between stages is bounded, so a slow stage
 //! slows the publishers down instead of dropping data.
 
 mod checkpoint;
+mod dataflow;
 mod pipeline_task;
 mod sink_task;
 mod status;
@@ -27,11 +31,11 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
 use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, SinkError, TopicPattern};
-use sensorflow_lake::{Compression, LakeConfig, LakeWriter, SessionsStore};
-use sensorflow_log::{Durability, Log, LogConfig};
+use sensorflow_lake::{Compression, LakeConfig, SessionsStore};
+use sensorflow_log::{Durability, Log, LogConfig, Retention};
 use sensorflow_model::Model;
 use sensorflow_api::StoreError;
-use sensorflow_pipeline::{GapRecord, LateRecord, Pipeline, PipelineSnapshot, SampleChunk, SessionAggregate, SessionEvent, SessionRecord, WindowRecord};
+use sensorflow_pipeline::{GapRecord, LateRecord, SampleChunk, SessionAggregate, SessionEvent, SessionRecord, WindowRecord};
 use sensorflow_protocol::record::IngestRecord;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -54,9 +58,6 @@ pub(crate) enum SinkMsg {
     Batch(SinkBatch),
     Checkpoint(checkpoint::Checkpoint),
 }
-
-/// Pipeline turns buffered between the pipeline and the sink thread.
-const SINK_QUEUE_BATCHES: usize = 64;
 
 /// Wall clock in µs since the Unix epoch.
 pub(crate) fn now_us() -> i64 {
@@ -119,8 +120,7 @@ pub(crate) struct Embedded {
     ingest: IngestServer,
     log: Log,
     draining: Arc<AtomicBool>,
-    pipeline_thread: JoinHandle<()>,
-    sink_thread: JoinHandle<()>,
+    dataflow_thread: JoinHandle<()>,
     http_shutdown: watch::Sender<bool>,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -142,25 +142,7 @@ impl Embedded {
         let (log, report) = Log::open(log_config).context("opening the log")?;
         tracing::info!(?report, "log opened");
 
-        // Recovery: restore the newest checkpoint that verifies, delete lake files of epochs it
-        // does not cover, replay the log from its offset (see runtime/checkpoint.rs).
-        let checkpoints = checkpoint::CheckpointStore::open(checkpoint::dir_in(&config.data_dir)).context("opening the checkpoint directory")?;
-        let loaded = checkpoints.load_latest().context("reading checkpoints")?;
-        for path in &loaded.corrupt {
-            tracing::warn!(path = %path.display(), "checkpoint failed verification; using the previous one");
-        }
-        let (restored_epoch, from_offset, snapshot) = match loaded.checkpoint {
-            Some(c) => (c.epoch, c.log_offset, Some(c.snapshot)),
-            None => (0, log.start_offset(), None),
-        };
-        let lake_root = config.lake_root();
-        std::fs::create_dir_all(&lake_root).with_context(|| format!("creating lake root {}", lake_root.display()))?;
-        let files_removed = sensorflow_lake::remove_files_after_epoch(&lake_root, restored_epoch).context("removing lake files of incomplete epochs")?;
-        let replay = log.end_offset().saturating_sub(from_offset);
-        tracing::info!(checkpoint_epoch = restored_epoch, from_offset, replay_records = replay, lake_files_removed = files_removed, "recovering from checkpoint");
-        let reader = log.reader(from_offset).context("opening a log reader")?;
-
-        let mut lake = LakeWriter::open(LakeConfig {
+        let lake = LakeConfig {
             target_file_bytes: config.lake.target_file_bytes,
             max_file_age: Duration::from_secs(config.lake.max_file_age_secs),
             row_group_rows: config.lake.row_group_rows,
@@ -169,54 +151,38 @@ impl Embedded {
                 _ => Compression::Zstd { level: 1 },
             },
             ..LakeConfig::new(config.lake_root())
-        })
-        .context("opening the lake")?;
-        lake.set_epoch(restored_epoch + 1);
-        let store = SessionsStore::open(&config.data_dir.join("sessions.sqlite")).context("opening the sessions store")?;
-        let sessions_reader = store.reader().context("opening a sessions store reader")?;
-
-        let status = Arc::new(SharedStatus::new(log.clone(), Box::new(SessionsAdapter(sessions_reader))));
-        status.checkpoints_corrupt.store(loaded.corrupt.len() as u64, Ordering::Relaxed);
-        *status.recovery.lock() = (files_removed, replay);
-        let hub = Hub::new(HubConfig { topic_capacity: config.http.ws_buffer_messages, ..HubConfig::default() });
-        let pipeline = match snapshot {
-            Some(bytes) => {
-                let snapshot = PipelineSnapshot::decode(&bytes).context("decoding the checkpoint's pipeline snapshot")?;
-                Pipeline::restore(config.pipeline.clone(), model, snapshot).context("restoring the pipeline from the checkpoint")?
-            }
-            None => Pipeline::new(config.pipeline.clone(), model).context("building the pipeline")?,
         };
+        let sessions_path = config.data_dir.join("sessions.sqlite");
+        // The API reads sessions through its own connection; the sink thread writes through
+        // another, reopened by every (re)start of the dataflow.
+        let sessions_reader = SessionsStore::open(&sessions_path)
+            .and_then(|store| store.reader())
+            .context("opening the sessions store")?;
+        let status = Arc::new(SharedStatus::new(log.clone(), Box::new(SessionsAdapter(sessions_reader))));
+        let hub = Hub::new(HubConfig { topic_capacity: config.http.ws_buffer_messages, ..HubConfig::default() });
         let draining = Arc::new(AtomicBool::new(false));
-
-        let (sink_tx, sink_rx) = std::sync::mpsc::sync_channel(SINK_QUEUE_BATCHES);
-        let sink_thread = std::thread::Builder::new()
-            .name("sink".into())
-            .spawn({
-                let status = status.clone();
-                let log = log.clone();
-                let keep_checkpoints = config.checkpoint.keep;
-                move || sink_task::SinkTask { lake, store, rx: sink_rx, status, checkpoints, keep_checkpoints, log, poisoned: false }.run()
-            })
-            .context("spawning the sink thread")?;
-        let pipeline_thread = std::thread::Builder::new()
-            .name("pipeline".into())
-            .spawn({
-                let task = pipeline_task::PipelineTask {
-                    pipeline,
-                    log: log.clone(),
-                    reader,
-                    sink: sink_tx,
-                    hub: hub.clone(),
-                    status: status.clone(),
-                    draining: draining.clone(),
-                    batch_records: config.runtime.batch_records,
-                    tick: Duration::from_millis(config.runtime.tick_ms),
-                    checkpoint_interval: Duration::from_secs_f64(config.checkpoint.interval_secs),
-                    next_epoch: restored_epoch + 1,
-                };
-                move || task.run()
-            })
-            .context("spawning the pipeline thread")?;
+        let dataflow = dataflow::Dataflow {
+            settings: dataflow::DataflowSettings {
+                pipeline: config.pipeline.clone(),
+                lake,
+                sessions_path,
+                checkpoint_dir: checkpoint::dir_in(&config.data_dir),
+                keep_checkpoints: config.checkpoint.keep,
+                retention: Retention {
+                    max_age: Duration::from_secs(config.log.retention_secs),
+                    max_bytes: config.log.retention_bytes,
+                },
+                batch_records: config.runtime.batch_records,
+                tick: Duration::from_millis(config.runtime.tick_ms),
+                checkpoint_interval: Duration::from_secs_f64(config.checkpoint.interval_secs),
+            },
+            model,
+            log: log.clone(),
+            hub: hub.clone(),
+            status: status.clone(),
+            draining: draining.clone(),
+        };
+        let dataflow_thread = dataflow.start()?;
 
         let ingest_config = IngestConfig {
             listen: config.mqtt.listen,
@@ -245,7 +211,7 @@ impl Embedded {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         }));
 
-        Ok(Embedded { mqtt_addr, http_addr, ingest, log, draining, pipeline_thread, sink_thread, http_shutdown, http_task })
+        Ok(Embedded { mqtt_addr, http_addr, ingest, log, draining, dataflow_thread, http_shutdown, http_task })
     }
 
     /// Graceful shutdown: stop accepting MQTT, let in-flight appends complete, drain the
@@ -256,8 +222,7 @@ impl Embedded {
         tracing::info!(end_offset = self.log.end_offset(), "draining the pipeline");
         self.draining.store(true, Ordering::Release);
         tokio::task::spawn_blocking(move || {
-            let _ = self.pipeline_thread.join();
-            let _ = self.sink_thread.join();
+            let _ = self.dataflow_thread.join();
         })
         .await?;
         self.log.close().context("closing the log")?;

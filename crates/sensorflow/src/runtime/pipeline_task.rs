@@ -25,6 +25,8 @@ pub(crate) struct PipelineTask {
     pub(crate) log: Log,
     pub(crate) reader: LogReader,
     pub(crate) sink: SyncSender<SinkMsg>,
+    /// Raised by the sink thread when it fails: stop at once, the supervisor restarts us.
+    pub(crate) sink_failed: Arc<AtomicBool>,
     pub(crate) hub: Hub,
     pub(crate) status: Arc<SharedStatus>,
     /// Set on shutdown: finish once everything appended so far is processed.
@@ -39,8 +41,6 @@ pub(crate) struct PipelineTask {
 /// How often the `/sensors` snapshot is rebuilt.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
-
-
 impl PipelineTask {
     pub(crate) fn run(mut self) {
         let mut buf = Vec::with_capacity(self.batch_records);
@@ -49,6 +49,9 @@ impl PipelineTask {
         let mut next_status = Instant::now();
         let mut next_checkpoint = Instant::now() + self.checkpoint_interval;
         loop {
+            if self.sink_failed.load(Ordering::Acquire) {
+                return;
+            }
             let wait = next_tick.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
             match self.reader.read_batch(&mut buf, self.batch_records, wait) {
                 Ok(_) => {}
@@ -111,14 +114,13 @@ impl PipelineTask {
         let msg = SinkMsg::Checkpoint(Checkpoint { epoch: self.next_epoch, log_offset: self.reader.position(), snapshot });
         self.next_epoch += 1;
         if self.sink.send(msg).is_err() {
-            tracing::error!("sink thread stopped; stopping the pipeline");
             return false;
         }
         true
     }
 
     /// Publishes live results and passes everything to the sink thread. Returns false when the
-    /// sink thread is gone (it only goes on a fatal error), which ends the pipeline.
+    /// sink thread is gone (it failed), which ends this run of the pipeline.
     fn dispatch(&mut self, out: &mut Outputs) -> bool {
         let samples: Vec<_> = out.samples.drain(..).map(Arc::new).collect();
         for chunk in &samples {
@@ -145,7 +147,6 @@ impl PipelineTask {
             late: std::mem::take(&mut out.late),
         };
         if self.sink.send(SinkMsg::Batch(batch)).is_err() {
-            tracing::error!("sink thread stopped; stopping the pipeline");
             return false;
         }
         true

@@ -6,18 +6,21 @@
 //!
 //! Checkpoints arrive on the same channel, behind the outputs they cover. Handling one commits
 //! every open lake file, writes the checkpoint (see [`super::checkpoint`]), starts the next lake
-//! epoch and trims the log below the oldest checkpoint kept. After a lake write failure no
-//! checkpoint is written any more: rows may be missing from the lake, and only a restart that
-//! replays the log from the last good checkpoint puts them back (`/ready` says so).
+//! epoch and trims the log below the oldest checkpoint kept (and beyond the retention).
+//!
+//! A failed lake or sessions-store write ends the thread with the error: what reached the disk
+//! is uncertain, so the supervisor (see [`super::dataflow`]) restarts the whole dataflow from
+//! the last checkpoint, whose replay writes those rows again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use sensorflow_lake::{LakeWriter, SessionsStore};
 use sensorflow_pipeline::{SessionEvent, SessionRecord};
 
-use sensorflow_log::Log;
+use sensorflow_log::{Log, Retention};
 
 use super::checkpoint::{Checkpoint, CheckpointStore};
 use super::status::SharedStatus;
@@ -30,24 +33,35 @@ pub(crate) struct SinkTask {
     pub(crate) status: Arc<SharedStatus>,
     pub(crate) checkpoints: CheckpointStore,
     pub(crate) keep_checkpoints: usize,
+    pub(crate) retention: Retention,
     pub(crate) log: Log,
-    /// Set by a lake failure: rows may be missing, so no later checkpoint may claim them.
-    pub(crate) poisoned: bool,
+    /// Raised when this thread fails, so the pipeline stops even while it has nothing to send.
+    pub(crate) failed: Arc<AtomicBool>,
 }
 
 impl SinkTask {
-    pub(crate) fn run(mut self) {
+    /// Runs until the pipeline hangs up (`Ok`) or a sink write fails (`Err`, after raising
+    /// `failed`).
+    pub(crate) fn run(mut self) -> Result<(), String> {
+        let result = self.run_inner();
+        if let Err(e) = &result {
+            self.failed.store(true, Ordering::Release);
+            self.status.set_component("lake", false, e.clone());
+        }
+        self.status.set_lake_stats(self.lake.stats());
+        result
+    }
+
+    fn run_inner(&mut self) -> Result<(), String> {
         let mut ended: Vec<SessionRecord> = Vec::new();
         loop {
             match self.rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(SinkMsg::Batch(batch)) => self.write(batch, &mut ended),
-                Ok(SinkMsg::Checkpoint(c)) => self.checkpoint(c),
+                Ok(SinkMsg::Batch(batch)) => self.write(batch, &mut ended)?,
+                Ok(SinkMsg::Checkpoint(c)) => self.checkpoint(c)?,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if let Err(e) = self.lake.roll_due(Instant::now()) {
-                self.lake_failed(&e);
-            }
+            self.lake.roll_due(Instant::now()).map_err(|e| format!("lake write failed: {e}"))?;
             self.status.set_lake_stats(self.lake.stats());
         }
         // The pipeline's last message is a checkpoint, which flushed the lake; anything still
@@ -55,45 +69,40 @@ impl SinkTask {
         match self.lake.flush() {
             Ok(0) => {}
             Ok(files) => tracing::info!(files, "lake flushed"),
-            Err(e) => self.lake_failed(&e),
+            Err(e) => return Err(format!("lake write failed: {e}")),
         }
-        self.status.set_lake_stats(self.lake.stats());
+        Ok(())
     }
 
-    fn checkpoint(&mut self, c: Checkpoint) {
-        if self.poisoned {
-            return;
-        }
-        if let Err(e) = self.lake.flush() {
-            self.lake_failed(&e);
-            return;
-        }
+    fn checkpoint(&mut self, c: Checkpoint) -> Result<(), String> {
+        self.lake.flush().map_err(|e| format!("lake write failed: {e}"))?;
         if let Err(e) = self.checkpoints.write(&c) {
+            // The lake files of this epoch stay; the next checkpoint covers them too.
             tracing::error!(error = %e, epoch = c.epoch, "writing a checkpoint failed; the next one retries");
             self.status.set_component("checkpoint", false, format!("write failed: {e}"));
-            return;
+            return Ok(());
         }
         self.lake.set_epoch(c.epoch + 1);
         self.status.checkpoint_written(c.epoch, c.log_offset, c.snapshot.len());
         self.status.set_component("checkpoint", true, format!("epoch {} at log offset {}", c.epoch, c.log_offset));
         match self.checkpoints.prune(self.keep_checkpoints) {
             Ok(Some(oldest)) => {
-                if let Err(e) = self.log.delete_before(oldest) {
+                if let Err(e) = self.log.trim(oldest, &self.retention) {
                     tracing::warn!(error = %e, "trimming the log failed");
                 }
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "pruning old checkpoints failed"),
         }
+        Ok(())
     }
 
-    fn write(&mut self, batch: SinkBatch, ended: &mut Vec<SessionRecord>) {
-        if let Err(e) = self.store.apply(&batch.session_events, &batch.aggregates) {
-            tracing::error!(error = %e, "sessions store write failed");
-            self.status.set_component("sessions_store", false, e.to_string());
-        } else {
-            self.status.set_component("sessions_store", true, "ok".into());
-        }
+    fn write(&mut self, batch: SinkBatch, ended: &mut Vec<SessionRecord>) -> Result<(), String> {
+        // Fault-injection tests slow the sink down here (see the `failpoints` feature).
+        fail::fail_point!("sink-batch");
+        self.store
+            .apply(&batch.session_events, &batch.aggregates)
+            .map_err(|e| format!("sessions store write failed: {e}"))?;
         ended.clear();
         ended.extend(batch.session_events.iter().filter_map(|e| match e {
             SessionEvent::Ended { session, .. } => Some(session.clone()),
@@ -109,16 +118,8 @@ impl SinkTask {
             self.lake.write_gaps(&batch.gaps)?;
             self.lake.write_late(&batch.late)
         })();
-        match result {
-            Ok(()) if !self.poisoned => self.status.set_component("lake", true, "ok".into()),
-            Ok(()) => {}
-            Err(e) => self.lake_failed(&e),
-        }
-    }
-
-    fn lake_failed(&mut self, e: &dyn std::fmt::Display) {
-        tracing::error!(error = %e, "lake write failed; no further checkpoints until a restart replays the log");
-        self.poisoned = true;
-        self.status.set_component("lake", false, format!("{e} (restart to replay from the last checkpoint)"));
+        result.map_err(|e| format!("lake write failed: {e}"))?;
+        self.status.set_component("lake", true, "ok".into());
+        Ok(())
     }
 }

@@ -47,11 +47,13 @@ pub(crate) struct SharedStatus {
     /// Last checkpoint written: (epoch, log offset, snapshot bytes), and how many were written.
     checkpoint: Mutex<Option<(u64, u64, usize)>>,
     checkpoints_written: AtomicU64,
-    /// Checkpoint files found corrupt at start (the previous one was used).
+    /// Checkpoint files found corrupt by recoveries (the previous one was used).
     pub(crate) checkpoints_corrupt: AtomicU64,
-    /// Lake files of incomplete epochs deleted at start, and log records replayed.
+    /// Lake files of incomplete epochs deleted by the last recovery, and log records replayed.
     pub(crate) recovery: Mutex<(usize, u64)>,
     pub(crate) sessions_ended: AtomicU64,
+    /// Times the dataflow was restarted from a checkpoint after a sink failure.
+    pub(crate) dataflow_restarts: AtomicU64,
     log: Log,
     ingest: RwLock<Option<(SocketAddr, Arc<IngestStats>)>>,
     sessions: Box<dyn SessionsQuery>,
@@ -72,6 +74,7 @@ impl SharedStatus {
             checkpoints_corrupt: AtomicU64::new(0),
             recovery: Mutex::new((0, 0)),
             sessions_ended: AtomicU64::new(0),
+            dataflow_restarts: AtomicU64::new(0),
             log,
             ingest: RwLock::new(None),
             sessions,
@@ -244,15 +247,16 @@ impl StatusSource for SharedStatus {
         gauge_like(out, "sensorflow_log_corrupt_records_total", "counter", "Log records that could not be decoded.", self.corrupt_records.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_sessions_ended_total", "counter", "Sessions ended.", self.sessions_ended.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_checkpoints_total", "counter", "Checkpoints written.", self.checkpoints_written.load(Ordering::Relaxed));
-        gauge_like(out, "sensorflow_checkpoints_corrupt_total", "counter", "Checkpoint files that failed verification at start.", self.checkpoints_corrupt.load(Ordering::Relaxed));
+        gauge_like(out, "sensorflow_checkpoints_corrupt_total", "counter", "Checkpoint files that failed verification during recovery.", self.checkpoints_corrupt.load(Ordering::Relaxed));
         if let Some((epoch, offset, bytes)) = *self.checkpoint.lock() {
             gauge_like(out, "sensorflow_checkpoint_epoch", "gauge", "Epoch of the last checkpoint.", epoch);
             gauge_like(out, "sensorflow_checkpoint_log_offset", "gauge", "Log offset of the last checkpoint.", offset);
             gauge_like(out, "sensorflow_checkpoint_bytes", "gauge", "Size of the last pipeline snapshot.", bytes as u64);
         }
+        gauge_like(out, "sensorflow_dataflow_restarts_total", "counter", "Restarts of the dataflow from the last checkpoint after a sink failure.", self.dataflow_restarts.load(Ordering::Relaxed));
         let (files_removed, replayed) = *self.recovery.lock();
-        gauge_like(out, "sensorflow_recovery_lake_files_removed", "gauge", "Lake files of incomplete epochs deleted at start.", files_removed as u64);
-        gauge_like(out, "sensorflow_recovery_log_records", "gauge", "Log records after the restored checkpoint, replayed at start.", replayed);
+        gauge_like(out, "sensorflow_recovery_lake_files_removed", "gauge", "Lake files of incomplete epochs deleted by the last recovery.", files_removed as u64);
+        gauge_like(out, "sensorflow_recovery_log_records", "gauge", "Log records after the restored checkpoint, replayed by the last recovery.", replayed);
         let log = self.log.stats();
         gauge_like(out, "sensorflow_log_end_offset", "gauge", "Next log offset.", log.end_offset);
         gauge_like(out, "sensorflow_log_appended_bytes_total", "counter", "Bytes appended to the log.", log.appended_bytes);
