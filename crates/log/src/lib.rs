@@ -34,6 +34,7 @@ mod format;
 mod log;
 mod reader;
 mod segment;
+mod snapshot;
 mod writer;
 
 pub use crate::config::{Durability, LogConfig, Retention};
@@ -41,3 +42,4 @@ pub use crate::error::{CorruptReason, IoOp, LogError, Result};
 pub use crate::fault::{FaultInjector, FaultSwitch, WriteFault};
 pub use crate::log::{Log, LogStats, OpenReport, Pending};
 pub use crate::reader::{ConsumerHandle, LogReader};
+pub use crate::snapshot::{Scan, scan};

@@ -105,6 +105,19 @@ pub(crate) fn corrupt(path: &Path, position: u64, reason: CorruptReason) -> LogE
     }
 }
 
+/// Base offsets of the segment files in `dir`, ascending.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let open_err = |e: std::io::Error| LogError::io(IoOp::Open, dir, &e);
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir).map_err(open_err)? {
+        if let Some(base) = parse_segment_name(&entry.map_err(open_err)?.file_name()) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
 /// State of the directory after recovery, ready for the writer.
 #[derive(Debug)]
 pub(crate) struct Recovered {
@@ -123,14 +136,7 @@ pub(crate) struct Recovered {
 pub(crate) fn recover(config: &LogConfig) -> Result<Recovered> {
     let dir = &config.dir;
     let open_err = |path: &Path, e: std::io::Error| LogError::io(IoOp::Open, path, &e);
-    let mut bases = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| open_err(dir, e))? {
-        let entry = entry.map_err(|e| open_err(dir, e))?;
-        if let Some(base) = parse_segment_name(&entry.file_name()) {
-            bases.push(base);
-        }
-    }
-    bases.sort_unstable();
+    let bases = list_segments(dir)?;
 
     let Some((&last_base, sealed)) = bases.split_last() else {
         create_segment(dir, 0, true).map_err(|e| LogError::io(IoOp::Roll, dir, &e))?;

@@ -404,3 +404,38 @@ async fn records_admitted_in_sequence_are_appended_in_that_order_even_if_complet
     assert_eq!(values, (0..100).collect::<Vec<u32>>());
     log.close().unwrap();
 }
+
+#[tokio::test]
+async fn scan_reads_a_live_log_without_its_lock_and_stops_at_a_partial_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_bytes = 24 + 10 * 108;
+    let (log, _) = Log::open(cfg).unwrap();
+    for i in 0..35u64 {
+        log.append(payload(i, 100)).await.unwrap();
+    }
+    let scanned: Vec<(u64, Bytes)> = sensorflow_log::scan(dir.path())
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(scanned, read_all(&log, 0));
+    assert_eq!(scanned.len(), 35);
+
+    // A record being written at the end of the active segment is not returned yet.
+    let active = dir.path().join(format!("{:020}.log", 30));
+    let mut f = std::fs::OpenOptions::new().append(true).open(&active).unwrap();
+    std::io::Write::write_all(&mut f, &[100, 0, 0, 0, 1, 2, 3]).unwrap();
+    assert_eq!(sensorflow_log::scan(dir.path()).unwrap().count(), 35);
+
+    // Damage inside a sealed segment is reported, not skipped.
+    let sealed = dir.path().join(format!("{:020}.log", 10));
+    let mut bytes = std::fs::read(&sealed).unwrap();
+    bytes[24 + 3 * 108 + 20] ^= 0xFF;
+    std::fs::write(&sealed, &bytes).unwrap();
+    let results: Vec<_> = sensorflow_log::scan(dir.path()).unwrap().collect();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 13);
+    assert!(matches!(
+        results.last(),
+        Some(Err(LogError::Corrupt { .. }))
+    ));
+}

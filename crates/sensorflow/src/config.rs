@@ -158,6 +158,20 @@ impl Config {
     }
 
     /// Root directory of the lake.
+    /// The lake writer's settings from `[lake]`, for a lake rooted at `root`.
+    pub(crate) fn lake_config(&self, root: PathBuf) -> sensorflow_lake::LakeConfig {
+        sensorflow_lake::LakeConfig {
+            target_file_bytes: self.lake.target_file_bytes,
+            max_file_age: std::time::Duration::from_secs(self.lake.max_file_age_secs),
+            row_group_rows: self.lake.row_group_rows,
+            compression: match self.lake.compression.as_str() {
+                "snappy" => sensorflow_lake::Compression::Snappy,
+                _ => sensorflow_lake::Compression::Zstd { level: 1 },
+            },
+            ..sensorflow_lake::LakeConfig::new(root)
+        }
+    }
+
     pub(crate) fn lake_root(&self) -> PathBuf {
         if self.lake.root.is_empty() { self.data_dir.join("lake") } else { PathBuf::from(&self.lake.root) }
     }

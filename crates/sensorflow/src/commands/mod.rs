@@ -2,6 +2,7 @@
 
 pub(crate) mod demo;
 pub(crate) mod loadtest;
+pub(crate) mod replay;
 pub(crate) mod run;
 pub(crate) mod simulate;
 
@@ -22,6 +23,8 @@ pub(crate) enum Command {
     Simulate(simulate::SimulateArgs),
     /// Drive N virtual sensors at a platform; report loss, latency, CPU and memory.
     Loadtest(loadtest::LoadtestArgs),
+    /// Reprocess the retained log from a point in time into a new lake (e.g. with a new model).
+    Replay(replay::ReplayArgs),
     /// Print the default configuration, every key documented.
     Config,
 }
@@ -32,6 +35,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Loadtest(args) => loadtest::run(args).await,
+        Command::Replay(args) => replay::run(args).await,
         Command::Config => {
             print!("{DEFAULT_TOML}");
             Ok(())

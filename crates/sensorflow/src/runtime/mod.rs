@@ -31,7 +31,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
 use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, SinkError, TopicPattern};
-use sensorflow_lake::{Compression, LakeConfig, SessionsStore};
+use sensorflow_lake::SessionsStore;
 use sensorflow_log::{Durability, Log, LogConfig, Retention};
 use sensorflow_model::Model;
 use sensorflow_api::StoreError;
@@ -142,16 +142,7 @@ impl Embedded {
         let (log, report) = Log::open(log_config).context("opening the log")?;
         tracing::info!(?report, "log opened");
 
-        let lake = LakeConfig {
-            target_file_bytes: config.lake.target_file_bytes,
-            max_file_age: Duration::from_secs(config.lake.max_file_age_secs),
-            row_group_rows: config.lake.row_group_rows,
-            compression: match config.lake.compression.as_str() {
-                "snappy" => Compression::Snappy,
-                _ => Compression::Zstd { level: 1 },
-            },
-            ..LakeConfig::new(config.lake_root())
-        };
+        let lake = config.lake_config(config.lake_root());
         let sessions_path = config.data_dir.join("sessions.sqlite");
         // The API reads sessions through its own connection; the sink thread writes through
         // another, reopened by every (re)start of the dataflow.
@@ -236,7 +227,7 @@ impl Embedded {
     }
 }
 
-fn load_model(config: &Config) -> anyhow::Result<Model> {
+pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
     if config.model.path.is_empty() {
         tracing::info!("using the bundled demo model");
         Model::demo().context("loading the bundled demo model")
