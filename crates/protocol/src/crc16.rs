@@ -2,11 +2,15 @@
 //!
 //! CRC-16/ARC is poly 0x8005 (reflected), init 0, no final xor. The table-driven
 //! implementation comes from the `crc` crate; the table is built at compile time.
+//!
+//! The slice-by-16 tables (`Table<16>`, 8 KB) process 16 bytes per step instead of one: the
+//! CRC was two thirds of decoding a 1,300-byte packet with the bytewise table (49 ns/sample,
+//! `cargo bench -p sensorflow-protocol --bench stages`).
 
-use crc::{CRC_16_ARC, Crc};
+use crc::{CRC_16_ARC, Crc, Table};
 
-/// The one CRC-16/ARC engine of the crate (a `const`, so the lookup table is computed by rustc).
-const ARC: Crc<u16> = Crc::<u16>::new(&CRC_16_ARC);
+/// The one CRC-16/ARC engine of the crate (a `const`, so the lookup tables are computed by rustc).
+const ARC: Crc<u16, Table<16>> = Crc::<u16, Table<16>>::new(&CRC_16_ARC);
 
 /// Returns the CRC-16/ARC of `bytes`.
 ///
