@@ -37,6 +37,7 @@ pub mod config;
 pub mod dedupe;
 pub mod record;
 pub mod session;
+pub mod sharded;
 pub mod snapshot;
 pub mod stats;
 pub mod window;
@@ -53,6 +54,7 @@ use serde::{Deserialize, Serialize};
 
 pub use config::PipelineConfig;
 pub use record::*;
+pub use sharded::{ShardedPipeline, shard_of};
 pub use snapshot::{PipelineSnapshot, SNAPSHOT_VERSION, SensorSnapshot, SnapshotError};
 pub use stats::SensorCounters;
 

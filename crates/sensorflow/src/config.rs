@@ -75,6 +75,7 @@ pub(crate) struct LogSettings {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RuntimeConfig {
     pub(crate) batch_records: usize,
+    pub(crate) pipeline_threads: usize,
     pub(crate) tick_ms: u64,
 }
 
@@ -141,6 +142,9 @@ impl Config {
         }
         if self.checkpoint.keep == 0 {
             problems.push("checkpoint.keep: must be at least 1".into());
+        }
+        if self.runtime.pipeline_threads == 0 || self.runtime.pipeline_threads > 64 {
+            problems.push("runtime.pipeline_threads: must be 1 to 64".into());
         }
         if self.runtime.tick_ms == 0 {
             problems.push("runtime.tick_ms: must be at least 1".into());

@@ -26,7 +26,7 @@ use sensorflow_api::Hub;
 use sensorflow_lake::{LakeConfig, LakeWriter, SessionsStore};
 use sensorflow_log::{Log, LogReader, Retention};
 use sensorflow_model::Model;
-use sensorflow_pipeline::{Pipeline, PipelineConfig, PipelineSnapshot};
+use sensorflow_pipeline::{PipelineConfig, PipelineSnapshot, ShardedPipeline};
 
 use super::checkpoint::CheckpointStore;
 use super::pipeline_task::PipelineTask;
@@ -54,6 +54,8 @@ pub(crate) struct DataflowSettings {
     /// Log segments behind the oldest kept checkpoint are still kept this long (for replay).
     pub(crate) retention: Retention,
     pub(crate) batch_records: usize,
+    /// Shards of the pipeline, each on its own thread during a step.
+    pub(crate) pipeline_threads: usize,
     pub(crate) tick: Duration,
     pub(crate) checkpoint_interval: Duration,
 }
@@ -71,7 +73,7 @@ pub(crate) struct Dataflow {
 
 /// The state one run starts from: a restored pipeline, its reader, and freshly opened sinks.
 struct Recovered {
-    pipeline: Pipeline,
+    pipeline: ShardedPipeline,
     reader: LogReader,
     lake: LakeWriter,
     store: SessionsStore,
@@ -115,9 +117,9 @@ impl Dataflow {
         let pipeline = match snapshot {
             Some(bytes) => {
                 let snapshot = PipelineSnapshot::decode(&bytes).context("decoding the checkpoint's pipeline snapshot")?;
-                Pipeline::restore(s.pipeline.clone(), self.model.clone(), snapshot).context("restoring the pipeline from the checkpoint")?
+                ShardedPipeline::restore(s.pipeline.clone(), self.model.clone(), snapshot, s.pipeline_threads).context("restoring the pipeline from the checkpoint")?
             }
-            None => Pipeline::new(s.pipeline.clone(), self.model.clone()).context("building the pipeline")?,
+            None => ShardedPipeline::new(s.pipeline.clone(), self.model.clone(), s.pipeline_threads).context("building the pipeline")?,
         };
         self.status.checkpoints_corrupt.fetch_add(loaded.corrupt.len() as u64, Ordering::Relaxed);
         *self.status.recovery.lock() = (files_removed, replay);

@@ -150,6 +150,7 @@ impl Embedded {
             .and_then(|store| store.reader())
             .context("opening the sessions store")?;
         let status = Arc::new(SharedStatus::new(log.clone(), Box::new(SessionsAdapter(sessions_reader))));
+        status.log_truncated_bytes.store(report.truncated_bytes, Ordering::Relaxed);
         let hub = Hub::new(HubConfig { topic_capacity: config.http.ws_buffer_messages, ..HubConfig::default() });
         let draining = Arc::new(AtomicBool::new(false));
         let dataflow = dataflow::Dataflow {
@@ -164,6 +165,7 @@ impl Embedded {
                     max_bytes: config.log.retention_bytes,
                 },
                 batch_records: config.runtime.batch_records,
+                pipeline_threads: config.runtime.pipeline_threads,
                 tick: Duration::from_millis(config.runtime.tick_ms),
                 checkpoint_interval: Duration::from_secs_f64(config.checkpoint.interval_secs),
             },

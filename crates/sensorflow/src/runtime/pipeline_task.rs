@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sensorflow_api::Hub;
 use sensorflow_log::{Log, LogError, LogReader};
-use sensorflow_pipeline::{Outputs, Pipeline, SessionEvent};
+use sensorflow_pipeline::{Outputs, SessionEvent, ShardedPipeline};
 use sensorflow_protocol::record::IngestRecordRef;
 
 use super::status::SharedStatus;
@@ -21,7 +21,7 @@ use super::checkpoint::Checkpoint;
 use super::{SinkBatch, SinkMsg, now_us};
 
 pub(crate) struct PipelineTask {
-    pub(crate) pipeline: Pipeline,
+    pub(crate) pipeline: ShardedPipeline,
     pub(crate) log: Log,
     pub(crate) reader: LogReader,
     pub(crate) sink: SyncSender<SinkMsg>,
@@ -104,7 +104,8 @@ impl PipelineTask {
             self.checkpoint();
         }
         self.status.refresh_sensors(&self.pipeline, Instant::now());
-        tracing::info!(records = self.pipeline.stats().records, samples = self.pipeline.stats().samples_out, "pipeline drained");
+        let stats = self.pipeline.stats();
+        tracing::info!(records = stats.records, samples = stats.samples_out, "pipeline drained");
     }
 
     /// Asks the sink thread to checkpoint: the pipeline's state as of the current log position,

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use sensorflow_ingest::{IngestObserver, IngestStats};
 use sensorflow_lake::LakeStats;
 use sensorflow_log::Log;
-use sensorflow_pipeline::{Pipeline, PipelineStats};
+use sensorflow_pipeline::{PipelineStats, ShardedPipeline};
 use sensorflow_protocol::framing::BadReason;
 
 /// Time constant of the per-sensor rate averages. Packets arrive a few times a second, so a
@@ -54,6 +54,8 @@ pub(crate) struct SharedStatus {
     pub(crate) sessions_ended: AtomicU64,
     /// Times the dataflow was restarted from a checkpoint after a sink failure.
     pub(crate) dataflow_restarts: AtomicU64,
+    /// Bytes of a torn log tail cut off when the log was opened.
+    pub(crate) log_truncated_bytes: AtomicU64,
     log: Log,
     ingest: RwLock<Option<(SocketAddr, Arc<IngestStats>)>>,
     sessions: Box<dyn SessionsQuery>,
@@ -75,6 +77,7 @@ impl SharedStatus {
             recovery: Mutex::new((0, 0)),
             sessions_ended: AtomicU64::new(0),
             dataflow_restarts: AtomicU64::new(0),
+            log_truncated_bytes: AtomicU64::new(0),
             log,
             ingest: RwLock::new(None),
             sessions,
@@ -109,7 +112,7 @@ impl SharedStatus {
     }
 
     /// Rebuilds the sensor table from the pipeline's counters (pipeline thread).
-    pub(crate) fn refresh_sensors(&self, pipeline: &Pipeline, now: Instant) {
+    pub(crate) fn refresh_sensors(&self, pipeline: &ShardedPipeline, now: Instant) {
         let mut previous = self.previous.lock();
         let elapsed = previous.0.map(|t| now.duration_since(t).as_secs_f64()).filter(|s| *s > 0.0);
         let ingest_bad = self.ingest_bad.lock();
@@ -164,7 +167,7 @@ impl SharedStatus {
         previous.0 = Some(now);
         previous.1 = next_rates;
         *self.sensors.write() = Arc::new(table);
-        *self.pipeline.lock() = pipeline.stats().clone();
+        *self.pipeline.lock() = pipeline.stats();
     }
 }
 
@@ -262,6 +265,7 @@ impl StatusSource for SharedStatus {
         gauge_like(out, "sensorflow_log_appended_bytes_total", "counter", "Bytes appended to the log.", log.appended_bytes);
         gauge_like(out, "sensorflow_log_fsyncs_total", "counter", "fsync calls of the log.", log.fsyncs);
         gauge_like(out, "sensorflow_log_unconsumed_bytes", "gauge", "Log bytes not yet processed.", log.unconsumed_bytes);
+        gauge_like(out, "sensorflow_log_truncated_bytes", "gauge", "Bytes of a torn log tail truncated when the log was opened.", self.log_truncated_bytes.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_log_write_errors_total", "counter", "Failed log writes.", log.write_errors);
         if let Some(lake) = self.lake.lock().as_ref() {
             gauge_like(out, "sensorflow_lake_files_total", "counter", "Parquet files committed to the lake.", lake.files_committed());

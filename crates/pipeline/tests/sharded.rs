@@ -1,0 +1,146 @@
+//! The sharded pipeline against a single one: same outputs per sensor, and checkpoints that
+//! move between shard counts.
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use sensorflow_model::Model;
+use sensorflow_pipeline::{Outputs, Pipeline, PipelineConfig, SessionEvent, ShardedPipeline, shard_of};
+use sensorflow_protocol::imu::{PhysSample, RawSample, encode_packet};
+use sensorflow_protocol::record::{IngestRecord, PayloadFormat};
+
+const P: u64 = 5_000;
+const T0: u64 = 1_700_000_000_000_000;
+const NOW: i64 = 1_700_000_100_000_000;
+const SENSORS: usize = 40;
+
+fn model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    MODEL.get_or_init(|| Arc::new(Model::demo().expect("demo model loads"))).clone()
+}
+
+fn samples(n: usize, seed: u32) -> Vec<RawSample> {
+    (0..n)
+        .map(|i| {
+            let t = (seed as f32 * 1000.0 + i as f32) * 0.005;
+            let a = (seed % 3) as f32 * 0.5;
+            RawSample::from_physical(&PhysSample {
+                acc: [0.3 * a * (12.0 * t).sin(), 0.1 * a * (6.0 * t).sin(), 1.0 + 0.25 * a * (12.0 * t + 0.5).sin()],
+                gyro: [40.0 * a * (12.0 * t + 1.0).sin(), 25.0 * a * (6.0 * t).sin(), 10.0 * a * (12.0 * t).sin()],
+                mag: [0.2, -0.1, 0.3],
+                temp_raw: 2500,
+            })
+        })
+        .collect()
+}
+
+/// `steps` steps, each with one 64-sample packet from every sensor.
+fn steps(steps: u64) -> Vec<Vec<IngestRecord>> {
+    (0..steps)
+        .map(|k| {
+            (0..SENSORS)
+                .map(|s| {
+                    let mut payload = Vec::new();
+                    encode_packet(64 * k as u32, T0 + k * 64 * P, &samples(64, (s as u32) * 7 + k as u32), &mut payload);
+                    IngestRecord { sensor_id: format!("sensor-{s:02}"), format: PayloadFormat::Binary, ingest_us: NOW, payload: payload.into() }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Per sensor: (sample index, velocity, movement probability) of every sample, and the number
+/// of session events and windows.
+type Digest = BTreeMap<String, (Vec<(u32, f32, f32)>, usize, usize)>;
+
+fn digest(out: &Outputs) -> Digest {
+    let mut d = Digest::new();
+    for c in &out.samples {
+        let e = d.entry(c.sensor_id.to_string()).or_default();
+        e.0.extend(c.sample_index.iter().zip(&c.velocity_pred).zip(&c.movement_prob).map(|((i, v), m)| (*i, *v, *m)));
+    }
+    for ev in &out.session_events {
+        let id = match ev {
+            SessionEvent::Started { session } | SessionEvent::Ended { session, .. } => session.sensor_id.to_string(),
+        };
+        d.entry(id).or_default().1 += 1;
+    }
+    for w in &out.windows {
+        d.entry(w.sensor_id.to_string()).or_default().2 += 1;
+    }
+    d
+}
+
+fn assert_same(a: &Digest, b: &Digest) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (sensor, (sa, ea, wa)) in a {
+        let (sb, eb, wb) = &b[sensor];
+        assert_eq!((sa.len(), ea, wa), (sb.len(), eb, wb), "{sensor}");
+        for (x, y) in sa.iter().zip(sb) {
+            assert_eq!(x.0, y.0, "{sensor}");
+            assert!((x.1 - y.1).abs() <= 1e-5 && (x.2 - y.2).abs() <= 1e-5, "{sensor}: {x:?} vs {y:?}");
+        }
+    }
+}
+
+fn single_run(all: &[Vec<IngestRecord>]) -> Digest {
+    let mut p = Pipeline::new(PipelineConfig::default(), model()).unwrap();
+    let mut out = Outputs::default();
+    for step in all {
+        p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);
+    }
+    p.close_all(NOW, &mut out);
+    digest(&out)
+}
+
+#[test]
+fn sensors_spread_over_every_shard() {
+    for n in [2, 3] {
+        let mut used = vec![0; n];
+        for s in 0..SENSORS {
+            used[shard_of(&format!("sensor-{s:02}"), n)] += 1;
+        }
+        assert!(used.iter().all(|&k| k > 0), "{used:?}");
+    }
+}
+
+#[test]
+fn sharded_outputs_equal_a_single_pipelines_per_sensor() {
+    let all = steps(4);
+    let expected = single_run(&all);
+    for shards in [2, 3] {
+        let mut p = ShardedPipeline::new(PipelineConfig::default(), model(), shards).unwrap();
+        let mut out = Outputs::default();
+        for step in &all {
+            p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);
+        }
+        p.close_all(NOW, &mut out);
+        assert_same(&digest(&out), &expected);
+        assert_eq!(p.stats().records, (4 * SENSORS) as u64);
+        assert_eq!(p.sensors().count(), SENSORS);
+    }
+}
+
+#[test]
+fn a_checkpoint_restores_under_another_shard_count() {
+    let all = steps(6);
+    let expected = single_run(&all);
+    for (before, after) in [(2, 1), (1, 3), (3, 2)] {
+        let mut p = ShardedPipeline::new(PipelineConfig::default(), model(), before).unwrap();
+        let mut out = Outputs::default();
+        for step in &all[..3] {
+            p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);
+        }
+        let bytes = p.snapshot().encode();
+        drop(p);
+        let snapshot = sensorflow_pipeline::PipelineSnapshot::decode(&bytes).unwrap();
+        let mut p = ShardedPipeline::restore(PipelineConfig::default(), model(), snapshot, after).unwrap();
+        assert_eq!(p.stats().records, (3 * SENSORS) as u64);
+        for step in &all[3..] {
+            p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);
+        }
+        p.close_all(NOW, &mut out);
+        assert_same(&digest(&out), &expected);
+    }
+}
