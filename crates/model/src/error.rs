@@ -110,9 +110,37 @@ pub enum ModelError {
         /// Actual length.
         found: usize,
     },
-    /// tract failed while running a compiled plan.
+    /// The engine failed while running a model call (tract plan or ONNX Runtime session).
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The model was asked to run on an engine this build does not contain (its Cargo feature,
+    /// e.g. `onnxruntime`, is off).
+    #[error("the {0} engine is not compiled in (build sensorflow-model with the feature {0:?})")]
+    EngineNotBuilt(&'static str),
+    /// The ONNX Runtime shared library could not be loaded: missing file, not a shared library,
+    /// or an ONNX Runtime older than the API version `ort` needs.
+    #[error("cannot load the ONNX Runtime library {path}: {reason}")]
+    RuntimeLibrary {
+        /// The library path given in [`Engine::OnnxRuntime`](crate::Engine::OnnxRuntime).
+        path: PathBuf,
+        /// What the loader reported.
+        reason: String,
+    },
+    /// An ONNX Runtime library is already loaded from another path; a process can hold only one.
+    #[error(
+        "ONNX Runtime is already loaded from {loaded}; cannot also load {requested} \
+         (one ONNX Runtime library per process)"
+    )]
+    RuntimeLibraryConflict {
+        /// The library loaded first, which stays in use.
+        loaded: PathBuf,
+        /// The library asked for now.
+        requested: PathBuf,
+    },
+    /// ONNX Runtime could not create its environment or a session for the graph (invalid
+    /// options, or the graph rejected by ONNX Runtime).
+    #[error("ONNX Runtime session: {0}")]
+    RuntimeSession(String),
 }
 
 impl ModelError {

@@ -4,7 +4,9 @@
 //! `[batch, T, F]` (and, when recurrent, `h_0`/`c_0` `[layers * directions, batch, hidden]`)
 //! and yields `velocity_pred` and `movement_prob` `[batch, T]` (and `h_n`/`c_n`). The sidecar
 //! names the feature columns, their standard scaler, the state shape and the movement
-//! threshold. Inference runs in-process on [tract](https://docs.rs/tract-onnx), pure Rust.
+//! threshold. Inference runs in-process on an [`Engine`]: [tract](https://docs.rs/tract-onnx),
+//! pure Rust and the default, or ONNX Runtime loaded from a shared library at run time
+//! (several times faster on the demo LSTM; Cargo feature `onnxruntime`, on by default).
 //!
 //! The pipeline keeps one recurrent state per sensor and hands [`Model::run`] one
 //! [`SequenceMut`] per sensor with new samples; the model batches sensors with the same number
@@ -13,7 +15,10 @@
 //!
 //! # Layout
 //! - [`sidecar`]: the sidecar's serde types and validation, feature scaling.
-//! - `model`: loading and contract checks, the per-shape plan cache, batched [`Model::run`].
+//! - [`Engine`]: the choice of inference engine.
+//! - `model`: loading and contract checks, the per-shape tract plan cache, batched
+//!   [`Model::run`] and the gather/scatter of sequences shared by both engines.
+//! - `onnxruntime`: the ONNX Runtime engine (process-wide library, one session per model).
 //! - `batch`: pure planning of which sequences share a call and the padded batch buckets.
 //! - `error`: [`ModelError`].
 //!
@@ -21,14 +26,22 @@
 //! - A model that loads has been checked against the contract and has executed once: names,
 //!   element types and declared dimensions match the sidecar, and output shapes are right.
 //! - Batching is invisible: [`Model::run`] gives each sequence the result it would get alone.
-//! - The crate spawns no threads and touches no files except in [`Model::load`].
+//! - Both engines see the same calls: grouping by `T`, at most [`MAX_BATCH`] per call, state
+//!   read from and written back to each [`SequenceMut`].
+//! - The crate spawns no threads and touches no files except in [`Model::load`]; ONNX Runtime
+//!   with `intra_threads` other than 1 runs its own intra-op thread pool, and loading its
+//!   library reads that file.
 
 mod batch;
+mod engine;
 mod error;
 mod model;
+#[cfg(feature = "onnxruntime")]
+mod onnxruntime;
 pub mod sidecar;
 
 pub use batch::MAX_BATCH;
+pub use engine::Engine;
 pub use error::ModelError;
 pub use model::{Model, SequenceMut};
 pub use sidecar::{Scaler, Sidecar, StateSpec};

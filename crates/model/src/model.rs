@@ -1,9 +1,13 @@
 //! Loading an ONNX model, checking it against the model contract, and running many keys'
-//! sequences in few batched tract calls with their recurrent state carried.
+//! sequences in few batched calls with their recurrent state carried.
 //!
-//! The parsed graph is kept with symbolic `batch` and `T`; each `(batch bucket, T)` shape a
-//! caller needs gets its own plan, typed and optimised for exactly that shape (tract is several
-//! times faster on a fixed shape), compiled on first use and cached.
+//! The contract is always checked on tract's parse of the graph, whatever the [`Engine`]; the
+//! engine then only executes calls. With tract the parsed graph is kept with symbolic `batch`
+//! and `T`; each `(batch bucket, T)` shape a caller needs gets its own plan, typed and
+//! optimised for exactly that shape (tract is several times faster on a fixed shape), compiled
+//! on first use and cached. ONNX Runtime (`crate::onnxruntime`) takes any shape in one session.
+//! Gathering sequences into batch tensors and scattering results back is shared by both
+//! engines ([`gather`], [`scatter`]), so batching behaves identically.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -15,16 +19,16 @@ use tract_onnx::tract_hir::infer::{Factoid, InferenceModel};
 use tract_onnx::tract_hir::internal::DimLike;
 
 use crate::batch::{self, Call};
-use crate::{ModelError, Sidecar, StateSpec};
+use crate::{Engine, ModelError, Sidecar, StateSpec};
 
 /// Input and output names fixed by the model contract (DESIGN.md).
-const FEATURES: &str = "sequence_features";
-const H_0: &str = "h_0";
-const C_0: &str = "c_0";
-const VELOCITY: &str = "velocity_pred";
-const MOVEMENT: &str = "movement_prob";
-const H_N: &str = "h_n";
-const C_N: &str = "c_n";
+pub(crate) const FEATURES: &str = "sequence_features";
+pub(crate) const H_0: &str = "h_0";
+pub(crate) const C_0: &str = "c_0";
+pub(crate) const VELOCITY: &str = "velocity_pred";
+pub(crate) const MOVEMENT: &str = "movement_prob";
+pub(crate) const H_N: &str = "h_n";
+pub(crate) const C_N: &str = "c_n";
 
 /// Compiled plans kept at once. Steady state needs a handful (one `T` per packet size, a few
 /// batch buckets); the bound only stops a caller cycling through many lengths from growing
@@ -76,19 +80,31 @@ pub struct SequenceMut<'a> {
 /// A loaded model with its sidecar, ready to run.
 ///
 /// `Model` is `Send + Sync`: [`Model::run`] takes `&self`, so one model can be shared by
-/// several pipeline threads; they only serialise briefly on the plan cache.
+/// several pipeline threads. With tract they only serialise briefly on the plan cache; with
+/// ONNX Runtime calls of one model run one at a time (see `crate::onnxruntime` for why).
 pub struct Model {
     sidecar: Sidecar,
-    graph: InferenceModel,
     io: Io,
     n_features: usize,
     state: Option<StateSpec>,
-    plans: Mutex<PlanCache>,
+    backend: Backend,
+}
+
+/// The engine-specific half of a [`Model`].
+enum Backend {
+    Tract {
+        /// The parsed graph with symbolic `batch` and `T`, specialised per shape into `plans`.
+        graph: InferenceModel,
+        plans: Mutex<PlanCache>,
+    },
+    #[cfg(feature = "onnxruntime")]
+    OnnxRuntime(crate::onnxruntime::OrtEngine),
 }
 
 impl fmt::Debug for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Model")
+            .field("engine", &self.engine_name())
             .field("sidecar", &self.sidecar)
             .field("state", &self.state)
             .finish_non_exhaustive()
@@ -96,8 +112,14 @@ impl fmt::Debug for Model {
 }
 
 impl Model {
-    /// Loads `onnx_path` and its sidecar, the same path with the extension `.json`.
+    /// Loads `onnx_path` and its sidecar, the same path with the extension `.json`, on tract.
     pub fn load(onnx_path: &Path) -> Result<Model, ModelError> {
+        Model::load_with(onnx_path, &Engine::Tract)
+    }
+
+    /// Loads `onnx_path` and its sidecar (the same path with the extension `.json`) to run on
+    /// `engine`. Contract checks and errors are those of [`Model::from_bytes_with`].
+    pub fn load_with(onnx_path: &Path, engine: &Engine) -> Result<Model, ModelError> {
         let read = |p: &Path| {
             std::fs::read(p).map_err(|source| ModelError::Io {
                 path: p.to_path_buf(),
@@ -106,18 +128,40 @@ impl Model {
         };
         let onnx = read(onnx_path)?;
         let sidecar = read(&onnx_path.with_extension("json"))?;
-        let model = Model::from_bytes(&onnx, &sidecar)?;
-        tracing::info!(path = %onnx_path.display(), state = ?model.state, "model loaded");
+        let model = Model::from_bytes_with(&onnx, &sidecar, engine)?;
+        tracing::info!(
+            path = %onnx_path.display(),
+            engine = engine.name(),
+            state = ?model.state,
+            "model loaded"
+        );
         Ok(model)
     }
 
-    /// Loads a model from the bytes of its ONNX file and of its JSON sidecar.
+    /// Loads a model from the bytes of its ONNX file and of its JSON sidecar, on tract.
     ///
     /// Validates the sidecar, checks the graph's inputs and outputs against the contract and
     /// the sidecar (names, element type, the feature and state dimensions it declares), then
     /// compiles and runs a one-sample plan to prove the graph executes and yields the
     /// contract's output shapes.
     pub fn from_bytes(onnx: &[u8], sidecar_json: &[u8]) -> Result<Model, ModelError> {
+        Model::from_bytes_with(onnx, sidecar_json, &Engine::Tract)
+    }
+
+    /// Loads a model from the bytes of its ONNX file and JSON sidecar to run on `engine`.
+    ///
+    /// The sidecar and the graph's declared inputs and outputs are checked as in
+    /// [`Model::from_bytes`] (on tract's parse of the graph, for every engine); then the engine
+    /// is set up and runs one zero sample to prove the graph executes and yields the contract's
+    /// output shapes. For [`Engine::OnnxRuntime`] the library is loaded on first use
+    /// ([`ModelError::RuntimeLibrary`], [`ModelError::RuntimeLibraryConflict`]) and a session
+    /// is created ([`ModelError::RuntimeSession`]); without the crate feature `onnxruntime`
+    /// that engine fails with [`ModelError::EngineNotBuilt`].
+    pub fn from_bytes_with(
+        onnx: &[u8],
+        sidecar_json: &[u8],
+        engine: &Engine,
+    ) -> Result<Model, ModelError> {
         let sidecar = Sidecar::from_json(sidecar_json)?;
         let graph = tract_onnx::onnx()
             .model_for_read(&mut &onnx[..])
@@ -151,18 +195,39 @@ impl Model {
             check_declared_input(&graph, h, H_0, &dims)?;
             check_declared_input(&graph, c, C_0, &dims)?;
         }
+        let backend = match engine {
+            Engine::Tract => Backend::Tract {
+                graph,
+                plans: Mutex::new(PlanCache {
+                    plans: HashMap::new(),
+                    clock: 0,
+                }),
+            },
+            #[cfg(feature = "onnxruntime")]
+            Engine::OnnxRuntime {
+                library,
+                intra_threads,
+            } => Backend::OnnxRuntime(crate::onnxruntime::OrtEngine::new(
+                onnx,
+                library,
+                *intra_threads,
+                state,
+            )?),
+            #[cfg(not(feature = "onnxruntime"))]
+            Engine::OnnxRuntime { .. } => return Err(ModelError::EngineNotBuilt("onnxruntime")),
+        };
         let model = Model {
             sidecar,
-            graph,
             io,
             n_features,
             state,
-            plans: Mutex::new(PlanCache {
-                plans: HashMap::new(),
-                clock: 0,
-            }),
+            backend,
         };
-        model.probe()?;
+        match &model.backend {
+            Backend::Tract { .. } => model.probe()?,
+            #[cfg(feature = "onnxruntime")]
+            Backend::OnnxRuntime(ort) => ort.probe(n_features)?,
+        }
         Ok(model)
     }
 
@@ -171,6 +236,20 @@ impl Model {
     /// `scripts/train_demo_model.py` on the simulator's synthetic motion.
     pub fn demo() -> Result<Model, ModelError> {
         Model::from_bytes(DEMO_ONNX, DEMO_SIDECAR)
+    }
+
+    /// The bundled demo model (see [`Model::demo`]) running on `engine`.
+    pub fn demo_with(engine: &Engine) -> Result<Model, ModelError> {
+        Model::from_bytes_with(DEMO_ONNX, DEMO_SIDECAR, engine)
+    }
+
+    /// The name of the engine running this model: `"tract"` or `"onnxruntime"`.
+    pub fn engine_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Tract { .. } => "tract",
+            #[cfg(feature = "onnxruntime")]
+            Backend::OnnxRuntime(_) => "onnxruntime",
+        }
     }
 
     /// The model's sidecar (feature columns, scaler, state spec, movement threshold).
@@ -191,13 +270,14 @@ impl Model {
 
     /// Runs independent sequences (typically one per sensor) in as few model calls as possible.
     ///
-    /// Sequences of equal length share a call (at most [`MAX_BATCH`](crate::MAX_BATCH) each); the
-    /// batch dimension is padded up to a bucket size so only a few plans are ever compiled.
+    /// Sequences of equal length share a call (at most [`MAX_BATCH`](crate::MAX_BATCH) each); on
+    /// tract the batch dimension is padded up to a bucket size so only a few plans are ever
+    /// compiled (ONNX Runtime runs the exact batch: it needs no per-shape plan).
     /// Each sequence's `h`/`c` are its initial state and are overwritten with its final
     /// state, so consecutive calls continue the recurrence. Results equal running each
     /// sequence alone, up to float rounding of differently-shaped kernels (<= 1e-5 in tests).
     ///
-    /// Every sequence's buffer lengths are checked before anything runs; if tract fails
+    /// Every sequence's buffer lengths are checked before anything runs; if the engine fails
     /// part-way, sequences of earlier calls have already been updated.
     pub fn run(&self, seqs: &mut [SequenceMut<'_>]) -> Result<(), ModelError> {
         let state_len = self.state_len();
@@ -223,65 +303,47 @@ impl Model {
             steps.push(t);
         }
         for call in batch::plan_calls(&steps) {
-            self.run_call(&call, seqs)?;
+            match &self.backend {
+                Backend::Tract { .. } => self.run_tract_call(&call, seqs)?,
+                #[cfg(feature = "onnxruntime")]
+                Backend::OnnxRuntime(ort) => ort.run_call(&call, seqs, self.n_features)?,
+            }
         }
         Ok(())
     }
 
-    /// Runs one batched call: gathers members into padded input tensors, runs the plan for
-    /// `(call.batch, call.steps)`, scatters outputs and final states back.
-    fn run_call(&self, call: &Call, seqs: &mut [SequenceMut<'_>]) -> Result<(), ModelError> {
+    /// Runs one batched call on tract: gathers members into padded input tensors, runs the plan
+    /// for `(call.batch, call.steps)`, scatters outputs and final states back.
+    fn run_tract_call(&self, call: &Call, seqs: &mut [SequenceMut<'_>]) -> Result<(), ModelError> {
         let (b, t, f) = (call.batch, call.steps, self.n_features);
         let plan = self.plan(b, t)?;
 
-        let mut features = vec![0f32; b * t * f];
-        for (row, &i) in call.members.iter().enumerate() {
-            features[row * t * f..(row + 1) * t * f].copy_from_slice(seqs[i].features);
-        }
+        let (mut features, mut h, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        gather(call, b, seqs, f, self.state, &mut features, &mut h, &mut c);
         let mut inputs: Vec<Option<TValue>> = vec![None; self.io.n_inputs];
         inputs[self.io.features] = Some(tensor(&[b, t, f], &features)?);
         if let (Some((h_ix, c_ix)), Some(spec)) = (self.io.state_in, self.state) {
-            let (stacks, hidden) = (spec.stacks(), spec.hidden);
-            // Per key the state is [stacks, hidden]; the model wants [stacks, batch, hidden].
-            let mut h = vec![0f32; stacks * b * hidden];
-            let mut c = vec![0f32; stacks * b * hidden];
-            for (row, &i) in call.members.iter().enumerate() {
-                for s in 0..stacks {
-                    let dst = (s * b + row) * hidden..(s * b + row + 1) * hidden;
-                    let src = s * hidden..(s + 1) * hidden;
-                    h[dst.clone()].copy_from_slice(&seqs[i].h[src.clone()]);
-                    c[dst].copy_from_slice(&seqs[i].c[src]);
-                }
-            }
-            inputs[h_ix] = Some(tensor(&[stacks, b, hidden], &h)?);
-            inputs[c_ix] = Some(tensor(&[stacks, b, hidden], &c)?);
+            let shape = [spec.stacks(), b, spec.hidden];
+            inputs[h_ix] = Some(tensor(&shape, &h)?);
+            inputs[c_ix] = Some(tensor(&shape, &c)?);
         }
         let inputs: TVec<TValue> = inputs.into_iter().flatten().collect();
         let outputs = plan.run(inputs).map_err(ModelError::inference)?;
 
         let velocity = output(&outputs, self.io.velocity, VELOCITY, b * t)?;
         let movement = output(&outputs, self.io.movement, MOVEMENT, b * t)?;
-        for (row, &i) in call.members.iter().enumerate() {
-            seqs[i]
-                .velocity
-                .copy_from_slice(&velocity[row * t..(row + 1) * t]);
-            seqs[i]
-                .movement_prob
-                .copy_from_slice(&movement[row * t..(row + 1) * t]);
-        }
-        if let (Some((hn_ix, cn_ix)), Some(spec)) = (self.io.state_out, self.state) {
-            let (stacks, hidden) = (spec.stacks(), spec.hidden);
-            let h_n = output(&outputs, hn_ix, H_N, stacks * b * hidden)?;
-            let c_n = output(&outputs, cn_ix, C_N, stacks * b * hidden)?;
-            for (row, &i) in call.members.iter().enumerate() {
-                for s in 0..stacks {
-                    let src = (s * b + row) * hidden..(s * b + row + 1) * hidden;
-                    let dst = s * hidden..(s + 1) * hidden;
-                    seqs[i].h[dst.clone()].copy_from_slice(&h_n[src.clone()]);
-                    seqs[i].c[dst].copy_from_slice(&c_n[src]);
-                }
+        let state_out = match (self.io.state_out, self.state) {
+            (Some((hn_ix, cn_ix)), Some(spec)) => {
+                let len = spec.stacks() * b * spec.hidden;
+                Some((
+                    spec,
+                    output(&outputs, hn_ix, H_N, len)?,
+                    output(&outputs, cn_ix, C_N, len)?,
+                ))
             }
-        }
+            _ => None,
+        };
+        scatter(call, b, seqs, velocity, movement, state_out);
         Ok(())
     }
 
@@ -290,8 +352,17 @@ impl Model {
     /// Compiling holds the cache lock: two threads needing the same new shape then compile
     /// it once, and compilation happens only while a new shape warms up.
     fn plan(&self, b: usize, t: usize) -> Result<Arc<Plan>, ModelError> {
+        let (graph, plans) = match &self.backend {
+            Backend::Tract { graph, plans } => (graph, plans),
+            #[cfg(feature = "onnxruntime")]
+            Backend::OnnxRuntime(_) => {
+                return Err(ModelError::Inference(
+                    "internal: tract plan requested for an ONNX Runtime model".into(),
+                ));
+            }
+        };
         // A poisoned lock only means another thread panicked mid-lookup; the map is still valid.
-        let mut cache = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cache = plans.lock().unwrap_or_else(PoisonError::into_inner);
         cache.clock += 1;
         let now = cache.clock;
         if let Some((plan, last_used)) = cache.plans.get_mut(&(b, t)) {
@@ -308,7 +379,7 @@ impl Model {
             cache.plans.remove(&oldest);
         }
         let started = std::time::Instant::now();
-        let plan = self.compile(b, t)?;
+        let plan = self.compile(graph, b, t)?;
         tracing::debug!(
             batch = b,
             steps = t,
@@ -319,8 +390,8 @@ impl Model {
         Ok(plan)
     }
 
-    fn compile(&self, b: usize, t: usize) -> Result<Arc<Plan>, ModelError> {
-        let mut graph = self.graph.clone();
+    fn compile(&self, graph: &InferenceModel, b: usize, t: usize) -> Result<Arc<Plan>, ModelError> {
+        let mut graph = graph.clone();
         let f32_fact = |shape: &[usize]| InferenceFact::dt_shape(f32::datum_type(), shape);
         graph
             .set_input_fact(self.io.features, f32_fact(&[b, t, self.n_features]))
@@ -376,6 +447,78 @@ impl Model {
             }
         }
         Ok(())
+    }
+}
+
+/// Copies the members of `call` into batch-major input buffers of `rows` batch rows: features
+/// `[rows, T, F]` and, for a stateful model, `h`/`c` `[stacks, rows, hidden]`. Rows past the
+/// members (padding, `rows > members`) are zero. The buffers are cleared and resized, so
+/// callers may reuse them across calls without reallocating.
+#[allow(clippy::too_many_arguments)] // Three separate out-buffers keep callers' borrows simple.
+pub(crate) fn gather(
+    call: &Call,
+    rows: usize,
+    seqs: &[SequenceMut<'_>],
+    n_features: usize,
+    state: Option<StateSpec>,
+    features: &mut Vec<f32>,
+    h: &mut Vec<f32>,
+    c: &mut Vec<f32>,
+) {
+    let (t, f) = (call.steps, n_features);
+    features.clear();
+    features.resize(rows * t * f, 0.0);
+    for (row, &i) in call.members.iter().enumerate() {
+        features[row * t * f..(row + 1) * t * f].copy_from_slice(seqs[i].features);
+    }
+    h.clear();
+    c.clear();
+    if let Some(spec) = state {
+        let (stacks, hidden) = (spec.stacks(), spec.hidden);
+        h.resize(stacks * rows * hidden, 0.0);
+        c.resize(stacks * rows * hidden, 0.0);
+        // Per key the state is [stacks, hidden]; the model wants [stacks, batch, hidden].
+        for (row, &i) in call.members.iter().enumerate() {
+            for s in 0..stacks {
+                let dst = (s * rows + row) * hidden..(s * rows + row + 1) * hidden;
+                let src = s * hidden..(s + 1) * hidden;
+                h[dst.clone()].copy_from_slice(&seqs[i].h[src.clone()]);
+                c[dst].copy_from_slice(&seqs[i].c[src]);
+            }
+        }
+    }
+}
+
+/// The inverse of [`gather`]: copies each member's rows of the outputs (`velocity`/`movement`
+/// `[rows, T]`, `h_n`/`c_n` `[stacks, rows, hidden]`, lengths already checked) back into its
+/// sequence. Padding rows are ignored.
+pub(crate) fn scatter(
+    call: &Call,
+    rows: usize,
+    seqs: &mut [SequenceMut<'_>],
+    velocity: &[f32],
+    movement: &[f32],
+    state_out: Option<(StateSpec, &[f32], &[f32])>,
+) {
+    let t = call.steps;
+    for (row, &i) in call.members.iter().enumerate() {
+        seqs[i]
+            .velocity
+            .copy_from_slice(&velocity[row * t..(row + 1) * t]);
+        seqs[i]
+            .movement_prob
+            .copy_from_slice(&movement[row * t..(row + 1) * t]);
+    }
+    if let Some((spec, h_n, c_n)) = state_out {
+        let (stacks, hidden) = (spec.stacks(), spec.hidden);
+        for (row, &i) in call.members.iter().enumerate() {
+            for s in 0..stacks {
+                let src = (s * rows + row) * hidden..(s * rows + row + 1) * hidden;
+                let dst = s * hidden..(s + 1) * hidden;
+                seqs[i].h[dst.clone()].copy_from_slice(&h_n[src.clone()]);
+                seqs[i].c[dst].copy_from_slice(&c_n[src]);
+            }
+        }
     }
 }
 
@@ -593,6 +736,20 @@ mod tests {
         );
         assert_eq!(model.state_len(), 64);
         assert_eq!(model.sidecar().movement_threshold, 0.5);
+    }
+
+    #[cfg(not(feature = "onnxruntime"))]
+    #[test]
+    fn onnxruntime_engine_is_a_typed_error_when_not_compiled_in() {
+        let engine = Engine::OnnxRuntime {
+            library: "/any/libonnxruntime.so".into(),
+            intra_threads: 1,
+        };
+        let err = Model::demo_with(&engine).unwrap_err();
+        assert!(
+            matches!(err, ModelError::EngineNotBuilt("onnxruntime")),
+            "{err}"
+        );
     }
 
     #[test]
