@@ -5,7 +5,9 @@
 //! shard count, the same idea as a Kafka partitioner). A step splits the records by shard and
 //! runs the shards in parallel on scoped threads (the caller's thread takes shard 0), then
 //! appends their outputs shard by shard. Nothing is shared between shards while they run, so
-//! there is no lock on the hot path; the model is shared read-only.
+//! there is no lock on the hot path. Each shard gets its own [`Model`] handle: clones of one
+//! `Arc` share a model (fine for tract, whose runs are concurrent), separate loads give each
+//! shard its own session (needed for onnxruntime, which runs one call at a time per session).
 //!
 //! Because all shards finish a step before the next begins, the state between steps is
 //! consistent at one log position: [`ShardedPipeline::snapshot`] merges the shards into one
@@ -36,16 +38,22 @@ pub struct ShardedPipeline {
 }
 
 impl ShardedPipeline {
-    /// `shards` empty pipelines (at least one).
-    pub fn new(config: PipelineConfig, model: Arc<Model>, shards: usize) -> Result<Self, PipelineError> {
-        let shards = (0..shards.max(1)).map(|_| Pipeline::new(config.clone(), model.clone())).collect::<Result<Vec<_>, _>>()?;
+    /// One empty pipeline per model in `models` (at least one model is required).
+    pub fn new(config: PipelineConfig, models: &[Arc<Model>]) -> Result<Self, PipelineError> {
+        if models.is_empty() {
+            return Err(PipelineError::Config("a sharded pipeline needs at least one shard".into()));
+        }
+        let shards = models.iter().map(|m| Pipeline::new(config.clone(), m.clone())).collect::<Result<Vec<_>, _>>()?;
         Ok(Self::from_shards(shards))
     }
 
-    /// Splits `snapshot` by sensor over `shards` pipelines. Pipeline-wide counters go to shard
-    /// 0, so [`stats`](Self::stats) continues from the snapshot's totals.
-    pub fn restore(config: PipelineConfig, model: Arc<Model>, snapshot: PipelineSnapshot, shards: usize) -> Result<Self, PipelineError> {
-        let n = shards.max(1);
+    /// Splits `snapshot` by sensor over one pipeline per model in `models`. Pipeline-wide
+    /// counters go to shard 0, so [`stats`](Self::stats) continues from the snapshot's totals.
+    pub fn restore(config: PipelineConfig, models: &[Arc<Model>], snapshot: PipelineSnapshot) -> Result<Self, PipelineError> {
+        if models.is_empty() {
+            return Err(PipelineError::Config("a sharded pipeline needs at least one shard".into()));
+        }
+        let n = models.len();
         let mut parts: Vec<PipelineSnapshot> = (0..n)
             .map(|_| PipelineSnapshot { version: snapshot.version, stats: PipelineStats::default(), sensors: Vec::new() })
             .collect();
@@ -53,7 +61,7 @@ impl ShardedPipeline {
         for sensor in snapshot.sensors {
             parts[shard_of(&sensor.sensor_id, n)].sensors.push(sensor);
         }
-        let shards = parts.into_iter().map(|part| Pipeline::restore(config.clone(), model.clone(), part)).collect::<Result<Vec<_>, _>>()?;
+        let shards = parts.into_iter().zip(models).map(|(part, m)| Pipeline::restore(config.clone(), m.clone(), part)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self::from_shards(shards))
     }
 

@@ -110,7 +110,7 @@ fn sharded_outputs_equal_a_single_pipelines_per_sensor() {
     let all = steps(4);
     let expected = single_run(&all);
     for shards in [2, 3] {
-        let mut p = ShardedPipeline::new(PipelineConfig::default(), model(), shards).unwrap();
+        let mut p = ShardedPipeline::new(PipelineConfig::default(), &vec![model(); shards]).unwrap();
         let mut out = Outputs::default();
         for step in &all {
             p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);
@@ -127,7 +127,7 @@ fn a_checkpoint_restores_under_another_shard_count() {
     let all = steps(6);
     let expected = single_run(&all);
     for (before, after) in [(2, 1), (1, 3), (3, 2)] {
-        let mut p = ShardedPipeline::new(PipelineConfig::default(), model(), before).unwrap();
+        let mut p = ShardedPipeline::new(PipelineConfig::default(), &vec![model(); before]).unwrap();
         let mut out = Outputs::default();
         for step in &all[..3] {
             p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);
@@ -135,7 +135,7 @@ fn a_checkpoint_restores_under_another_shard_count() {
         let bytes = p.snapshot().encode();
         drop(p);
         let snapshot = sensorflow_pipeline::PipelineSnapshot::decode(&bytes).unwrap();
-        let mut p = ShardedPipeline::restore(PipelineConfig::default(), model(), snapshot, after).unwrap();
+        let mut p = ShardedPipeline::restore(PipelineConfig::default(), &vec![model(); after], snapshot).unwrap();
         assert_eq!(p.stats().records, (3 * SENSORS) as u64);
         for step in &all[3..] {
             p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);

@@ -91,6 +91,12 @@ pub(crate) struct CheckpointConfig {
 pub(crate) struct ModelConfig {
     /// Empty: the bundled demo model.
     pub(crate) path: String,
+    /// "auto" (onnxruntime when its library is found, else tract), "onnxruntime" or "tract".
+    pub(crate) engine: String,
+    /// ONNX Runtime shared library; empty: the `ORT_DYLIB_PATH` environment variable.
+    pub(crate) onnxruntime_library: String,
+    /// ONNX Runtime threads inside one model call (each pipeline shard has its own session).
+    pub(crate) intra_threads: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -142,6 +148,9 @@ impl Config {
         }
         if self.checkpoint.keep == 0 {
             problems.push("checkpoint.keep: must be at least 1".into());
+        }
+        if !["auto", "onnxruntime", "tract"].contains(&self.model.engine.as_str()) {
+            problems.push(format!("model.engine: {:?} is not one of \"auto\", \"onnxruntime\", \"tract\"", self.model.engine));
         }
         if self.runtime.pipeline_threads == 0 || self.runtime.pipeline_threads > 64 {
             problems.push("runtime.pipeline_threads: must be 1 to 64".into());

@@ -69,6 +69,7 @@ fn configure_failpoints() -> Result<(), String> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SENSORFLOW_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // ONNX Runtime logs every session option at info level through `ort`.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
 }

@@ -194,10 +194,10 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
                     msg = read.next() => {
                         let Some(Ok(msg)) = msg else { break };
                         let received = now_us();
-                        if let Ok(text) = msg.into_text() {
-                            if let Some(newest) = newest_timestamp(&text) {
-                                latencies.lock().push((received - (newest + period_us)) as f64 / 1000.0);
-                            }
+                        if let Ok(text) = msg.into_text()
+                            && let Some(newest) = newest_timestamp(&text)
+                        {
+                            latencies.lock().push((received - (newest + period_us)) as f64 / 1000.0);
                         }
                     }
                 }

@@ -54,8 +54,6 @@ pub(crate) struct DataflowSettings {
     /// Log segments behind the oldest kept checkpoint are still kept this long (for replay).
     pub(crate) retention: Retention,
     pub(crate) batch_records: usize,
-    /// Shards of the pipeline, each on its own thread during a step.
-    pub(crate) pipeline_threads: usize,
     pub(crate) tick: Duration,
     pub(crate) checkpoint_interval: Duration,
 }
@@ -63,7 +61,8 @@ pub(crate) struct DataflowSettings {
 /// The supervised dataflow; [`Dataflow::start`] recovers and runs it on its own thread.
 pub(crate) struct Dataflow {
     pub(crate) settings: DataflowSettings,
-    pub(crate) model: Arc<Model>,
+    /// One model per pipeline shard (see `load_models`).
+    pub(crate) models: Vec<Arc<Model>>,
     pub(crate) log: Log,
     pub(crate) hub: Hub,
     pub(crate) status: Arc<SharedStatus>,
@@ -117,9 +116,9 @@ impl Dataflow {
         let pipeline = match snapshot {
             Some(bytes) => {
                 let snapshot = PipelineSnapshot::decode(&bytes).context("decoding the checkpoint's pipeline snapshot")?;
-                ShardedPipeline::restore(s.pipeline.clone(), self.model.clone(), snapshot, s.pipeline_threads).context("restoring the pipeline from the checkpoint")?
+                ShardedPipeline::restore(s.pipeline.clone(), &self.models, snapshot).context("restoring the pipeline from the checkpoint")?
             }
-            None => ShardedPipeline::new(s.pipeline.clone(), self.model.clone(), s.pipeline_threads).context("building the pipeline")?,
+            None => ShardedPipeline::new(s.pipeline.clone(), &self.models).context("building the pipeline")?,
         };
         self.status.checkpoints_corrupt.fetch_add(loaded.corrupt.len() as u64, Ordering::Relaxed);
         *self.status.recovery.lock() = (files_removed, replay);

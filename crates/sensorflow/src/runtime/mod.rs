@@ -33,7 +33,7 @@ use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
 use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, SinkError, TopicPattern};
 use sensorflow_lake::SessionsStore;
 use sensorflow_log::{Durability, Log, LogConfig, Retention};
-use sensorflow_model::Model;
+use sensorflow_model::{Engine, Model};
 use sensorflow_api::StoreError;
 use sensorflow_pipeline::{GapRecord, LateRecord, SampleChunk, SessionAggregate, SessionEvent, SessionRecord, WindowRecord};
 use sensorflow_protocol::record::IngestRecord;
@@ -129,7 +129,7 @@ impl Embedded {
     /// Opens the log, lake and store under the data dir, loads the model and starts every role.
     pub(crate) async fn start(config: &Config) -> anyhow::Result<Embedded> {
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let model = Arc::new(load_model(config)?);
+        let models = load_models(config)?;
 
         let mut log_config = LogConfig::new(config.data_dir.join("log"));
         log_config.segment_bytes = config.log.segment_bytes;
@@ -165,11 +165,10 @@ impl Embedded {
                     max_bytes: config.log.retention_bytes,
                 },
                 batch_records: config.runtime.batch_records,
-                pipeline_threads: config.runtime.pipeline_threads,
                 tick: Duration::from_millis(config.runtime.tick_ms),
                 checkpoint_interval: Duration::from_secs_f64(config.checkpoint.interval_secs),
             },
-            model,
+            models,
             log: log.clone(),
             hub: hub.clone(),
             status: status.clone(),
@@ -229,14 +228,45 @@ impl Embedded {
     }
 }
 
-pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
-    if config.model.path.is_empty() {
-        tracing::info!("using the bundled demo model");
-        Model::demo().context("loading the bundled demo model")
-    } else {
-        tracing::info!(path = %config.model.path, "loading model");
-        Model::load(std::path::Path::new(&config.model.path)).with_context(|| format!("loading model {}", config.model.path))
+/// The inference engine `[model]` asks for. `auto` takes ONNX Runtime when a library is
+/// configured (or in `ORT_DYLIB_PATH`) and exists, tract otherwise.
+fn engine(config: &Config) -> anyhow::Result<Engine> {
+    let library = match config.model.onnxruntime_library.as_str() {
+        "" => std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from),
+        path => Some(path.into()),
+    };
+    let onnxruntime = |library: std::path::PathBuf| Engine::OnnxRuntime { library, intra_threads: config.model.intra_threads };
+    match (config.model.engine.as_str(), library) {
+        ("tract", _) => Ok(Engine::Tract),
+        ("onnxruntime", Some(library)) => Ok(onnxruntime(library)),
+        ("onnxruntime", None) => anyhow::bail!("model.engine = \"onnxruntime\" needs model.onnxruntime_library or ORT_DYLIB_PATH"),
+        (_, Some(library)) if library.exists() => Ok(onnxruntime(library)),
+        _ => Ok(Engine::Tract),
     }
+}
+
+/// Loads the configured model once.
+pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
+    let engine = engine(config)?;
+    let model = if config.model.path.is_empty() {
+        Model::demo_with(&engine).context("loading the bundled demo model")?
+    } else {
+        Model::load_with(std::path::Path::new(&config.model.path), &engine).with_context(|| format!("loading model {}", config.model.path))?
+    };
+    let name = if config.model.path.is_empty() { "bundled demo model" } else { config.model.path.as_str() };
+    tracing::info!(model = name, engine = model.engine_name(), "model loaded");
+    Ok(model)
+}
+
+/// One model per pipeline shard: tract models are shared (their runs are concurrent), ONNX
+/// Runtime gets a session per shard (a session runs one call at a time).
+pub(crate) fn load_models(config: &Config) -> anyhow::Result<Vec<Arc<Model>>> {
+    let first = Arc::new(load_model(config)?);
+    let mut models = vec![first.clone()];
+    for _ in 1..config.runtime.pipeline_threads {
+        models.push(if first.engine_name() == "tract" { first.clone() } else { Arc::new(load_model(config)?) });
+    }
+    Ok(models)
 }
 
 /// Serves the API's sessions queries from the SQLite store.
