@@ -4,7 +4,7 @@
 # test clients (paho-mqtt, pyarrow, DuckDB, onnxruntime), and playwright-core from npm.
 #
 #   scripts/test.sh            everything
-#   scripts/test.sh --rust     only cargo tests
+#   scripts/test.sh --rust     only cargo tests (still sets up the venv: ONNX Runtime comes from it)
 #
 # Exit code: non-zero if any suite fails.
 set -euo pipefail
@@ -88,11 +88,14 @@ fuzz_smoke() {
 }
 
 install_system_packages
+# Before the cargo tests: the model crate's onnxruntime tests load the wheel's library.
+install_python
+ORT_DYLIB_PATH=$(ls "$ROOT"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1* | head -n 1)
+export ORT_DYLIB_PATH
 rust_tests
 if [ "${1:-}" = "--rust" ]; then
     exit 0
 fi
-install_python
 install_node
 python_tests
 fuzz_smoke
