@@ -26,7 +26,8 @@
 //! - A model that loads has been checked against the contract and has executed once: names,
 //!   element types and declared dimensions match the sidecar, and output shapes are right.
 //! - Batching is invisible: [`Model::run`] gives each sequence the result it would get alone.
-//! - Both engines see the same calls: grouping by `T`, at most [`MAX_BATCH`] per call, state
+//! - Both engines group sequences into calls the same way: by `T`, at most [`MAX_BATCH`] per
+//!   call on tract and [`ORT_MAX_BATCH`] on ONNX Runtime (each engine's fastest size), state
 //!   read from and written back to each [`SequenceMut`].
 //! - The crate spawns no threads and touches no files except in [`Model::load`]; ONNX Runtime
 //!   with `intra_threads` other than 1 runs its own intra-op thread pool, and loading its
@@ -40,7 +41,7 @@ mod model;
 mod onnxruntime;
 pub mod sidecar;
 
-pub use batch::MAX_BATCH;
+pub use batch::{MAX_BATCH, ORT_MAX_BATCH};
 pub use engine::Engine;
 pub use error::ModelError;
 pub use model::{Model, SequenceMut};

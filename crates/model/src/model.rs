@@ -302,7 +302,12 @@ impl Model {
             check("c", state_len, s.c.len())?;
             steps.push(t);
         }
-        for call in batch::plan_calls(&steps) {
+        let max_batch = match &self.backend {
+            Backend::Tract { .. } => batch::MAX_BATCH,
+            #[cfg(feature = "onnxruntime")]
+            Backend::OnnxRuntime(_) => batch::ORT_MAX_BATCH,
+        };
+        for call in batch::plan_calls(&steps, max_batch) {
             match &self.backend {
                 Backend::Tract { .. } => self.run_tract_call(&call, seqs)?,
                 #[cfg(feature = "onnxruntime")]
