@@ -60,6 +60,37 @@ fn main() -> Result<(), Box<dyn Error>> {
             );
         }
     }
+    // How `sensorflow run` uses two cores: two pipeline shards, each with its own
+    // single-threaded session, calling in parallel.
+    if let Some(library) = &library {
+        let engine = Engine::OnnxRuntime {
+            library: library.clone(),
+            intra_threads: 1,
+        };
+        let models = [Model::demo_with(&engine)?, Model::demo_with(&engine)?];
+        for batch in [64, 256] {
+            let results: Vec<Result<(f64, f64), String>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = models
+                    .iter()
+                    .map(|m| scope.spawn(move || measure(m, batch, secs).map_err(|e| e.to_string())))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err("bench thread panicked".into())))
+                    .collect()
+            });
+            let mut calls_per_s = 0.0;
+            for r in results {
+                calls_per_s += r?.0;
+            }
+            println!(
+                "{:<22} {batch:>6} {calls_per_s:>10.0} {:>14.0} {:>12}",
+                "onnxruntime 2 x 1 thr",
+                calls_per_s * (batch * STEPS) as f64,
+                "-"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -37,9 +37,10 @@ pub(crate) fn bucket_for(n: usize) -> usize {
         .unwrap_or(MAX_BATCH)
 }
 
-/// Largest call on ONNX Runtime: its LSTM kernels run the demo model fastest around batch 64
-/// (1.5M timesteps/s on one thread against 1.0M at 256, `examples/bench_engines.rs`), since a
-/// larger batch's working set no longer fits in cache between timesteps.
+/// Largest call on ONNX Runtime. With two single-threaded sessions in parallel, as the
+/// pipeline's shards run them, the demo model ran at 2.68M timesteps/s at batch 64 against
+/// 2.53M at 256 (`scripts/bench_inference.sh`, 2026-11-27); one session alone favoured one or
+/// the other from run to run, so the margin is small.
 pub const ORT_MAX_BATCH: usize = 64;
 
 /// Groups sequences of lengths `steps[i]` into calls: one group per length, split into chunks
