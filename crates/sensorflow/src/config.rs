@@ -264,6 +264,7 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> any
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests unwrap freely
 mod tests {
     use super::*;
 

@@ -141,6 +141,7 @@ pub(crate) fn dir_in(data_dir: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests unwrap freely
 mod tests {
     use super::*;
 
