@@ -44,15 +44,16 @@ impl SinkTask {
     /// `failed`).
     pub(crate) fn run(mut self) -> Result<(), String> {
         let result = self.run_inner();
-        if let Err(e) = &result {
-            self.failed.store(true, Ordering::Release);
-            self.status.set_component("lake", false, e.clone());
-        }
         self.status.set_lake_stats(self.lake.stats());
-        result
+        result.map_err(|failure| {
+            self.failed.store(true, Ordering::Release);
+            let message = failure.to_string();
+            self.status.set_component(failure.component, false, message.clone());
+            message
+        })
     }
 
-    fn run_inner(&mut self) -> Result<(), String> {
+    fn run_inner(&mut self) -> Result<(), SinkFailure> {
         let mut ended: Vec<SessionRecord> = Vec::new();
         loop {
             match self.rx.recv_timeout(Duration::from_millis(500)) {
@@ -61,7 +62,7 @@ impl SinkTask {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            self.lake.roll_due(Instant::now()).map_err(|e| format!("lake write failed: {e}"))?;
+            self.lake.roll_due(Instant::now()).map_err(SinkFailure::lake)?;
             self.status.set_lake_stats(self.lake.stats());
         }
         // The pipeline's last message is a checkpoint, which flushed the lake; anything still
@@ -69,13 +70,13 @@ impl SinkTask {
         match self.lake.flush() {
             Ok(0) => {}
             Ok(files) => tracing::info!(files, "lake flushed"),
-            Err(e) => return Err(format!("lake write failed: {e}")),
+            Err(e) => return Err(SinkFailure::lake(e)),
         }
         Ok(())
     }
 
-    fn checkpoint(&mut self, c: Checkpoint) -> Result<(), String> {
-        self.lake.flush().map_err(|e| format!("lake write failed: {e}"))?;
+    fn checkpoint(&mut self, c: Checkpoint) -> Result<(), SinkFailure> {
+        self.lake.flush().map_err(SinkFailure::lake)?;
         if let Err(e) = self.checkpoints.write(&c) {
             // The lake files of this epoch stay; the next checkpoint covers them too.
             tracing::error!(error = %e, epoch = c.epoch, "writing a checkpoint failed; the next one retries");
@@ -97,12 +98,12 @@ impl SinkTask {
         Ok(())
     }
 
-    fn write(&mut self, batch: SinkBatch, ended: &mut Vec<SessionRecord>) -> Result<(), String> {
+    fn write(&mut self, batch: SinkBatch, ended: &mut Vec<SessionRecord>) -> Result<(), SinkFailure> {
         // Fault-injection tests slow the sink down here (see the `failpoints` feature).
         fail::fail_point!("sink-batch");
         self.store
             .apply(&batch.session_events, &batch.aggregates)
-            .map_err(|e| format!("sessions store write failed: {e}"))?;
+            .map_err(|e| SinkFailure { component: "sessions_store", detail: format!("sessions store write failed: {e}") })?;
         ended.clear();
         ended.extend(batch.session_events.iter().filter_map(|e| match e {
             SessionEvent::Ended { session, .. } => Some(session.clone()),
@@ -118,8 +119,26 @@ impl SinkTask {
             self.lake.write_gaps(&batch.gaps)?;
             self.lake.write_late(&batch.late)
         })();
-        result.map_err(|e| format!("lake write failed: {e}"))?;
+        result.map_err(SinkFailure::lake)?;
         self.status.set_component("lake", true, "ok".into());
         Ok(())
+    }
+}
+
+/// A failed sink write, with the `/ready` component it concerns.
+struct SinkFailure {
+    component: &'static str,
+    detail: String,
+}
+
+impl SinkFailure {
+    fn lake(e: impl std::fmt::Display) -> Self {
+        SinkFailure { component: "lake", detail: format!("lake write failed: {e}") }
+    }
+}
+
+impl std::fmt::Display for SinkFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
     }
 }
