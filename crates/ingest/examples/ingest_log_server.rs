@@ -17,25 +17,31 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, NoopObserver, SinkError};
-use sensorflow_log::{Durability, Log, LogConfig};
+use sensorflow_log::{Admission, Durability, Log, LogConfig, LogError};
 use sensorflow_protocol::IngestRecord;
 
-/// Appends each record to the log; the future resolves once it is durable.
+/// Appends each record to the log; the future resolves once it is durable. Admits on the
+/// ingest thread when the log has room, as sensorflow's own sink does (which also keeps order
+/// under backpressure; this benchmark sink just waits for room in the future).
 struct LogAppend(Log);
 
 impl IngestSink for LogAppend {
     fn append(&self, record: IngestRecord) -> BoxFuture<'static, Result<(), SinkError>> {
         let mut buf = Vec::with_capacity(record.encoded_len());
-        let encoded = record.try_encode(&mut buf);
-        let log = self.0.clone();
-        async move {
-            encoded.map_err(|e| SinkError::Rejected(e.to_string()))?;
-            log.append(buf.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| SinkError::Unavailable(e.to_string()))
+        if let Err(e) = record.try_encode(&mut buf) {
+            return futures::future::ready(Err(SinkError::Rejected(e.to_string()))).boxed();
         }
-        .boxed()
+        let unavailable = |e: LogError| SinkError::Unavailable(e.to_string());
+        match self.0.try_admit(buf.into()) {
+            Ok(Admission::Admitted(pending)) => {
+                async move { pending.await.map(|_| ()).map_err(unavailable) }.boxed()
+            }
+            Ok(Admission::Full(payload)) => {
+                let log = self.0.clone();
+                async move { log.append(payload).await.map(|_| ()).map_err(unavailable) }.boxed()
+            }
+            Err(e) => futures::future::ready(Err(unavailable(e))).boxed(),
+        }
     }
 }
 

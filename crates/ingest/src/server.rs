@@ -12,10 +12,10 @@
 //! application's runtime. We bind the `std::net::TcpListener` ourselves (port 0 works and
 //! [`IngestServer::local_addr`] is known before any client connects) and hand it to ntex.
 //!
-//! The bridge back to tokio is narrow: every sink append is spawned on the runtime that
-//! called [`IngestServer::start`] and awaited from the ntex worker (a `JoinHandle` is
-//! runtime-agnostic), and the control handle (`ntex::server::Server`) is `Send`, with futures
-//! that can be awaited from tokio.
+//! The bridge back to tokio is narrow: a sink append's future is awaited on the ntex worker
+//! (whose System runs a tokio current-thread runtime, so tokio channels and timers work in
+//! it), and the control handle (`ntex::server::Server`) is `Send`, with futures that can be
+//! awaited from tokio.
 //!
 //! # Graceful stop
 //!
@@ -97,14 +97,14 @@ impl IngestServer {
         observer: Arc<dyn IngestObserver>,
     ) -> Result<IngestServer, IngestError> {
         config.validate()?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| IngestError::NoRuntime)?;
+        tokio::runtime::Handle::try_current().map_err(|_| IngestError::NoRuntime)?;
         let addr = config.listen;
         let listener = ntex::server::create_tcp_listener(addr, BACKLOG)
             .map_err(|source| IngestError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()
             .map_err(|source| IngestError::Bind { addr, source })?;
-        let core = Arc::new(Core::new(config, sink, observer, runtime));
+        let core = Arc::new(Core::new(config, sink, observer));
 
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let thread_core = Arc::clone(&core);

@@ -20,18 +20,21 @@ pub enum SinkError {
 }
 
 /// Where accepted messages go.
-///
-/// The returned future is spawned on the tokio runtime that called
-/// [`crate::IngestServer::start`], so it may use that runtime's resources; it runs to
-/// completion even if the client disconnects meanwhile.
 pub trait IngestSink: Send + Sync + 'static {
     /// Stores one record. `Ok` means durably stored: only then is a QoS 1 publish acknowledged
     /// (QoS 2: PUBREC sent). `Err` means not stored; see [`SinkError`] for what the client sees.
+    ///
     /// `append` is called in the order a connection's publishes arrived, but the returned
-    /// futures run concurrently (up to `receive_maximum` per connection) on the runtime: a sink
-    /// that must keep arrival order takes its position synchronously inside `append` (e.g.
-    /// sends to a channel) rather than inside the future. Acknowledgements are always sent
-    /// in arrival order.
+    /// futures run concurrently (up to `receive_maximum` per connection): a sink that must keep
+    /// arrival order takes the record's position synchronously inside `append` (e.g. admits it
+    /// to a log or sends it to a channel) rather than inside the future. Acknowledgements are
+    /// always sent in arrival order.
+    ///
+    /// The future is polled on the connection's ntex worker thread, a tokio current-thread
+    /// runtime (tokio channels, semaphores and timers work; it must not block), and is dropped
+    /// unpolled-to-the-end if the connection goes away first. A sink whose store must finish
+    /// regardless therefore starts it inside `append`, as the log does: an admitted record is
+    /// written whether or not anyone awaits it.
     fn append(&self, record: IngestRecord) -> BoxFuture<'static, Result<(), SinkError>>;
 }
 

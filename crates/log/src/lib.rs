@@ -40,6 +40,6 @@ mod writer;
 pub use crate::config::{Durability, LogConfig, Retention};
 pub use crate::error::{CorruptReason, IoOp, LogError, Result};
 pub use crate::fault::{FaultInjector, FaultSwitch, WriteFault};
-pub use crate::log::{Log, LogStats, OpenReport, Pending};
+pub use crate::log::{Admission, Log, LogStats, OpenReport, Pending};
 pub use crate::reader::{ConsumerHandle, LogReader};
 pub use crate::snapshot::{Scan, scan};

@@ -39,6 +39,7 @@ pub(crate) struct Request {
 /// An admitted append: resolves to the record's offset once it is durable, or to the error
 /// that failed its batch. Dropping it does not withdraw the record.
 #[must_use = "the append is durable only once this resolves"]
+#[derive(Debug)]
 pub struct Pending {
     done: oneshot::Receiver<Result<u64>>,
 }
@@ -46,10 +47,24 @@ pub struct Pending {
 impl std::future::Future for Pending {
     type Output = Result<u64>;
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<u64>> {
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<u64>> {
         // A dropped sender means the writer thread died before completing the record.
-        std::pin::Pin::new(&mut self.done).poll(cx).map(|r| r.unwrap_or(Err(LogError::Closed)))
+        std::pin::Pin::new(&mut self.done)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(LogError::Closed)))
     }
+}
+
+/// What [`Log::try_admit`] did with a record.
+#[derive(Debug)]
+pub enum Admission {
+    /// Queued for the writer, its place in the log fixed; resolves when durable.
+    Admitted(Pending),
+    /// No room under the log's backpressure bounds now; the payload, untouched.
+    Full(Bytes),
 }
 
 /// Mutable state shared by appenders, the writer thread, readers and consumers.
@@ -322,7 +337,27 @@ impl Log {
     /// Records admitted one after another by one task are appended in that order. Callers that
     /// must keep an order across many concurrent appends (MQTT ingest: a sensor's packets) admit
     /// from one task and await the completions elsewhere, so durability waits overlap.
-    pub async fn admit(&self, payload: Bytes) -> Result<Pending> {
+    pub async fn admit(&self, mut payload: Bytes) -> Result<Pending> {
+        let shared = &self.inner.shared;
+        loop {
+            // Register for wake-ups before checking, so a notify between the check and the
+            // await is not lost.
+            let mut room = pin!(shared.space.notified());
+            room.as_mut().enable();
+            match self.try_admit(payload)? {
+                Admission::Admitted(pending) => return Ok(pending),
+                Admission::Full(back) => payload = back,
+            }
+            room.await;
+        }
+    }
+
+    /// [`Log::admit`] without waiting: admits the record if the log has room for it now, else
+    /// hands the payload back ([`Admission::Full`]) so the caller can wait or queue it.
+    ///
+    /// Lets a caller that usually finds room (ingest, whenever the pipeline keeps up) admit on
+    /// its own thread, with no hand-off to a task that could wait.
+    pub fn try_admit(&self, payload: Bytes) -> Result<Admission> {
         let shared = &self.inner.shared;
         let max = shared.config.max_record_bytes;
         if payload.len() > max {
@@ -332,28 +367,20 @@ impl Log {
             });
         }
         let frame = frame_len(payload.len());
-        loop {
-            // Register for wake-ups before checking, so a notify between the check and the
-            // await is not lost.
-            let mut room = pin!(shared.space.notified());
-            room.as_mut().enable();
-            {
-                let mut st = shared.state.lock();
-                if st.closed {
-                    return Err(LogError::Closed);
-                }
-                if st.admits(frame, &shared.config) {
-                    let (tx, rx) = oneshot::channel();
-                    st.queue.push(Request { payload, done: tx });
-                    st.queued_bytes += frame;
-                    st.in_flight_bytes += frame;
-                    drop(st);
-                    shared.writer_cv.notify_one();
-                    return Ok(Pending { done: rx });
-                }
-            }
-            room.await;
+        let mut st = shared.state.lock();
+        if st.closed {
+            return Err(LogError::Closed);
         }
+        if !st.admits(frame, &shared.config) {
+            return Ok(Admission::Full(payload));
+        }
+        let (tx, rx) = oneshot::channel();
+        st.queue.push(Request { payload, done: tx });
+        st.queued_bytes += frame;
+        st.in_flight_bytes += frame;
+        drop(st);
+        shared.writer_cv.notify_one();
+        Ok(Admission::Admitted(Pending { done: rx }))
     }
 
     /// The offset the next durable record gets; every record below it is durable and

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use sensorflow_log::{Durability, Log, LogConfig};
+use sensorflow_log::{Admission, Durability, Log, LogConfig};
 
 /// 192-byte payloads: 200 bytes framed, so 5 records fill a 1000-byte bound exactly.
 fn record() -> Bytes {
@@ -148,4 +148,33 @@ async fn close_fails_appends_waiting_for_room() {
         .unwrap()
         .unwrap();
     assert!(matches!(result, Err(sensorflow_log::LogError::Closed)));
+}
+
+#[tokio::test]
+async fn try_admit_hands_the_payload_back_while_the_log_is_full_and_admits_once_there_is_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(config(dir.path())).unwrap();
+    let mut reader = log.reader(0).unwrap();
+    for i in 0..5 {
+        let Admission::Admitted(pending) = log.try_admit(record()).unwrap() else {
+            panic!("record {i} refused below the bound");
+        };
+        assert_eq!(pending.await.unwrap(), i);
+    }
+
+    let marked = Bytes::from(vec![9u8; 192]);
+    let back = match log.try_admit(marked.clone()).unwrap() {
+        Admission::Full(back) => back,
+        Admission::Admitted(_) => panic!("admitted although the consumer is 1000 bytes behind"),
+    };
+    assert_eq!(back, marked, "the refused payload comes back untouched");
+    assert_eq!(log.end_offset(), 5);
+
+    let mut out = Vec::new();
+    assert_eq!(reader.read_batch(&mut out, 1, Duration::ZERO).unwrap(), 1);
+    reader.commit(1);
+    let Admission::Admitted(pending) = log.try_admit(back).unwrap() else {
+        panic!("refused after the consumer made room");
+    };
+    assert_eq!(pending.await.unwrap(), 5);
 }

@@ -22,7 +22,7 @@ mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +32,7 @@ use futures::future::BoxFuture;
 use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
 use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, SinkError, TopicPattern};
 use sensorflow_lake::SessionsStore;
-use sensorflow_log::{Durability, Log, LogConfig, Retention};
+use sensorflow_log::{Admission, Durability, Log, LogConfig, LogError, Pending, Retention};
 use sensorflow_model::{Engine, Model};
 use sensorflow_api::StoreError;
 use sensorflow_pipeline::{GapRecord, LateRecord, SampleChunk, SessionAggregate, SessionEvent, SessionRecord, WindowRecord};
@@ -67,36 +67,46 @@ pub(crate) fn now_us() -> i64 {
 /// Ingest's sink: encodes each record and appends it to the log; the future resolves once the
 /// record is durable, which is when ingest sends the PUBACK.
 ///
-/// Order matters (dedupe relies on a sensor's packets staying in order), and ingest calls
-/// `append` in arrival order but polls the futures concurrently. So `append` only queues the
-/// record, synchronously, on a channel; one forwarder task admits records to the log in channel
-/// order and hands each completion to its caller without waiting for it, so fsync waits
-/// overlap. The channel is unbounded, but what can be in it is bounded by ingest's per-connection
-/// in-flight limit (`mqtt.receive_maximum`), and the forwarder waits in `admit` when the log
-/// applies backpressure.
+/// Order matters (dedupe relies on a sensor's packets staying in order): ingest calls `append`
+/// in arrival order and polls the futures concurrently, so `append` fixes the record's place in
+/// the log before it returns. Normally the log has room and the record is admitted right there,
+/// on the ingest thread, and the future only waits for durability (the log writer wakes the
+/// ingest thread directly). Under backpressure the log has no room: the record is queued to a
+/// forwarder task that waits for room and admits records in queue order, and while anything is
+/// queued there later records queue behind it, so order holds across both paths. The queue is
+/// unbounded, but what can be in it is bounded by ingest's per-connection in-flight limit
+/// (`mqtt.receive_maximum`).
 struct LogSink {
-    tx: mpsc::UnboundedSender<(Bytes, oneshot::Sender<Result<(), SinkError>>)>,
+    log: Log,
+    /// Records handed to the forwarder and not yet admitted.
+    forwarding: Arc<AtomicUsize>,
+    tx: mpsc::UnboundedSender<(Bytes, oneshot::Sender<Result<Pending, SinkError>>)>,
 }
 
 impl LogSink {
     fn spawn(log: Log) -> LogSink {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, oneshot::Sender<Result<(), SinkError>>)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, oneshot::Sender<Result<Pending, SinkError>>)>();
+        let forwarding = Arc::new(AtomicUsize::new(0));
+        let (forwarder_log, count) = (log.clone(), forwarding.clone());
         tokio::spawn(async move {
             while let Some((payload, done)) = rx.recv().await {
-                match log.admit(payload).await {
-                    Ok(pending) => {
-                        tokio::spawn(async move {
-                            let _ = done.send(pending.await.map(|_| ()).map_err(|e| SinkError::Unavailable(e.to_string())));
-                        });
-                    }
-                    Err(e) => {
-                        let _ = done.send(Err(SinkError::Unavailable(e.to_string())));
-                    }
-                }
+                let admitted = forwarder_log.admit(payload).await.map_err(unavailable);
+                // Admitted (or failed) before the count drops: a record that then takes the
+                // direct path lands behind this one.
+                count.fetch_sub(1, Ordering::AcqRel);
+                let _ = done.send(admitted);
             }
         });
-        LogSink { tx }
+        LogSink { log, forwarding, tx }
     }
+}
+
+fn unavailable(e: LogError) -> SinkError {
+    SinkError::Unavailable(e.to_string())
+}
+
+fn durable(pending: Pending) -> BoxFuture<'static, Result<(), SinkError>> {
+    async move { pending.await.map(|_| ()).map_err(unavailable) }.boxed()
 }
 
 impl IngestSink for LogSink {
@@ -105,11 +115,28 @@ impl IngestSink for LogSink {
         if let Err(e) = record.try_encode(&mut buf) {
             return futures::future::ready(Err(SinkError::Rejected(e.to_string()))).boxed();
         }
+        let mut payload = Bytes::from(buf);
+        if self.forwarding.load(Ordering::Acquire) == 0 {
+            match self.log.try_admit(payload) {
+                Ok(Admission::Admitted(pending)) => return durable(pending),
+                Ok(Admission::Full(back)) => payload = back,
+                Err(e) => return futures::future::ready(Err(unavailable(e))).boxed(),
+            }
+        }
         let (done_tx, done_rx) = oneshot::channel();
-        if self.tx.send((buf.into(), done_tx)).is_err() {
+        self.forwarding.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send((payload, done_tx)).is_err() {
+            self.forwarding.fetch_sub(1, Ordering::AcqRel);
             return futures::future::ready(Err(SinkError::Unavailable("the log is closed".into()))).boxed();
         }
-        async move { done_rx.await.unwrap_or_else(|_| Err(SinkError::Unavailable("the log is closed".into()))) }.boxed()
+        async move {
+            match done_rx.await {
+                Ok(Ok(pending)) => pending.await.map(|_| ()).map_err(unavailable),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(SinkError::Unavailable("the log is closed".into())),
+            }
+        }
+        .boxed()
     }
 }
 
