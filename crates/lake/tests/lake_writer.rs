@@ -196,6 +196,36 @@ fn samples_across_midnight_land_in_two_partitions_with_every_column_intact() {
 }
 
 #[test]
+fn samples_are_written_with_split_floats_delta_integers_and_dictionary_ids() {
+    use parquet::basic::Encoding;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut lake = LakeWriter::open(config(dir.path())).unwrap();
+    lake.write_samples(&[chunk("imu-a", 0, MIDNIGHT_US, 64)]).unwrap();
+    lake.flush().unwrap();
+    let files = data_files(dir.path(), Table::Samples);
+    let reader = SerializedFileReader::new(fs::File::open(&files[0]).unwrap()).unwrap();
+    let group = reader.metadata().row_group(0);
+    let encodings = |name: &str| {
+        let column = (0..group.num_columns())
+            .map(|i| group.column(i))
+            .find(|c| c.column_path().string() == name)
+            .unwrap_or_else(|| panic!("no column {name}"));
+        column.encodings().collect::<Vec<_>>()
+    };
+    for float in ["acc_x", "gyro_mag", "velocity_pred"] {
+        assert!(encodings(float).contains(&Encoding::BYTE_STREAM_SPLIT), "{float}: {:?}", encodings(float));
+    }
+    for int in ["sample_index", "timestamp_us", "temp_raw", "ingest_us"] {
+        assert!(encodings(int).contains(&Encoding::DELTA_BINARY_PACKED), "{int}: {:?}", encodings(int));
+    }
+    assert!(encodings("sensor_id").contains(&Encoding::RLE_DICTIONARY));
+    // And the values read back intact through the Arrow reader.
+    assert_eq!(sorted(sample_rows(&read_files(&files))), expected_rows(&[chunk("imu-a", 0, MIDNIGHT_US, 64)], |_| true));
+}
+
+#[test]
 fn file_stays_hidden_until_committed_and_no_tmp_remains_after_flush() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LakeConfig {
