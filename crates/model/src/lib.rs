@@ -37,6 +37,7 @@ mod batch;
 mod engine;
 mod error;
 mod model;
+mod native;
 #[cfg(feature = "onnxruntime")]
 mod onnxruntime;
 pub mod sidecar;
