@@ -6,8 +6,10 @@
 //! and `T`; each `(batch bucket, T)` shape a caller needs gets its own plan, typed and
 //! optimised for exactly that shape (tract is several times faster on a fixed shape), compiled
 //! on first use and cached. ONNX Runtime (`crate::onnxruntime`) takes any shape in one session.
-//! Gathering sequences into batch tensors and scattering results back is shared by both
-//! engines ([`gather`], [`scatter`]), so batching behaves identically.
+//! Gathering sequences into batch tensors and scattering results back is shared by tract and
+//! ONNX Runtime ([`gather`], [`scatter`]), so batching behaves identically. The native engine
+//! (`crate::native`) gets the same planned calls but reads and writes the sequences directly;
+//! it is checked at load against a tract instance of the same graph, which is then dropped.
 
 use std::collections::HashMap;
 use std::fmt;
