@@ -1056,6 +1056,44 @@ mod tests {
     use super::*;
     use tract_onnx::prelude::Framework;
 
+    #[test]
+    fn the_load_time_probe_refuses_results_that_differ_from_tract() {
+        // The native engine runs the demo; the "reference" is the demo with a shifted velocity
+        // bias, standing in for a graph whose meaning the extraction got wrong.
+        let native = Model::demo_with(&crate::Engine::Native).unwrap();
+        let onnx: &[u8] = include_bytes!("../../../models/demo_lstm.onnx");
+        let sidecar: &[u8] = include_bytes!("../../../models/demo_lstm.json");
+        let mut proto = tract_onnx::onnx()
+            .proto_model_for_read(&mut &onnx[..])
+            .unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        let bias = graph
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == "head.b")
+            .unwrap();
+        let (dims, mut values) = Graph::new(&[], std::slice::from_ref(bias))
+            .const_f32("head.b")
+            .unwrap();
+        assert_eq!(dims, [2]);
+        values[0] += 1e-3;
+        *bias = TensorProto {
+            name: "head.b".into(),
+            dims: vec![2],
+            data_type: ONNX_FLOAT,
+            float_data: values,
+            ..Default::default()
+        };
+        let shifted = Model::from_bytes(&prost::Message::encode_to_vec(&proto), sidecar).unwrap();
+        let err = cross_check(&native, &shifted).unwrap_err();
+        assert!(
+            matches!(err, ModelError::NativeMismatch { output: "velocity_pred", max_diff }
+                if (max_diff - 1e-3).abs() < 1e-5),
+            "{err}"
+        );
+        cross_check(&native, &Model::demo().unwrap()).unwrap();
+    }
+
     /// Every kernel variant this CPU can run, not only the one `Isa::detect` picks, agrees
     /// with tract: the portable and AVX2 paths are otherwise untested on an AVX-512 machine.
     #[test]
