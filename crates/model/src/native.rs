@@ -38,8 +38,10 @@
 //!
 //! # Kernel variants
 //!
-//! The same generic Rust is compiled three times: with `avx512f` (16-lane FMA, 4 rows x 64 gate
-//! rows of accumulators), with `avx2,fma` (8-lane), and portable (no FMA; any architecture),
+//! The same generic Rust is compiled three times: with `avx512f` (16-lane FMA, accumulators for
+//! 4 rows x 64 gate rows = 16 of the 32 vector registers), with `avx2,fma` (8-lane, 4 rows x 16
+//! = 8 of 16 registers: 3 x 32 spilled and ran at half speed), and portable (no FMA, 2 rows x
+//! 16; any architecture),
 //! and LLVM auto-vectorises the fixed-size inner loops. The variant is chosen once at load.
 
 use std::collections::HashMap;
@@ -124,7 +126,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => 64,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => 32,
+            Isa::Avx2 => 16,
             Isa::Portable => 16,
         }
     }
@@ -316,7 +318,7 @@ impl NativeEngine {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn run_avx2(&self, call: &Call, seqs: &mut [SequenceMut<'_>]) {
-        self.run_blocks::<3, 32, true>(call, seqs)
+        self.run_blocks::<4, 16, true>(call, seqs)
     }
 
     /// Runs the members in blocks of `NB` rows (the remainder one row at a time, which computes
