@@ -4,26 +4,27 @@
 //!
 //! # Why hand-written
 //!
-//! At high sensor counts inference dominates the platform's CPU time, and the demo model is
+//! At high sensor counts inference is the platform's largest cost, and the demo model is
 //! small: two forward LSTM layers of `H = 32` and a 2-column linear head, about 25 kFLOP per
-//! timestep. At that size a general engine spends much of each timestep outside arithmetic.
-//! ONNX Runtime's LSTM kernel, per timestep and layer, runs a GEMM for `R h_{t-1}` over the
-//! whole batch (after one GEMM for `W x` over all timesteps), writes the `[batch, 4H]` gate
-//! block to memory, then walks it again in a separate activation and cell-update pass per gate,
-//! and finally copies `Y`, squeezes, transposes and runs the head as further ops. tract does
-//! the same in a scan over generic ops. For `H = 32` each GEMM is tiny (a `[B, 32] x [32, 128]`
-//! product), so call overhead, packing and the round trips of the gate block through memory
-//! are a large share of the ~0.75-0.9 us per timestep-sample those engines take.
+//! timestep-sample, which one Zen 4 core (32 fp32 FLOP/cycle) could do in ~0.2 us. ONNX
+//! Runtime takes ~0.6-0.9 us and tract ~2 us. Both run the graph op by op: per timestep and
+//! layer a small GEMM (`[B, 32] x [32, 128]` for `R h_{t-1}`, after one GEMM for `W x` over
+//! all timesteps) that writes the `[B, 4H]` gate block to memory, activation and cell-update
+//! passes that read it back, then the head as separate whole-sequence ops (Transpose, MatMul,
+//! Add, Gather, Sigmoid) plus the Squeeze/Transpose/Concat/Slice glue, each with its own
+//! dispatch, packing and buffers. At `H = 32` that overhead is a large share of the time.
 //!
-//! The kernel here keeps a block of batch rows' gate pre-activations `W x_t + R h_{t-1} + b`
-//! in vector registers (`[x_t | h_{t-1}]` against `[W | R]` pre-transposed into contiguous
-//! chunks of gate rows, so each weight vector is loaded once per block and feeds one FMA per
-//! row), applies fast vectorised sigmoid/tanh and the cell update straight after, runs every
-//! layer and the head for the timestep before moving on, and reads features from and writes
-//! predictions and state to the caller's [`SequenceMut`]s directly (no gather/scatter, no
-//! transposes, no padding rows). On the demo model at batch 64, T = 64 it takes
-//! ~0.22 us per timestep-sample on one Zen 4 core against ~0.75 us for ONNX Runtime with
-//! one thread (3.4x; `examples/bench_engines.rs`, 2026-11-27).
+//! The kernel here fuses the whole model per timestep. For a block of batch rows it keeps the
+//! gate pre-activations `W x_t + R h_{t-1} + b` in vector registers (`[W | R]` pre-transposed
+//! into contiguous chunks of gate rows: each weight vector is loaded once per block and feeds
+//! one FMA per row, which runs at the FMA units' peak), then applies a fast vectorised
+//! `exp` and the cell update (`sigmoid(a) tanh(b)` as one fraction, three divisions per
+//! element), steps every layer and the head, and reads features from and writes predictions
+//! and state to the caller's [`SequenceMut`]s directly (no gather/scatter, transposes or
+//! padding rows). On the demo model at batch 64, T = 64, one thread on this Zen 4 host it
+//! took ~0.37-0.40 us per timestep-sample against ~0.56-0.62 us for ONNX Runtime 1.32 with
+//! one intra-op thread, measured back to back (1.5-1.7x; ~4-6x tract), and ~1.6x ONNX
+//! Runtime at batch 1 (`examples/bench_engines.rs`, 2026-11-27, on a shared 2-core machine).
 //!
 //! # Exactness
 //!
@@ -31,18 +32,19 @@
 //!   block or call it lands in (each gate sum runs over inputs in index order; blocks of fewer
 //!   rows run the same code with a smaller row count), so a sequence's result is bit-identical
 //!   alone or in a batch.
-//! - Against tract/ONNX Runtime the results differ by float rounding only (summation order,
-//!   `Wb + Rb` pre-added, polynomial `exp`): about 1e-6, < 1e-5 over 512 carried timesteps in
-//!   the tests. Loading refuses a model on which the engine and tract differ by more than
-//!   [`PROBE_TOLERANCE`] on random inputs and state, so a mis-recognised graph fails at load.
+//! - Against tract the results differ by float rounding only (summation order, `Wb + Rb`
+//!   pre-added, polynomial `exp`): outputs and `h` by < 2e-6 and `c` by < 1e-5 relative over
+//!   512 carried timesteps in the tests. Loading refuses a model on which the engine and tract
+//!   differ by more than [`PROBE_TOLERANCE`] on random inputs and state, so a mis-recognised
+//!   graph fails at load instead of giving wrong answers.
 //!
 //! # Kernel variants
 //!
-//! The same generic Rust is compiled three times: with `avx512f` (16-lane FMA, accumulators for
-//! 4 rows x 64 gate rows = 16 of the 32 vector registers), with `avx2,fma` (8-lane, 4 rows x 16
-//! = 8 of 16 registers: 3 x 32 spilled and ran at half speed), and portable (no FMA, 2 rows x
-//! 16; any architecture),
-//! and LLVM auto-vectorises the fixed-size inner loops. The variant is chosen once at load.
+//! The same generic Rust is compiled three times and LLVM auto-vectorises its fixed-size inner
+//! loops: with `avx512f` (16-lane FMA, accumulators for 4 rows x 64 gate rows = 16 of the 32
+//! vector registers), with `avx2,fma` (8-lane, 4 rows x 16 gate rows = 8 of 16 registers; 3 x
+//! 32 spilled and ran at half speed), and portable (no FMA, 2 rows x 16; any architecture).
+//! The variant is chosen once at load.
 
 use std::collections::HashMap;
 
