@@ -5,7 +5,10 @@
 //! - `per_sensor/b1_t64`: one sensor per call, what inference costs without batching.
 //! - `batched/b64_t64`, `batched/b256_t64`: 64 and 256 sensors in one call (256 is
 //!   [`MAX_BATCH`](sensorflow_model::MAX_BATCH), the largest single tract call).
+//! - `native/b{1,16,64,256}_t64`: the same calls on the native fused LSTM engine
+//!   ([`Engine::Native`](sensorflow_model::Engine::Native)).
 //!
+//! The first three run on tract, the default engine.
 //! Elements = `B * T` timesteps, so criterion's `thrpt` is samples/s and `time / (B * 64)` is
 //! ns/sample. Each shape's plan is compiled before measuring (the pipeline compiles it once).
 //!
@@ -16,7 +19,7 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sensorflow_model::{Model, SequenceMut};
+use sensorflow_model::{Engine, Model, SequenceMut};
 
 /// Timesteps per sensor and call: one 64-sample packet.
 const STEPS: usize = 64;
@@ -90,6 +93,18 @@ fn inference(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new(name, format!("b{batch}_t{STEPS}")), |b| {
             b.iter(|| buffers.run(&model))
         });
+    }
+    let native = match Model::demo_with(&Engine::Native) {
+        Ok(m) => m,
+        Err(e) => panic!("demo model must load on the native engine: {e}"),
+    };
+    for batch in [1, 16, 64, 256] {
+        let mut buffers = Batch::new(&native, batch);
+        group.throughput(Throughput::Elements((batch * STEPS) as u64));
+        group.bench_function(
+            BenchmarkId::new("native", format!("b{batch}_t{STEPS}")),
+            |b| b.iter(|| buffers.run(&native)),
+        );
     }
     group.finish();
 }

@@ -1,6 +1,8 @@
-//! Inference throughput of the demo model on each engine: tract, and ONNX Runtime with 1 and 2
-//! intra-op threads, through [`Model::run`] as the pipeline calls it (`B` sensors with `T = 64`
-//! new samples each, state carried between calls). `scripts/bench_onnxruntime.py` measures
+//! Inference throughput of the demo model on each engine: tract, the native fused LSTM kernel,
+//! and ONNX Runtime with 1 and 2 intra-op threads, through [`Model::run`] as the pipeline calls
+//! it (`B` sensors with `T = 64` new samples each, state carried between calls); then the
+//! native engine and ONNX Runtime as two single-threaded models in parallel, as the pipeline's
+//! two shards run them. `ns/ts` is nanoseconds per timestep-sample (per thread for 2 x 1). `scripts/bench_onnxruntime.py` measures
 //! Python onnxruntime on the same model for comparison.
 //!
 //! ```text
@@ -28,7 +30,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
         .or_else(venv_library);
 
-    let mut engines = vec![("tract", Engine::Tract)];
+    let mut engines = vec![("tract", Engine::Tract), ("native", Engine::Native)];
     match &library {
         Some(library) => {
             for (name, intra_threads) in [("onnxruntime 1 thread", 1), ("onnxruntime 2 threads", 2)]
@@ -47,47 +49,61 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     println!("demo model, T = {STEPS}, {secs} s per case");
     println!(
-        "{:<22} {:>6} {:>10} {:>14} {:>12}",
-        "engine", "batch", "calls/s", "timesteps/s", "us/call"
+        "{:<22} {:>6} {:>10} {:>14} {:>12} {:>8}",
+        "engine", "batch", "calls/s", "timesteps/s", "us/call", "ns/ts"
     );
     for (name, engine) in &engines {
         let model = Model::demo_with(engine)?;
-        for batch in [1, 64, 256] {
+        for batch in [1, 16, 64, 256] {
             let (calls_per_s, us_per_call) = measure(&model, batch, secs)?;
             println!(
-                "{name:<22} {batch:>6} {calls_per_s:>10.0} {:>14.0} {us_per_call:>12.1}",
-                calls_per_s * (batch * STEPS) as f64
+                "{name:<22} {batch:>6} {calls_per_s:>10.0} {:>14.0} {us_per_call:>12.1} {:>8.0}",
+                calls_per_s * (batch * STEPS) as f64,
+                us_per_call * 1e3 / (batch * STEPS) as f64
             );
         }
     }
     // How `sensorflow run` uses two cores: two pipeline shards, each with its own
-    // single-threaded session, calling in parallel.
+    // single-threaded model, calling in parallel.
+    let mut parallel = vec![("native 2 x 1 thr", Engine::Native)];
     if let Some(library) = &library {
-        let engine = Engine::OnnxRuntime {
-            library: library.clone(),
-            intra_threads: 1,
-        };
-        let models = [Model::demo_with(&engine)?, Model::demo_with(&engine)?];
+        parallel.push((
+            "onnxruntime 2 x 1 thr",
+            Engine::OnnxRuntime {
+                library: library.clone(),
+                intra_threads: 1,
+            },
+        ));
+    }
+    for (name, engine) in &parallel {
+        let models = [Model::demo_with(engine)?, Model::demo_with(engine)?];
         for batch in [64, 256] {
             let results: Vec<Result<(f64, f64), String>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = models
                     .iter()
-                    .map(|m| scope.spawn(move || measure(m, batch, secs).map_err(|e| e.to_string())))
+                    .map(|m| {
+                        scope.spawn(move || measure(m, batch, secs).map_err(|e| e.to_string()))
+                    })
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err("bench thread panicked".into())))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err("bench thread panicked".into()))
+                    })
                     .collect()
             });
-            let mut calls_per_s = 0.0;
+            let (mut calls_per_s, mut us_per_call) = (0.0, 0.0);
             for r in results {
-                calls_per_s += r?.0;
+                let (calls, us) = r?;
+                calls_per_s += calls;
+                us_per_call += us / 2.0;
             }
             println!(
-                "{:<22} {batch:>6} {calls_per_s:>10.0} {:>14.0} {:>12}",
-                "onnxruntime 2 x 1 thr",
+                "{name:<22} {batch:>6} {calls_per_s:>10.0} {:>14.0} {:>12} {:>8.0}",
                 calls_per_s * (batch * STEPS) as f64,
-                "-"
+                "-",
+                us_per_call * 1e3 / (batch * STEPS) as f64
             );
         }
     }

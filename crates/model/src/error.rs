@@ -137,6 +137,21 @@ pub enum ModelError {
         /// The library asked for now.
         requested: PathBuf,
     },
+    /// The native engine does not recognise the graph: it runs only the contract's stacked
+    /// forward LSTM with a linear head (see [`Engine::Native`](crate::Engine::Native)); the
+    /// message names the node or attribute that did not match.
+    #[error("the native engine does not support this graph: {0}")]
+    UnsupportedGraph(String),
+    /// The native engine recognised the graph but its results differ from tract's on the
+    /// load-time probe (random inputs and state) by more than the tolerance (1e-4): the graph
+    /// means something the native engine does not compute, so it is refused.
+    #[error("the native engine differs from tract on {output} by {max_diff} (tolerance 1e-4)")]
+    NativeMismatch {
+        /// The output or final state with the largest difference.
+        output: &'static str,
+        /// The largest absolute difference found (infinite for a NaN on one side).
+        max_diff: f32,
+    },
     /// ONNX Runtime could not create its environment or a session for the graph (invalid
     /// options, or the graph rejected by ONNX Runtime).
     #[error("ONNX Runtime session: {0}")]

@@ -5,8 +5,10 @@
 //! and yields `velocity_pred` and `movement_prob` `[batch, T]` (and `h_n`/`c_n`). The sidecar
 //! names the feature columns, their standard scaler, the state shape and the movement
 //! threshold. Inference runs in-process on an [`Engine`]: [tract](https://docs.rs/tract-onnx),
-//! pure Rust and the default, or ONNX Runtime loaded from a shared library at run time
-//! (several times faster on the demo LSTM; Cargo feature `onnxruntime`, on by default).
+//! pure Rust and the default; ONNX Runtime loaded from a shared library at run time
+//! (several times faster on the demo LSTM; Cargo feature `onnxruntime`, on by default); or the
+//! native engine, a fused LSTM kernel for exactly the contract's stacked-LSTM graph (faster
+//! again, pure Rust, refuses any other graph at load).
 //!
 //! The pipeline keeps one recurrent state per sensor and hands [`Model::run`] one
 //! [`SequenceMut`] per sensor with new samples; the model batches sensors with the same number
@@ -19,6 +21,8 @@
 //! - `model`: loading and contract checks, the per-shape tract plan cache, batched
 //!   [`Model::run`] and the gather/scatter of sequences shared by both engines.
 //! - `onnxruntime`: the ONNX Runtime engine (process-wide library, one session per model).
+//! - `native`: the native engine: recognising the LSTM graph, its weights re-laid out, and
+//!   the fused, register-blocked kernel in AVX-512, AVX2 and portable variants.
 //! - `batch`: pure planning of which sequences share a call and the padded batch buckets.
 //! - `error`: [`ModelError`].
 //!
@@ -26,9 +30,11 @@
 //! - A model that loads has been checked against the contract and has executed once: names,
 //!   element types and declared dimensions match the sidecar, and output shapes are right.
 //! - Batching is invisible: [`Model::run`] gives each sequence the result it would get alone.
-//! - Both engines group sequences into calls the same way: by `T`, at most [`MAX_BATCH`] per
-//!   call on tract and [`ORT_MAX_BATCH`] on ONNX Runtime (each engine's fastest size), state
-//!   read from and written back to each [`SequenceMut`].
+//! - All engines group sequences into calls the same way: by `T`, at most [`MAX_BATCH`] per
+//!   call on tract and the native engine and [`ORT_MAX_BATCH`] on ONNX Runtime, state read
+//!   from and written back to each [`SequenceMut`].
+//! - A model on the native engine computes what tract computes on its graph (checked at load
+//!   on random inputs), and each sequence's result is bit-identical whatever batch it is in.
 //! - The crate spawns no threads and touches no files except in [`Model::load`]; ONNX Runtime
 //!   with `intra_threads` other than 1 runs its own intra-op thread pool, and loading its
 //!   library reads that file.
@@ -37,6 +43,7 @@ mod batch;
 mod engine;
 mod error;
 mod model;
+mod native;
 #[cfg(feature = "onnxruntime")]
 mod onnxruntime;
 pub mod sidecar;

@@ -6,8 +6,10 @@
 //! and `T`; each `(batch bucket, T)` shape a caller needs gets its own plan, typed and
 //! optimised for exactly that shape (tract is several times faster on a fixed shape), compiled
 //! on first use and cached. ONNX Runtime (`crate::onnxruntime`) takes any shape in one session.
-//! Gathering sequences into batch tensors and scattering results back is shared by both
-//! engines ([`gather`], [`scatter`]), so batching behaves identically.
+//! Gathering sequences into batch tensors and scattering results back is shared by tract and
+//! ONNX Runtime ([`gather`], [`scatter`]), so batching behaves identically. The native engine
+//! (`crate::native`) gets the same planned calls but reads and writes the sequences directly;
+//! it is checked at load against a tract instance of the same graph, which is then dropped.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -97,8 +99,22 @@ enum Backend {
         graph: InferenceModel,
         plans: Mutex<PlanCache>,
     },
+    /// The fused LSTM kernel (`crate::native`), weights extracted from the graph at load.
+    Native(crate::native::NativeEngine),
     #[cfg(feature = "onnxruntime")]
     OnnxRuntime(crate::onnxruntime::OrtEngine),
+}
+
+impl Backend {
+    fn tract(graph: InferenceModel) -> Backend {
+        Backend::Tract {
+            graph,
+            plans: Mutex::new(PlanCache {
+                plans: HashMap::new(),
+                clock: 0,
+            }),
+        }
+    }
 }
 
 impl fmt::Debug for Model {
@@ -195,14 +211,26 @@ impl Model {
             check_declared_input(&graph, h, H_0, &dims)?;
             check_declared_input(&graph, c, C_0, &dims)?;
         }
+        // The native engine is checked against tract running the same graph.
+        let mut reference = None;
         let backend = match engine {
-            Engine::Tract => Backend::Tract {
-                graph,
-                plans: Mutex::new(PlanCache {
-                    plans: HashMap::new(),
-                    clock: 0,
-                }),
-            },
+            Engine::Tract => Backend::tract(graph),
+            Engine::Native => {
+                let proto = tract_onnx::onnx()
+                    .proto_model_for_read(&mut &onnx[..])
+                    .map_err(ModelError::onnx)?;
+                let native = crate::native::NativeEngine::from_proto(&proto, n_features, state)?;
+                let tract = Model {
+                    sidecar: sidecar.clone(),
+                    io,
+                    n_features,
+                    state,
+                    backend: Backend::tract(graph),
+                };
+                tract.probe()?;
+                reference = Some(tract);
+                Backend::Native(native)
+            }
             #[cfg(feature = "onnxruntime")]
             Engine::OnnxRuntime {
                 library,
@@ -225,6 +253,14 @@ impl Model {
         };
         match &model.backend {
             Backend::Tract { .. } => model.probe()?,
+            Backend::Native(_) => {
+                let Some(tract) = &reference else {
+                    return Err(ModelError::Inference(
+                        "internal: native model loaded without its tract reference".into(),
+                    ));
+                };
+                crate::native::cross_check(&model, tract)?;
+            }
             #[cfg(feature = "onnxruntime")]
             Backend::OnnxRuntime(ort) => ort.probe(n_features)?,
         }
@@ -243,10 +279,11 @@ impl Model {
         Model::from_bytes_with(DEMO_ONNX, DEMO_SIDECAR, engine)
     }
 
-    /// The name of the engine running this model: `"tract"` or `"onnxruntime"`.
+    /// The name of the engine running this model: `"tract"`, `"native"` or `"onnxruntime"`.
     pub fn engine_name(&self) -> &'static str {
         match self.backend {
             Backend::Tract { .. } => "tract",
+            Backend::Native(_) => "native",
             #[cfg(feature = "onnxruntime")]
             Backend::OnnxRuntime(_) => "onnxruntime",
         }
@@ -303,13 +340,14 @@ impl Model {
             steps.push(t);
         }
         let max_batch = match &self.backend {
-            Backend::Tract { .. } => batch::MAX_BATCH,
+            Backend::Tract { .. } | Backend::Native(_) => batch::MAX_BATCH,
             #[cfg(feature = "onnxruntime")]
             Backend::OnnxRuntime(_) => batch::ORT_MAX_BATCH,
         };
         for call in batch::plan_calls(&steps, max_batch) {
             match &self.backend {
                 Backend::Tract { .. } => self.run_tract_call(&call, seqs)?,
+                Backend::Native(native) => native.run_call(&call, seqs),
                 #[cfg(feature = "onnxruntime")]
                 Backend::OnnxRuntime(ort) => ort.run_call(&call, seqs, self.n_features)?,
             }
@@ -359,11 +397,11 @@ impl Model {
     fn plan(&self, b: usize, t: usize) -> Result<Arc<Plan>, ModelError> {
         let (graph, plans) = match &self.backend {
             Backend::Tract { graph, plans } => (graph, plans),
-            #[cfg(feature = "onnxruntime")]
-            Backend::OnnxRuntime(_) => {
-                return Err(ModelError::Inference(
-                    "internal: tract plan requested for an ONNX Runtime model".into(),
-                ));
+            _ => {
+                return Err(ModelError::Inference(format!(
+                    "internal: tract plan requested for a {} model",
+                    self.engine_name()
+                )));
             }
         };
         // A poisoned lock only means another thread panicked mid-lookup; the map is still valid.
