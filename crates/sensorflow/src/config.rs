@@ -91,7 +91,8 @@ pub(crate) struct CheckpointConfig {
 pub(crate) struct ModelConfig {
     /// Empty: the bundled demo model.
     pub(crate) path: String,
-    /// "auto" (onnxruntime when its library is found, else tract), "onnxruntime" or "tract".
+    /// "auto" (native for the contract's LSTM graphs, else onnxruntime when its library is
+    /// found, else tract), "native", "onnxruntime" or "tract".
     pub(crate) engine: String,
     /// ONNX Runtime shared library; empty: the `ORT_DYLIB_PATH` environment variable.
     pub(crate) onnxruntime_library: String,
@@ -149,8 +150,8 @@ impl Config {
         if self.checkpoint.keep == 0 {
             problems.push("checkpoint.keep: must be at least 1".into());
         }
-        if !["auto", "onnxruntime", "tract"].contains(&self.model.engine.as_str()) {
-            problems.push(format!("model.engine: {:?} is not one of \"auto\", \"onnxruntime\", \"tract\"", self.model.engine));
+        if !["auto", "native", "onnxruntime", "tract"].contains(&self.model.engine.as_str()) {
+            problems.push(format!("model.engine: {:?} is not one of \"auto\", \"native\", \"onnxruntime\", \"tract\"", self.model.engine));
         }
         if self.runtime.pipeline_threads == 0 || self.runtime.pipeline_threads > 64 {
             problems.push("runtime.pipeline_threads: must be 1 to 64".into());

@@ -33,7 +33,7 @@ use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
 use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, SinkError, TopicPattern};
 use sensorflow_lake::SessionsStore;
 use sensorflow_log::{Admission, Durability, Log, LogConfig, LogError, Pending, Retention};
-use sensorflow_model::{Engine, Model};
+use sensorflow_model::{Engine, Model, ModelError};
 use sensorflow_api::StoreError;
 use sensorflow_pipeline::{GapRecord, LateRecord, SampleChunk, SessionAggregate, SessionEvent, SessionRecord, WindowRecord};
 use sensorflow_protocol::record::IngestRecord;
@@ -255,43 +255,59 @@ impl Embedded {
     }
 }
 
-/// The inference engine `[model]` asks for. `auto` takes ONNX Runtime when a library is
-/// configured (or in `ORT_DYLIB_PATH`) and exists, tract otherwise.
-fn engine(config: &Config) -> anyhow::Result<Engine> {
+/// The engines to try for `model.engine`, best first. "auto" prefers the native fused LSTM
+/// kernel (fastest, no library, but only for the contract's LSTM graphs), then ONNX Runtime
+/// when its library is found, then tract, which runs any graph.
+fn engines(config: &Config) -> anyhow::Result<Vec<Engine>> {
     let library = match config.model.onnxruntime_library.as_str() {
         "" => std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from),
         path => Some(path.into()),
     };
     let onnxruntime = |library: std::path::PathBuf| Engine::OnnxRuntime { library, intra_threads: config.model.intra_threads };
-    match (config.model.engine.as_str(), library) {
-        ("tract", _) => Ok(Engine::Tract),
-        ("onnxruntime", Some(library)) => Ok(onnxruntime(library)),
+    Ok(match (config.model.engine.as_str(), library) {
+        ("tract", _) => vec![Engine::Tract],
+        ("native", _) => vec![Engine::Native],
+        ("onnxruntime", Some(library)) => vec![onnxruntime(library)],
         ("onnxruntime", None) => anyhow::bail!("model.engine = \"onnxruntime\" needs model.onnxruntime_library or ORT_DYLIB_PATH"),
-        (_, Some(library)) if library.exists() => Ok(onnxruntime(library)),
-        _ => Ok(Engine::Tract),
-    }
+        (_, Some(library)) if library.exists() => vec![Engine::Native, onnxruntime(library), Engine::Tract],
+        _ => vec![Engine::Native, Engine::Tract],
+    })
 }
 
-/// Loads the configured model once.
+/// Loads the configured model once, on the first engine of [`engines`] that accepts it. Only
+/// the native engine's "not a graph I run" refusals fall through to the next engine; any
+/// other failure is the model's and is reported.
 pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
-    let engine = engine(config)?;
-    let model = if config.model.path.is_empty() {
-        Model::demo_with(&engine).context("loading the bundled demo model")?
-    } else {
-        Model::load_with(std::path::Path::new(&config.model.path), &engine).with_context(|| format!("loading model {}", config.model.path))?
-    };
     let name = if config.model.path.is_empty() { "bundled demo model" } else { config.model.path.as_str() };
-    tracing::info!(model = name, engine = model.engine_name(), "model loaded");
-    Ok(model)
+    let candidates = engines(config)?;
+    let last = candidates.len() - 1;
+    for (i, engine) in candidates.iter().enumerate() {
+        let loaded = if config.model.path.is_empty() {
+            Model::demo_with(engine)
+        } else {
+            Model::load_with(std::path::Path::new(&config.model.path), engine)
+        };
+        match loaded {
+            Ok(model) => {
+                tracing::info!(model = name, engine = model.engine_name(), "model loaded");
+                return Ok(model);
+            }
+            Err(e @ (ModelError::UnsupportedGraph(_) | ModelError::NativeMismatch { .. })) if i < last => {
+                tracing::info!(model = name, error = %e, "the native engine does not run this model; trying the next engine");
+            }
+            Err(e) => return Err(e).with_context(|| format!("loading {name} on {}", engine.name())),
+        }
+    }
+    anyhow::bail!("no engine to load {name} on")
 }
 
-/// One model per pipeline shard: tract models are shared (their runs are concurrent), ONNX
-/// Runtime gets a session per shard (a session runs one call at a time).
+/// One model per pipeline shard: tract and native models are shared (their runs are
+/// concurrent), ONNX Runtime gets a session per shard (a session runs one call at a time).
 pub(crate) fn load_models(config: &Config) -> anyhow::Result<Vec<Arc<Model>>> {
     let first = Arc::new(load_model(config)?);
     let mut models = vec![first.clone()];
     for _ in 1..config.runtime.pipeline_threads {
-        models.push(if first.engine_name() == "tract" { first.clone() } else { Arc::new(load_model(config)?) });
+        models.push(if first.engine_name() == "onnxruntime" { Arc::new(load_model(config)?) } else { first.clone() });
     }
     Ok(models)
 }
