@@ -13,16 +13,17 @@ pub enum Durability {
     /// Complete once the bytes are in the OS page cache (`write` returned). Survives a process
     /// crash, not a power loss or kernel panic.
     None,
-    /// Group commit with a time bound: while appends keep arriving, the writer goes on
-    /// writing them and `fdatasync`s at most once per `interval`; as soon as it runs out of
-    /// queued appends it syncs at once (there is nothing left to group with). Every append
-    /// completes after the sync that covers it, so an acknowledged append survives power loss
-    /// as with [`Durability::Fsync`]. Under light load it costs what `Fsync` costs; under
-    /// heavy load it issues far fewer syncs, at the price of up to `interval` of latency.
-    /// An `interval` of zero behaves like [`Durability::Fsync`].
+    /// Group commit with a time bound: appends are written as they come and `fdatasync`ed
+    /// together, at most once per `interval` while several appenders keep the writer busy
+    /// (like Kafka's `linger.ms` or PostgreSQL's `commit_delay`: waiting a little lets one
+    /// sync cover many appends, which saves far more CPU and I/O than it costs in latency).
+    /// A lone append is synced at once: when the previous sync covered a single record
+    /// (one appender waiting for each ack before sending the next) or none happened for
+    /// `interval`, there is nothing to group with. Every append completes after the sync
+    /// that covers it, so an acknowledged append survives power loss as with
+    /// [`Durability::Fsync`]. An `interval` of zero behaves like [`Durability::Fsync`].
     Batch {
-        /// Longest time written appends wait for a sync while the writer stays busy
-        /// (default 5 ms).
+        /// Longest time a written append waits for its sync (default 5 ms).
         interval: Duration,
     },
     /// `fdatasync` after every write batch before completing its appends. Concurrent appends

@@ -80,6 +80,9 @@ pub(crate) struct Writer {
     /// A rollback failed; retry it before writing anything else.
     needs_rollback: bool,
     last_sync: Instant,
+    /// Records the last sync covered (Batch: more than one means appenders overlap, so
+    /// waiting for more before the next sync pays).
+    last_group: usize,
     buf: Vec<u8>,
 }
 
@@ -140,6 +143,7 @@ impl Writer {
             dirty: false,
             needs_rollback: false,
             last_sync: Instant::now(),
+            last_group: 0,
             buf: Vec::with_capacity(1 << 20),
         })
     }
@@ -200,14 +204,17 @@ impl Writer {
     }
 
     /// Whether the records written so far should be synced and published now. Under Batch,
-    /// the writer keeps writing while more appends are queued, up to `interval` after the
-    /// last sync; an empty queue means there is nothing to group with, so it syncs at once.
+    /// written records wait for more to group with until `interval` after the last sync,
+    /// unless they are a lone append: the queue is empty and the last sync covered a single
+    /// record, so no other appender is about to join (see [`Durability::Batch`]).
     fn sync_due(&self, closing: bool) -> bool {
         match self.batch_interval() {
             Some(interval) => {
                 closing
                     || self.last_sync.elapsed() >= interval
-                    || self.shared.state.lock().queue.is_empty()
+                    || (self.last_group <= 1
+                        && self.unsynced.len() <= 1
+                        && self.shared.state.lock().queue.is_empty())
             }
             None => true,
         }
@@ -348,6 +355,7 @@ impl Writer {
             return;
         }
         self.published = self.written;
+        self.last_group = self.unsynced.len();
         let records = self.unsynced.len() as u64;
         let frames: u64 = self.unsynced.iter().map(|p| p.frame).sum();
         let bytes: u64 = self.unsynced.iter().map(|p| p.payload_len).sum();

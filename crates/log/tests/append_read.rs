@@ -117,8 +117,8 @@ async fn every_durability_mode_completes_appends_in_order() {
     }
 }
 
-/// Batch durability groups syncs only while the writer has more to write: a lone append is
-/// synced and completed as soon as it is written, not after the interval.
+/// Batch durability does not make a lone appender wait: an append that is alone (the previous
+/// sync covered one record) is synced and completed as soon as it is written.
 #[tokio::test]
 async fn batch_durability_syncs_an_idle_writer_at_once_instead_of_waiting_out_the_interval() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,6 +134,36 @@ async fn batch_durability_syncs_an_idle_writer_at_once_instead_of_waiting_out_th
         assert_eq!(done.unwrap(), i);
     }
     assert!(log.stats().fsyncs >= 1);
+}
+
+/// While several appenders overlap, Batch durability waits out the interval to group them:
+/// at most one sync per interval, however fast the appenders come back with the next record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_durability_groups_overlapping_appenders_into_one_sync_per_interval() {
+    const INTERVAL: Duration = Duration::from_millis(20);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.durability = Durability::Batch { interval: INTERVAL };
+    let (log, _) = Log::open(cfg).unwrap();
+    let started = std::time::Instant::now();
+    let appenders: Vec<_> = (0..8u64)
+        .map(|a| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    log.append(payload(a * 100 + i, 100)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for a in appenders {
+        a.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let fsyncs = log.stats().fsyncs;
+    let bound = (elapsed.as_millis() / INTERVAL.as_millis()) as u64 + 2;
+    assert!(fsyncs <= bound, "{fsyncs} syncs in {elapsed:?}: more than one per {INTERVAL:?}");
+    assert_eq!(log.end_offset(), 80);
 }
 
 #[test]
