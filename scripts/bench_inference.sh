@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Inference throughput of the demo LSTM, sensorflow's engines against Python onnxruntime, in one
-# run (same machine state), for BENCHMARKS.md: tract, ONNX Runtime through `ort` with 1 and 2
+# run (same machine state), for BENCHMARKS.md: tract, the native fused LSTM kernel (1 thread, and
+# two models in parallel), ONNX Runtime through `ort` with 1 and 2
 # intra-op threads, two single-threaded sessions in parallel (how `run`'s two pipeline shards
 # use it), and Python onnxruntime at its best batching and threading.
 #
