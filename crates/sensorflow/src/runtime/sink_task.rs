@@ -26,6 +26,9 @@ use super::checkpoint::{Checkpoint, CheckpointStore};
 use super::status::SharedStatus;
 use super::{SinkBatch, SinkMsg};
 
+/// A checkpoint commit slower than this is logged: the pipeline may be waiting on the sink.
+const SLOW_CHECKPOINT: Duration = Duration::from_millis(250);
+
 pub(crate) struct SinkTask {
     pub(crate) lake: LakeWriter,
     pub(crate) store: SessionsStore,
@@ -76,6 +79,7 @@ impl SinkTask {
     }
 
     fn checkpoint(&mut self, c: Checkpoint) -> Result<(), SinkFailure> {
+        let started = Instant::now();
         self.lake.flush().map_err(SinkFailure::lake)?;
         if let Err(e) = self.checkpoints.write(&c) {
             // The lake files of this epoch stay; the next checkpoint covers them too.
@@ -84,7 +88,12 @@ impl SinkTask {
             return Ok(());
         }
         self.lake.set_epoch(c.epoch + 1);
-        self.status.checkpoint_written(c.epoch, c.log_offset, c.snapshot.len());
+        let took = started.elapsed();
+        self.status.checkpoint_written(c.epoch, c.log_offset, c.snapshot.len(), took);
+        if took > SLOW_CHECKPOINT {
+            // The pipeline waits on the sink's bounded queue meanwhile: live latency suffers.
+            tracing::warn!(epoch = c.epoch, took_ms = took.as_millis() as u64, "slow checkpoint (lake commit and checkpoint write)");
+        }
         self.status.set_component("checkpoint", true, format!("epoch {} at log offset {}", c.epoch, c.log_offset));
         match self.checkpoints.prune(self.keep_checkpoints) {
             Ok(Some(oldest)) => {

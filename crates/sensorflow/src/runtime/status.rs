@@ -44,8 +44,11 @@ pub(crate) struct SharedStatus {
     ingest_bad: Mutex<HashMap<String, BTreeMap<BadReason, u64>>>,
     lake: Mutex<Option<LakeStats>>,
     corrupt_records: AtomicU64,
-    /// Last checkpoint written: (epoch, log offset, snapshot bytes), and how many were written.
-    checkpoint: Mutex<Option<(u64, u64, usize)>>,
+    /// Last checkpoint written: (epoch, log offset, snapshot bytes, ms it took the sink to
+    /// commit the lake and write it), and how many were written.
+    checkpoint: Mutex<Option<(u64, u64, usize, u64)>>,
+    /// Longest checkpoint commit so far, ms.
+    checkpoint_max_ms: AtomicU64,
     checkpoints_written: AtomicU64,
     /// Checkpoint files found corrupt by recoveries (the previous one was used).
     pub(crate) checkpoints_corrupt: AtomicU64,
@@ -73,6 +76,7 @@ impl SharedStatus {
             corrupt_records: AtomicU64::new(0),
             checkpoint: Mutex::new(None),
             checkpoints_written: AtomicU64::new(0),
+            checkpoint_max_ms: AtomicU64::new(0),
             checkpoints_corrupt: AtomicU64::new(0),
             recovery: Mutex::new((0, 0)),
             sessions_ended: AtomicU64::new(0),
@@ -98,8 +102,10 @@ impl SharedStatus {
         }
     }
 
-    pub(crate) fn checkpoint_written(&self, epoch: u64, log_offset: u64, bytes: usize) {
-        *self.checkpoint.lock() = Some((epoch, log_offset, bytes));
+    pub(crate) fn checkpoint_written(&self, epoch: u64, log_offset: u64, bytes: usize, took: std::time::Duration) {
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        *self.checkpoint.lock() = Some((epoch, log_offset, bytes, ms));
+        self.checkpoint_max_ms.fetch_max(ms, Ordering::Relaxed);
         self.checkpoints_written.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -251,10 +257,12 @@ impl StatusSource for SharedStatus {
         gauge_like(out, "sensorflow_sessions_ended_total", "counter", "Sessions ended.", self.sessions_ended.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_checkpoints_total", "counter", "Checkpoints written.", self.checkpoints_written.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_checkpoints_corrupt_total", "counter", "Checkpoint files that failed verification during recovery.", self.checkpoints_corrupt.load(Ordering::Relaxed));
-        if let Some((epoch, offset, bytes)) = *self.checkpoint.lock() {
+        if let Some((epoch, offset, bytes, ms)) = *self.checkpoint.lock() {
             gauge_like(out, "sensorflow_checkpoint_epoch", "gauge", "Epoch of the last checkpoint.", epoch);
             gauge_like(out, "sensorflow_checkpoint_log_offset", "gauge", "Log offset of the last checkpoint.", offset);
             gauge_like(out, "sensorflow_checkpoint_bytes", "gauge", "Size of the last pipeline snapshot.", bytes as u64);
+            gauge_like(out, "sensorflow_checkpoint_last_duration_ms", "gauge", "Time the sink took to commit the lake files and write the last checkpoint.", ms);
+            gauge_like(out, "sensorflow_checkpoint_max_duration_ms", "gauge", "Longest such checkpoint commit since start.", self.checkpoint_max_ms.load(Ordering::Relaxed));
         }
         gauge_like(out, "sensorflow_dataflow_restarts_total", "counter", "Restarts of the dataflow from the last checkpoint after a sink failure.", self.dataflow_restarts.load(Ordering::Relaxed));
         let (files_removed, replayed) = *self.recovery.lock();
