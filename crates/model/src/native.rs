@@ -668,16 +668,7 @@ pub(crate) fn cross_check(native: &Model, reference: &Model) -> Result<(), Model
             .collect();
         let mut expected = bufs.clone();
         for (model, bufs) in [(native, &mut bufs), (reference, &mut expected)] {
-            let mut seqs: Vec<SequenceMut<'_>> = bufs
-                .iter_mut()
-                .map(|[features, h, c, velocity, movement_prob]| SequenceMut {
-                    features,
-                    h,
-                    c,
-                    velocity,
-                    movement_prob,
-                })
-                .collect();
+            let mut seqs = sequence_views(bufs);
             model.run(&mut seqs)?;
         }
         for (got, want) in bufs.iter().zip(&expected) {
@@ -1054,6 +1045,14 @@ impl<'a> Graph<'a> {
     }
 }
 
+/// `SequenceMut` views of owned `[features, h, c, velocity, movement_prob]` buffers (the
+/// load-time cross-check and the tests build their sequences this way).
+fn sequence_views(bufs: &mut [[Vec<f32>; 5]]) -> Vec<SequenceMut<'_>> {
+    bufs.iter_mut()
+        .map(|[features, h, c, velocity, movement_prob]| SequenceMut { features, h, c, velocity, movement_prob })
+        .collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests fail loudly by design.
 mod tests {
@@ -1150,16 +1149,7 @@ mod tests {
                     ]
                 })
                 .collect();
-            let mut seqs: Vec<SequenceMut<'_>> = bufs
-                .iter_mut()
-                .map(|[features, h, c, velocity, movement_prob]| SequenceMut {
-                    features,
-                    h,
-                    c,
-                    velocity,
-                    movement_prob,
-                })
-                .collect();
+            let mut seqs = sequence_views(&mut bufs);
             match engine {
                 Some(engine) => engine.run_call(
                     &Call {

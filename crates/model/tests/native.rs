@@ -6,13 +6,16 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use prost::Message;
-use sensorflow_model::{Engine, MAX_BATCH, Model, ModelError, SequenceMut};
+use sensorflow_model::{Engine, MAX_BATCH, Model, ModelError};
 use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
 use tract_onnx::pb::type_proto::{self, Tensor};
 use tract_onnx::pb::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
+
+mod common;
+use common::{Noise, Seq, run_all};
 
 static DEMO_ONNX: &[u8] = include_bytes!("../../../models/demo_lstm.onnx");
 static DEMO_SIDECAR: &[u8] = include_bytes!("../../../models/demo_lstm.json");
@@ -22,94 +25,15 @@ static STATELESS_SIDECAR: &[u8] = include_bytes!("fixtures/stateless_lstm.json")
 /// Largest difference allowed between the native kernel and tract.
 const TOLERANCE: f32 = 1e-5;
 
-/// Deterministic xorshift noise in [-1, 1): varied inputs without a `rand` dependency.
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
-
-/// Owned buffers behind one `SequenceMut`.
-#[derive(Clone, Debug, PartialEq)]
-struct Seq {
-    features: Vec<f32>,
-    h: Vec<f32>,
-    c: Vec<f32>,
-    velocity: Vec<f32>,
-    movement: Vec<f32>,
-}
-
-impl Seq {
-    fn random(model: &Model, noise: &mut Noise, t: usize) -> Seq {
-        Seq {
-            // Scaled features are roughly standard normal; states lie in (-1, 1) for h.
-            features: noise.vec(t * model.n_features(), 2.0),
-            h: noise.vec(model.state_len(), 0.5),
-            c: noise.vec(model.state_len(), 1.0),
-            velocity: vec![f32::NAN; t],
-            movement: vec![f32::NAN; t],
-        }
-    }
-
-    fn as_mut(&mut self) -> SequenceMut<'_> {
-        SequenceMut {
-            features: &self.features,
-            h: &mut self.h,
-            c: &mut self.c,
-            velocity: &mut self.velocity,
-            movement_prob: &mut self.movement,
-        }
-    }
-
-    /// New features for the next call; predictions reset so unwritten ones show as NaN.
-    fn next_packet(&mut self, noise: &mut Noise) {
-        self.features = noise.vec(self.features.len(), 2.0);
-        self.velocity.fill(f32::NAN);
-        self.movement.fill(f32::NAN);
-    }
-}
-
-fn run_all(model: &Model, seqs: &mut [Seq]) {
-    let mut views: Vec<SequenceMut<'_>> = seqs.iter_mut().map(Seq::as_mut).collect();
-    model.run(&mut views).unwrap();
-}
 
 fn native() -> Model {
     Model::demo_with(&Engine::Native).unwrap()
 }
 
-/// Outputs and `h` (all in [-1, 1] or near) within [`TOLERANCE`] absolute; `c`, which grows
-/// to ~15 over long sequences, within [`TOLERANCE`] relative to `max(1, |c|)`: at that
-/// magnitude 1e-5 absolute is ~10 ulp, the rounding of any different summation order.
-fn assert_close(native: &Seq, tract: &Seq, what: &str) {
-    for (name, x, y) in [
-        ("velocity", &native.velocity, &tract.velocity),
-        ("movement_prob", &native.movement, &tract.movement),
-        ("h", &native.h, &tract.h),
-        ("c", &native.c, &tract.c),
-    ] {
-        assert_eq!(x.len(), y.len(), "{what}: {name} length");
-        assert!(
-            x.iter().all(|v| v.is_finite()),
-            "{what}: native left {name} unwritten"
-        );
-        let scale = |v: f32| if name == "c" { v.abs().max(1.0) } else { 1.0 };
-        let diff = x
-            .iter()
-            .zip(y)
-            .map(|(a, b)| (a - b).abs() / scale(*b))
-            .fold(0.0, f32::max);
-        assert!(diff <= TOLERANCE, "{what}: {name} differs by {diff}");
-    }
+/// `c` within [`TOLERANCE`] relative to `max(1, |c|)`: it grows to ~15 over long sequences,
+/// where 1e-5 absolute is ~10 ulp, the rounding of any different summation order.
+fn assert_close(got: &Seq, tract: &Seq, what: &str) {
+    common::assert_close("native", got, tract, what, TOLERANCE, true);
 }
 
 #[test]

@@ -11,7 +11,10 @@
 
 use std::path::{Path, PathBuf};
 
-use sensorflow_model::{Engine, MAX_BATCH, Model, ModelError, SequenceMut};
+use sensorflow_model::{Engine, MAX_BATCH, Model, ModelError};
+
+mod common;
+use common::{Noise, Seq, run_all};
 
 static STATELESS_ONNX: &[u8] = include_bytes!("fixtures/stateless_lstm.onnx");
 static STATELESS_SIDECAR: &[u8] = include_bytes!("fixtures/stateless_lstm.json");
@@ -62,79 +65,9 @@ fn ort_engine(intra_threads: usize) -> Engine {
     }
 }
 
-/// Deterministic xorshift noise in [-1, 1): varied inputs without a `rand` dependency.
-struct Noise(u64);
 
-impl Noise {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
-
-/// Owned buffers behind one `SequenceMut`.
-#[derive(Clone, Debug)]
-struct Seq {
-    features: Vec<f32>,
-    h: Vec<f32>,
-    c: Vec<f32>,
-    velocity: Vec<f32>,
-    movement: Vec<f32>,
-}
-
-impl Seq {
-    fn random(model: &Model, noise: &mut Noise, t: usize) -> Seq {
-        Seq {
-            // Scaled features are roughly standard normal; states lie in (-1, 1).
-            features: noise.vec(t * model.n_features(), 2.0),
-            h: noise.vec(model.state_len(), 0.5),
-            c: noise.vec(model.state_len(), 1.0),
-            velocity: vec![f32::NAN; t],
-            movement: vec![f32::NAN; t],
-        }
-    }
-
-    fn as_mut(&mut self) -> SequenceMut<'_> {
-        SequenceMut {
-            features: &self.features,
-            h: &mut self.h,
-            c: &mut self.c,
-            velocity: &mut self.velocity,
-            movement_prob: &mut self.movement,
-        }
-    }
-}
-
-fn run_all(model: &Model, seqs: &mut [Seq]) {
-    let mut views: Vec<SequenceMut<'_>> = seqs.iter_mut().map(Seq::as_mut).collect();
-    model.run(&mut views).unwrap();
-}
-
-fn assert_close(ort: &Seq, tract: &Seq, what: &str) {
-    for (name, x, y) in [
-        ("velocity", &ort.velocity, &tract.velocity),
-        ("movement_prob", &ort.movement, &tract.movement),
-        ("h", &ort.h, &tract.h),
-        ("c", &ort.c, &tract.c),
-    ] {
-        assert_eq!(x.len(), y.len(), "{what}: {name} length");
-        assert!(
-            x.iter().all(|v| v.is_finite()),
-            "{what}: onnxruntime left {name} unwritten"
-        );
-        let diff = x
-            .iter()
-            .zip(y)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(diff <= TOLERANCE, "{what}: {name} differs by {diff}");
-    }
+fn assert_close(got: &Seq, tract: &Seq, what: &str) {
+    common::assert_close("onnxruntime", got, tract, what, TOLERANCE, false);
 }
 
 #[test]
