@@ -55,21 +55,7 @@ impl Batch {
 
     /// One [`Model::run`] over every sensor; the states written back feed the next call.
     fn run(&mut self, model: &Model) {
-        let mut seqs: Vec<SequenceMut<'_>> = self
-            .features
-            .iter()
-            .zip(self.h.iter_mut().zip(self.c.iter_mut()))
-            .zip(self.velocity.iter_mut().zip(self.movement.iter_mut()))
-            .map(
-                |((features, (h, c)), (velocity, movement_prob))| SequenceMut {
-                    features,
-                    h,
-                    c,
-                    velocity,
-                    movement_prob,
-                },
-            )
-            .collect();
+        let mut seqs = SequenceMut::zip_all(&self.features, &mut self.h, &mut self.c, &mut self.velocity, &mut self.movement);
         if let Err(e) = model.run(&mut seqs) {
             panic!("demo model run failed: {e}");
         }

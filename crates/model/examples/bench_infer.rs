@@ -38,20 +38,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         let mut velocity = vec![vec![0.0; steps]; batch];
         let mut movement = vec![vec![0.0; steps]; batch];
         let mut call = || {
-            let mut seqs: Vec<SequenceMut<'_>> = features
-                .iter()
-                .zip(h.iter_mut().zip(c.iter_mut()))
-                .zip(velocity.iter_mut().zip(movement.iter_mut()))
-                .map(
-                    |((features, (h, c)), (velocity, movement_prob))| SequenceMut {
-                        features,
-                        h,
-                        c,
-                        velocity,
-                        movement_prob,
-                    },
-                )
-                .collect();
+            let mut seqs = SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
             model.run(&mut seqs)
         };
         call()?; // compiles the plan for this shape

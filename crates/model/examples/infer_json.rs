@@ -100,20 +100,7 @@ fn run(model: &Model, input: &Input) -> Result<Output, Box<dyn Error>> {
             .map(|rows| vec![0.0; rows.len()])
             .collect();
         let mut movement = velocity.clone();
-        let mut seqs: Vec<SequenceMut<'_>> = features
-            .iter()
-            .zip(h.iter_mut().zip(c.iter_mut()))
-            .zip(velocity.iter_mut().zip(movement.iter_mut()))
-            .map(
-                |((features, (h, c)), (velocity, movement_prob))| SequenceMut {
-                    features,
-                    h,
-                    c,
-                    velocity,
-                    movement_prob,
-                },
-            )
-            .collect();
+        let mut seqs = SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
         model.run(&mut seqs)?;
         drop(seqs);
         calls.push(CallOut {

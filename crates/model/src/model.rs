@@ -79,6 +79,32 @@ pub struct SequenceMut<'a> {
     pub movement_prob: &'a mut [f32],
 }
 
+impl<'a> SequenceMut<'a> {
+    /// One sequence per index over parallel per-sequence buffers (all slices the same length;
+    /// the shortest bounds the result): how callers that keep each sequence's buffers in
+    /// separate `Vec`s build the argument of [`Model::run`].
+    pub fn zip_all(
+        features: &'a [Vec<f32>],
+        h: &'a mut [Vec<f32>],
+        c: &'a mut [Vec<f32>],
+        velocity: &'a mut [Vec<f32>],
+        movement_prob: &'a mut [Vec<f32>],
+    ) -> Vec<SequenceMut<'a>> {
+        features
+            .iter()
+            .zip(h.iter_mut().zip(c.iter_mut()))
+            .zip(velocity.iter_mut().zip(movement_prob.iter_mut()))
+            .map(|((features, (h, c)), (velocity, movement_prob))| SequenceMut {
+                features,
+                h,
+                c,
+                velocity,
+                movement_prob,
+            })
+            .collect()
+    }
+}
+
 /// A loaded model with its sidecar, ready to run.
 ///
 /// `Model` is `Send + Sync`: [`Model::run`] takes `&self`, so one model can be shared by

@@ -256,20 +256,7 @@ fn bench_infer(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, model: &Mod
     let mut movement = vec![vec![0.0; SAMPLES]; SENSORS];
     group.bench_function(name, |b| {
         b.iter(|| {
-            let mut seqs: Vec<SequenceMut<'_>> = features
-                .iter()
-                .zip(h.iter_mut().zip(c.iter_mut()))
-                .zip(velocity.iter_mut().zip(movement.iter_mut()))
-                .map(
-                    |((features, (h, c)), (velocity, movement_prob))| SequenceMut {
-                        features,
-                        h,
-                        c,
-                        velocity,
-                        movement_prob,
-                    },
-                )
-                .collect();
+            let mut seqs = SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
             if let Err(e) = model.run(&mut seqs) {
                 panic!("model run failed: {e}");
             }
