@@ -105,8 +105,9 @@ fn unavailable(e: LogError) -> SinkError {
     SinkError::Unavailable(e.to_string())
 }
 
-fn durable(pending: Pending) -> BoxFuture<'static, Result<(), SinkError>> {
-    async move { pending.await.map(|_| ()).map_err(unavailable) }.boxed()
+/// Waits until an admitted record is durable.
+async fn durable(pending: Pending) -> Result<(), SinkError> {
+    pending.await.map(|_| ()).map_err(unavailable)
 }
 
 impl IngestSink for LogSink {
@@ -118,7 +119,7 @@ impl IngestSink for LogSink {
         let mut payload = Bytes::from(buf);
         if self.forwarding.load(Ordering::Acquire) == 0 {
             match self.log.try_admit(payload) {
-                Ok(Admission::Admitted(pending)) => return durable(pending),
+                Ok(Admission::Admitted(pending)) => return durable(pending).boxed(),
                 Ok(Admission::Full(back)) => payload = back,
                 Err(e) => return futures::future::ready(Err(unavailable(e))).boxed(),
             }
@@ -131,7 +132,7 @@ impl IngestSink for LogSink {
         }
         async move {
             match done_rx.await {
-                Ok(Ok(pending)) => pending.await.map(|_| ()).map_err(unavailable),
+                Ok(Ok(pending)) => durable(pending).await,
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(SinkError::Unavailable("the log is closed".into())),
             }
