@@ -19,6 +19,16 @@
 //! packet generated more than one interval late is a lag event. When the broker withholds
 //! acks, the in-flight window and then our bounded queue fill up and generation pauses (the
 //! device "buffers"); timestamps stay on schedule, so the data are unaffected.
+//!
+//! Motion is replayed, not synthesised per packet. At start-up the simulator generates
+//! [`TRACE_SECS`] of motion for each of up to [`MAX_TRACES`] seeds, quantised to the wire's raw
+//! units; each sensor loops one of those traces from its own phase (sensors sharing a trace
+//! start [`TRACE_SECS`] / sharers apart, at least a second at 5,000 sensors), while its
+//! sample indices, timestamps and CRCs are its own. Synthesising every sample (noise draws,
+//! rotors, quantisation) cost a quarter of the load generator's CPU at 4,500 sensors, CPU
+//! that a load test on the platform's own machine takes from the platform. With up to
+//! `MAX_TRACES` sensors, a run shorter than `TRACE_SECS` sends exactly the samples the
+//! per-sensor generators would (quantised as before); a sensor's motion jumps once per loop.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -32,6 +42,14 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{AckedPacket, Counters, MotionGenerator, MqttVersion, PayloadFormat, Qos, SimConfig};
+
+/// Seconds of motion in one replayed trace.
+const TRACE_SECS: usize = 30;
+/// Distinct motion traces at most; beyond this many sensors, sensors share traces.
+const MAX_TRACES: usize = 256;
+/// Samples in all traces together at most (20 bytes each); only very high rates shorten
+/// the traces below `TRACE_SECS`.
+const MAX_TRACE_SAMPLES: usize = 1 << 21;
 
 /// Distinguishes simulators started by one process, so their client ids never collide.
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
@@ -73,6 +91,7 @@ pub(super) fn plan_connections(config: &SimConfig, started: std::time::Instant) 
     let interval = config.packet_interval();
     let connections = config.effective_connections();
     let end = config.duration.map(|d| started + d);
+    let traces = MotionTraces::generate(config);
 
     (0..connections)
         .map(|c| {
@@ -89,7 +108,7 @@ pub(super) fn plan_connections(config: &SimConfig, started: std::time::Instant) 
                     let first_publish = first_tick + tick * slot;
                     let first_timestamp_us = started_wall_us
                         + duration_micros((first_publish - started).saturating_sub(interval));
-                    VirtualSensor::new(config, index, first_timestamp_us)
+                    VirtualSensor::new(config, index, first_timestamp_us, &traces)
                 })
                 .collect();
             ConnectionPlan {
@@ -358,12 +377,43 @@ impl Connection {
     }
 }
 
+/// The motion the virtual sensors replay: see the module docs.
+#[derive(Debug)]
+struct MotionTraces {
+    traces: Vec<Arc<[RawSample]>>,
+    /// Sensors that share each trace (the most any trace has).
+    sharers: usize,
+}
+
+impl MotionTraces {
+    fn generate(config: &SimConfig) -> Self {
+        let count = config.sensors.clamp(1, MAX_TRACES);
+        let len = (TRACE_SECS * config.rate_hz.max(1) as usize).min(MAX_TRACE_SAMPLES / count);
+        let traces = (0..count as u64)
+            .map(|k| {
+                let mut motion = MotionGenerator::new(mix(config.seed, 2 * k), f64::from(config.rate_hz));
+                (0..len).map(|_| RawSample::from_physical(&motion.next_sample())).collect()
+            })
+            .collect();
+        Self { traces, sharers: config.sensors.div_ceil(count).max(1) }
+    }
+
+    /// The trace of sensor `index` and the phase it starts at.
+    fn for_sensor(&self, index: usize) -> (Arc<[RawSample]>, usize) {
+        let trace = &self.traces[index % self.traces.len()];
+        let sharer = index / self.traces.len() % self.sharers;
+        (trace.clone(), sharer * trace.len() / self.sharers)
+    }
+}
+
 /// One virtual device.
 #[derive(Debug)]
 struct VirtualSensor {
     id: Arc<str>,
     topic: String,
-    motion: MotionGenerator,
+    /// The motion it replays (never empty) and the position of its next sample in it.
+    trace: Arc<[RawSample]>,
+    cursor: usize,
     /// Sample index of its first sample.
     base_sample_number: u32,
     /// Packets generated so far.
@@ -373,21 +423,34 @@ struct VirtualSensor {
 }
 
 impl VirtualSensor {
-    fn new(config: &SimConfig, index: usize, first_timestamp_us: u64) -> Self {
+    fn new(config: &SimConfig, index: usize, first_timestamp_us: u64, traces: &MotionTraces) -> Self {
         let id = config.sensor_id(index);
         let topic = match config.format {
             PayloadFormat::Binary => format!("{}/{id}", config.topic_prefix),
             PayloadFormat::Json => format!("sensors/{id}/data"),
         };
+        let (trace, cursor) = traces.for_sensor(index);
         let index = index as u64;
         Self {
-            motion: MotionGenerator::new(mix(config.seed, 2 * index), f64::from(config.rate_hz)),
+            trace,
+            cursor,
             // Below 2^30, so the index does not wrap for years at any sane rate.
             base_sample_number: (mix(config.seed, 2 * index + 1) >> 34) as u32,
             id: id.into(),
             topic,
             packets: 0,
             first_timestamp_us,
+        }
+    }
+
+    /// Appends its next `n` samples to `out`, looping over its trace.
+    fn replay(&mut self, n: usize, out: &mut Vec<RawSample>) {
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(self.trace.len() - self.cursor);
+            out.extend_from_slice(&self.trace[self.cursor..self.cursor + take]);
+            self.cursor = (self.cursor + take) % self.trace.len();
+            left -= take;
         }
     }
 }
@@ -451,17 +514,17 @@ impl PacketSource {
         let timestamp_us = sensor.first_timestamp_us + first_sample * 1_000_000 / self.rate_hz;
         sensor.packets += 1;
 
-        self.physical.clear();
-        self.physical.extend((0..n).map(|_| sensor.motion.next_sample()));
+        self.raw.clear();
+        sensor.replay(usize::from(self.samples_per_packet), &mut self.raw);
         let payload = match self.format {
             PayloadFormat::Binary => {
-                self.raw.clear();
-                self.raw.extend(self.physical.iter().map(RawSample::from_physical));
                 let mut payload = Vec::with_capacity(20 + 20 * self.raw.len());
                 encode_packet(base_sample_number, timestamp_us, &self.raw, &mut payload);
                 payload
             }
             PayloadFormat::Json => {
+                self.physical.clear();
+                self.physical.extend(self.raw.iter().map(RawSample::to_physical));
                 let packet = JsonPacket {
                     timestamp_us,
                     base_sample_number,
@@ -734,7 +797,8 @@ mod tests {
     #[test]
     fn packets_decode_with_consecutive_indices_and_sample_period_spacing() {
         let config = SimConfig { sensors: 3, rate_hz: 200, samples_per_packet: 64, ..config(0) };
-        let sensors = (0..3).map(|i| VirtualSensor::new(&config, i, 1_000_000 + i as u64)).collect();
+        let traces = MotionTraces::generate(&config);
+        let sensors = (0..3).map(|i| VirtualSensor::new(&config, i, 1_000_000 + i as u64, &traces)).collect();
         let mut source = PacketSource::new(&config, sensors);
         let mut previous: Vec<Option<(u32, u64)>> = vec![None; 3];
         for k in 0..30 {
@@ -759,16 +823,37 @@ mod tests {
     #[test]
     fn json_packets_parse_back_to_the_generated_samples() {
         let config = SimConfig { format: PayloadFormat::Json, ..config(0) };
-        let sensors = vec![VirtualSensor::new(&config, 7, 5_000)];
-        let mut expected = MotionGenerator::new(mix(config.seed, 14), 1000.0);
+        let sensors = vec![VirtualSensor::new(&config, 7, 5_000, &MotionTraces::generate(&config))];
+        // Of four traces, sensor 7 replays trace 3 (seed stream 6) from its start, quantised
+        // to raw units.
+        let mut expected = MotionGenerator::new(mix(config.seed, 6), 1000.0);
         let mut source = PacketSource::new(&config, sensors);
         assert_eq!(source.sensors[0].topic, "sensors/sim-0007/data");
         for k in 0..3u64 {
             let packet = parse_json_packet(&source.next_packet().payload).unwrap();
             assert_eq!(packet.timestamp_us, 5_000 + k * 10 * 1_000);
-            let samples: Vec<PhysSample> = (0..10).map(|_| expected.next_sample()).collect();
+            let samples: Vec<PhysSample> =
+                (0..10).map(|_| RawSample::from_physical(&expected.next_sample()).to_physical()).collect();
             assert_eq!(packet.samples, samples);
         }
+    }
+
+    #[test]
+    fn sensors_sharing_a_trace_replay_it_from_their_own_phase_and_loop() {
+        let config = SimConfig { sensors: 2 * MAX_TRACES, rate_hz: 10, ..config(0) };
+        let traces = MotionTraces::generate(&config);
+        let len = TRACE_SECS * 10;
+        let mut first = VirtualSensor::new(&config, 5, 0, &traces);
+        let mut second = VirtualSensor::new(&config, 5 + MAX_TRACES, 0, &traces);
+        assert!(Arc::ptr_eq(&first.trace, &second.trace), "sensors k and k + {MAX_TRACES} share a trace");
+        assert!(!Arc::ptr_eq(&first.trace, &VirtualSensor::new(&config, 6, 0, &traces).trace));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        first.replay(len + 7, &mut a);
+        second.replay(len / 2, &mut b);
+        assert_eq!(a.len(), len + 7);
+        assert_eq!(b[..], a[len / 2..len], "the second sharer starts half a trace later");
+        assert_ne!(a[..len / 2], a[len / 2..len], "the trace is not a repetition");
+        assert_eq!(a[len..], a[..7], "replay loops back to the start");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
