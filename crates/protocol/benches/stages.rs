@@ -13,6 +13,8 @@
 //!   sample to physical units, without the framing buffer.
 //! - `frame_decoder_to_physical`: the pipeline's path, record decode, [`FrameDecoder`] push and
 //!   `next_frame` (buffer copy, header checks, CRC), then every sample to physical units.
+//! - `encode_packet`: the other direction, what a device (or the simulator) does per packet:
+//!   [`encode_packet`] of 64 raw samples, CRC included.
 //!
 //! ```text
 //! cargo bench -p sensorflow-protocol --bench stages
@@ -34,17 +36,19 @@ const T0_US: u64 = 1_710_028_800_000_000;
 
 /// One 64-sample packet with varying, plausible raw values (the cost does not depend on them).
 fn packet() -> Vec<u8> {
-    let samples: Vec<RawSample> = (0..SAMPLES as i16)
-        .map(|i| RawSample {
-            acc: [2048 + i, -512 - i, 1024 + 3 * i],
-            gyro: [100 - i, 7 * i, -40],
-            mag: [300 + i, -200, 150 - i],
-            temp: 2400 + i % 7,
-        })
-        .collect();
+    let samples: Vec<RawSample> = (0..SAMPLES as i16).map(raw_sample).collect();
     let mut out = Vec::new();
     encode_packet(1_000, T0_US, &samples, &mut out);
     out
+}
+
+fn raw_sample(i: i16) -> RawSample {
+    RawSample {
+        acc: [2048 + i, -512 - i, 1024 + 3 * i],
+        gyro: [100 - i, 7 * i, -40],
+        mag: [300 + i, -200, 150 - i],
+        temp: 2400 + i % 7,
+    }
 }
 
 /// The log record ingest stores for one message holding `payload`.
@@ -109,6 +113,15 @@ fn decode(c: &mut Criterion) {
                 packets += 1;
             }
             assert_eq!(packets, 1);
+        })
+    });
+    let samples: Vec<RawSample> = (0..SAMPLES).map(|i| raw_sample(i as i16)).collect();
+    let mut out = Vec::with_capacity(frame.len());
+    group.bench_function("encode_packet", |b| {
+        b.iter(|| {
+            out.clear();
+            encode_packet(1_000, T0_US, black_box(&samples), &mut out);
+            black_box(&out);
         })
     });
     group.finish();

@@ -132,14 +132,16 @@ impl RawSample {
     /// Encodes the sample in the wire layout; the inverse of [`from_bytes`](Self::from_bytes).
     #[must_use]
     pub fn to_bytes(&self) -> [u8; SAMPLE_BYTES] {
-        let mut b = [0u8; SAMPLE_BYTES];
-        let fields = self.acc.iter().chain(&self.gyro).chain(&self.mag).chain([&self.temp]);
-        for (i, v) in fields.enumerate() {
-            // Slots 6..9 are the magnetometer, the only little-endian fields.
-            let bytes = if (6..9).contains(&i) { v.to_le_bytes() } else { v.to_be_bytes() };
-            b[2 * i..2 * i + 2].copy_from_slice(&bytes);
-        }
-        b
+        // Spelled out field by field (the magnetometer is the only little-endian field) so it
+        // compiles to a handful of byte swaps and stores: the simulator encodes every sample.
+        let [ax, ay, az] = self.acc.map(i16::to_be_bytes);
+        let [gx, gy, gz] = self.gyro.map(i16::to_be_bytes);
+        let [mx, my, mz] = self.mag.map(i16::to_le_bytes);
+        let [t0, t1] = self.temp.to_be_bytes();
+        [
+            ax[0], ax[1], ay[0], ay[1], az[0], az[1], gx[0], gx[1], gy[0], gy[1], gz[0], gz[1],
+            mx[0], mx[1], my[0], my[1], mz[0], mz[1], t0, t1,
+        ]
     }
 }
 
@@ -354,8 +356,10 @@ pub fn try_encode_packet(
     out.extend_from_slice(&base_sample_number.to_le_bytes());
     out.extend_from_slice(&timestamp_us.to_le_bytes());
     out.extend_from_slice(&n.to_le_bytes());
-    for s in samples {
-        out.extend_from_slice(&s.to_bytes());
+    let body = out.len();
+    out.resize(body + samples.len() * SAMPLE_BYTES, 0);
+    for (dst, s) in out[body..].chunks_exact_mut(SAMPLE_BYTES).zip(samples) {
+        dst.copy_from_slice(&s.to_bytes());
     }
     let crc = crc16_arc(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
