@@ -67,6 +67,10 @@ pub(crate) struct LoadtestArgs {
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Write every latency measurement to this CSV file (`received_unix_us,latency_ms`, in
+    /// receipt order) to see when the slow ones happened; a ramp overwrites it per run.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) latency_log: Option<PathBuf>,
 }
 
 /// What one load test run measured.
@@ -167,7 +171,8 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
     let usage = pid.map(|pid| tokio::spawn(sample_usage(pid, stop_rx.clone())));
 
     // Latency: subscribe before publishing.
-    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    // (receipt time µs since the epoch, latency ms), in receipt order.
+    let latencies = Arc::new(Mutex::new(Vec::<(i64, f64)>::new()));
     let period_us = 1_000_000 / i64::from(args.rate.max(1));
     let sim_config = SimConfig {
         host: target.mqtt.ip().to_string(),
@@ -197,7 +202,7 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
                         if let Ok(text) = msg.into_text()
                             && let Some(newest) = newest_timestamp(&text)
                         {
-                            latencies.lock().push((received - (newest + period_us)) as f64 / 1000.0);
+                            latencies.lock().push((received, (received - (newest + period_us)) as f64 / 1000.0));
                         }
                     }
                 }
@@ -253,7 +258,13 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
         }
         None => (None, None, None),
     };
-    let mut lat = std::mem::take(&mut *latencies.lock());
+    let measured = std::mem::take(&mut *latencies.lock());
+    if let Some(path) = &args.latency_log {
+        let csv: String = measured.iter().map(|(at, ms)| format!("{at},{ms:.3}\n")).collect();
+        std::fs::write(path, format!("received_unix_us,latency_ms\n{csv}"))
+            .with_context(|| format!("writing the latency log {}", path.display()))?;
+    }
+    let mut lat: Vec<f64> = measured.into_iter().map(|(_, ms)| ms).collect();
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * p).round() as usize]);
     let p99 = pct(0.99);
