@@ -17,7 +17,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,11 +29,15 @@ use sensorflow_pipeline::{PipelineConfig, PipelineSnapshot, ShardedPipeline};
 
 use super::checkpoint::CheckpointStore;
 use super::pipeline_task::PipelineTask;
+use super::sink_queue;
 use super::sink_task::SinkTask;
 use super::status::SharedStatus;
 
-/// Pipeline turns buffered between the pipeline and the sink thread.
+/// Pipeline turns buffered between the pipeline and the sink thread...
 const SINK_QUEUE_BATCHES: usize = 64;
+/// ...and samples in them at most: about 2 s at a million samples/s, ~150 MB of columns (see
+/// `sink_queue`).
+const SINK_QUEUE_SAMPLES: usize = 2_000_000;
 /// First wait before restarting a failed dataflow.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest wait between restart attempts.
@@ -176,7 +179,7 @@ impl Dataflow {
     fn run(&self, r: Recovered) -> Result<(), String> {
         let s = &self.settings;
         let failed = Arc::new(AtomicBool::new(false));
-        let (sink_tx, sink_rx) = sync_channel(SINK_QUEUE_BATCHES);
+        let (sink_tx, sink_rx) = sink_queue::bounded(SINK_QUEUE_BATCHES, SINK_QUEUE_SAMPLES);
         let sink = SinkTask {
             lake: r.lake,
             store: r.store,

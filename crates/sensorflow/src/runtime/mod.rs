@@ -17,6 +17,7 @@
 mod checkpoint;
 mod dataflow;
 mod pipeline_task;
+mod sink_queue;
 mod sink_task;
 mod status;
 

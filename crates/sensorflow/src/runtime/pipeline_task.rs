@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use sensorflow_api::Hub;
@@ -16,6 +15,7 @@ use sensorflow_log::{Log, LogError, LogReader};
 use sensorflow_pipeline::{Outputs, SessionEvent, ShardedPipeline};
 use sensorflow_protocol::record::IngestRecordRef;
 
+use super::sink_queue::WeightedSender;
 use super::status::SharedStatus;
 use super::checkpoint::Checkpoint;
 use super::{SinkBatch, SinkMsg, now_us};
@@ -24,7 +24,8 @@ pub(crate) struct PipelineTask {
     pub(crate) pipeline: ShardedPipeline,
     pub(crate) log: Log,
     pub(crate) reader: LogReader,
-    pub(crate) sink: SyncSender<SinkMsg>,
+    /// Weighted by samples (see `sink_queue`).
+    pub(crate) sink: WeightedSender<SinkMsg>,
     /// Raised by the sink thread when it fails: stop at once, the supervisor restarts us.
     pub(crate) sink_failed: Arc<AtomicBool>,
     pub(crate) hub: Hub,
@@ -114,7 +115,7 @@ impl PipelineTask {
         let snapshot = self.pipeline.snapshot().encode();
         let msg = SinkMsg::Checkpoint(Checkpoint { epoch: self.next_epoch, log_offset: self.reader.position(), snapshot });
         self.next_epoch += 1;
-        if self.sink.send(msg).is_err() {
+        if self.sink.send(msg, 0).is_err() {
             return false;
         }
         true
@@ -147,7 +148,8 @@ impl PipelineTask {
             gaps: std::mem::take(&mut out.gaps),
             late: std::mem::take(&mut out.late),
         };
-        if self.sink.send(SinkMsg::Batch(batch)).is_err() {
+        let samples = batch.samples.iter().map(|c| c.len()).sum();
+        if self.sink.send(SinkMsg::Batch(batch), samples).is_err() {
             return false;
         }
         true

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use sensorflow_lake::{LakeWriter, SessionsStore};
@@ -23,6 +23,7 @@ use sensorflow_pipeline::{SessionEvent, SessionRecord};
 use sensorflow_log::{Log, Retention};
 
 use super::checkpoint::{Checkpoint, CheckpointStore};
+use super::sink_queue::WeightedReceiver;
 use super::status::SharedStatus;
 use super::{SinkBatch, SinkMsg};
 
@@ -32,7 +33,7 @@ const SLOW_CHECKPOINT: Duration = Duration::from_millis(250);
 pub(crate) struct SinkTask {
     pub(crate) lake: LakeWriter,
     pub(crate) store: SessionsStore,
-    pub(crate) rx: Receiver<SinkMsg>,
+    pub(crate) rx: WeightedReceiver<SinkMsg>,
     pub(crate) status: Arc<SharedStatus>,
     pub(crate) checkpoints: CheckpointStore,
     pub(crate) keep_checkpoints: usize,
@@ -60,8 +61,9 @@ impl SinkTask {
         let mut ended: Vec<SessionRecord> = Vec::new();
         loop {
             match self.rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(SinkMsg::Batch(batch)) => self.write(batch, &mut ended)?,
-                Ok(SinkMsg::Checkpoint(c)) => self.checkpoint(c)?,
+                // The permit returns the batch's samples to the queue's budget once written.
+                Ok((SinkMsg::Batch(batch), _written)) => self.write(batch, &mut ended)?,
+                Ok((SinkMsg::Checkpoint(c), _)) => self.checkpoint(c)?,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
