@@ -3,8 +3,9 @@
 //! One OS thread owns the [`Pipeline`] (its state is plain data, no locks). Each turn reads a
 //! batch of durable log records, processes it, publishes live results to the hub (never
 //! blocking: the hub drops for slow clients) and hands the rest to the sink thread over a
-//! bounded channel. That `send` is where backpressure starts: a slow lake blocks this thread,
-//! the log's unconsumed bytes grow, and appends (hence PUBACKs) wait.
+//! queue bounded in turns and in samples (`sink_queue`). That `send` is where backpressure
+//! starts: a slow lake blocks this thread, the log's unconsumed bytes grow, and appends (hence
+//! PUBACKs) wait.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
