@@ -301,9 +301,10 @@ impl Simulator {
         shutdown: watch::Receiver<bool>,
     ) -> Result<SimHandle, SimConfigError> {
         config.validate()?;
+        let traces = publisher::MotionTraces::generate(&config);
         let started = Instant::now();
         let counters = Arc::new(Counters::default());
-        let plans = publisher::plan_connections(&config, started);
+        let plans = publisher::plan_connections(&config, &traces, started);
         let config = Arc::new(config);
         let tasks = plans
             .into_iter()

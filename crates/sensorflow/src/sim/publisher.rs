@@ -82,7 +82,11 @@ pub(super) struct ConnectionPlan {
 /// A packet published at instant T carries the samples measured during the interval before
 /// it, so its `timestamp_us` (its first sample) is the wall clock of T minus one interval.
 /// The first packets go out one interval after the start, staggered across the interval.
-pub(super) fn plan_connections(config: &SimConfig, started: std::time::Instant) -> Vec<ConnectionPlan> {
+pub(super) fn plan_connections(
+    config: &SimConfig,
+    traces: &MotionTraces,
+    started: std::time::Instant,
+) -> Vec<ConnectionPlan> {
     let started_wall_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
@@ -91,7 +95,6 @@ pub(super) fn plan_connections(config: &SimConfig, started: std::time::Instant) 
     let interval = config.packet_interval();
     let connections = config.effective_connections();
     let end = config.duration.map(|d| started + d);
-    let traces = MotionTraces::generate(config);
 
     (0..connections)
         .map(|c| {
@@ -108,7 +111,7 @@ pub(super) fn plan_connections(config: &SimConfig, started: std::time::Instant) 
                     let first_publish = first_tick + tick * slot;
                     let first_timestamp_us = started_wall_us
                         + duration_micros((first_publish - started).saturating_sub(interval));
-                    VirtualSensor::new(config, index, first_timestamp_us, &traces)
+                    VirtualSensor::new(config, index, first_timestamp_us, traces)
                 })
                 .collect();
             ConnectionPlan {
@@ -379,14 +382,16 @@ impl Connection {
 
 /// The motion the virtual sensors replay: see the module docs.
 #[derive(Debug)]
-struct MotionTraces {
+pub(super) struct MotionTraces {
     traces: Vec<Arc<[RawSample]>>,
     /// Sensors that share each trace (the most any trace has).
     sharers: usize,
 }
 
 impl MotionTraces {
-    fn generate(config: &SimConfig) -> Self {
+    /// Synthesises the traces (tens of ms for hundreds of sensors): before the run's clock
+    /// starts, so the first packets are not already late.
+    pub(super) fn generate(config: &SimConfig) -> Self {
         let count = config.sensors.clamp(1, MAX_TRACES);
         let len = (TRACE_SECS * config.rate_hz.max(1) as usize).min(MAX_TRACE_SAMPLES / count);
         let traces = (0..count as u64)
@@ -740,6 +745,9 @@ mod tests {
                         let topic = publish.topic;
                         let _ = tx.send(Received { topic, payload: publish.payload, acked });
                         if !acked && close_when_over_limit {
+                            // The PUBACKs already decided go out before the connection drops:
+                            // `acked` must mean the client was sent the ack.
+                            let _ = socket.write_all(&output).await;
                             return;
                         }
                         (acked && publish.pkid != 0).then(|| Mqtt::PubAck(PubAck::new(publish.pkid)))
@@ -987,7 +995,7 @@ mod tests {
     #[test]
     fn sensors_are_spread_evenly_over_connections() {
         let config = SimConfig { sensors: 10, connections: Some(3), ..SimConfig::default() };
-        let plans = plan_connections(&config, std::time::Instant::now());
+        let plans = plan_connections(&config, &MotionTraces::generate(&config), std::time::Instant::now());
         let sizes: Vec<usize> = plans.iter().map(|p| p.source.sensors.len()).collect();
         assert_eq!(sizes, [3, 3, 4]);
         let ids: Vec<&str> = plans.iter().flat_map(|p| p.source.sensors.iter().map(|s| &*s.id)).collect();
