@@ -343,6 +343,41 @@ fn files_roll_by_size() {
 }
 
 #[test]
+fn a_file_is_synced_every_sync_step_while_written_and_reads_back_intact() {
+    let run = |sync_every_bytes: u64| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LakeConfig {
+            sync_every_bytes,
+            row_group_rows: 1024,
+            compression: Compression::Uncompressed,
+            ..config(dir.path())
+        };
+        let mut lake = LakeWriter::open(cfg).unwrap();
+        let chunks: Vec<_> = (0..200u32)
+            .map(|i| chunk("s", i * 64, MIDNIGHT_US + i64::from(i) * 320_000, 64))
+            .collect();
+        lake.write_samples(&chunks).unwrap();
+        assert_eq!(lake.flush().unwrap(), 1);
+        let files = data_files(dir.path(), Table::Samples);
+        assert_eq!(
+            sorted(sample_rows(&read_files(&files))),
+            expected_rows(&chunks, |_| true)
+        );
+        (fs::metadata(&files[0]).unwrap().len(), lake.stats().early_syncs)
+    };
+    // 12,800 uncompressed rows: about 0.7 MB in one file.
+    let (bytes, syncs) = run(64 * 1024);
+    assert!(bytes > 512 * 1024, "file of {bytes} bytes is too small to test");
+    // The encoder writes column chunks, not single bytes, so a sync may come a chunk late.
+    let most = bytes / (64 * 1024);
+    assert!(
+        syncs >= most / 4 && syncs <= most,
+        "{syncs} syncs for {bytes} bytes"
+    );
+    assert_eq!(run(0).1, 0, "0 means no sync before the commit");
+}
+
+#[test]
 fn file_names_are_unique_and_sort_in_commit_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut lake = LakeWriter::open(config(dir.path())).unwrap();

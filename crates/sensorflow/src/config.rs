@@ -109,6 +109,7 @@ pub(crate) struct LakeSettings {
     pub(crate) max_file_age_secs: u64,
     pub(crate) row_group_rows: usize,
     pub(crate) compression: String,
+    pub(crate) sync_every_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -178,6 +179,7 @@ impl Config {
             target_file_bytes: self.lake.target_file_bytes,
             max_file_age: std::time::Duration::from_secs(self.lake.max_file_age_secs),
             row_group_rows: self.lake.row_group_rows,
+            sync_every_bytes: self.lake.sync_every_bytes,
             compression: match self.lake.compression.as_str() {
                 "snappy" => sensorflow_lake::Compression::Snappy,
                 _ => sensorflow_lake::Compression::Zstd { level: 1 },

@@ -278,6 +278,7 @@ impl StatusSource for SharedStatus {
         if let Some(lake) = self.lake.lock().as_ref() {
             gauge_like(out, "sensorflow_lake_files_total", "counter", "Parquet files committed to the lake.", lake.files_committed());
             gauge_like(out, "sensorflow_lake_errors_total", "counter", "Lake write errors.", lake.errors);
+            gauge_like(out, "sensorflow_lake_early_syncs_total", "counter", "Syncs of lake files while they were written (one per lake.sync_every_bytes).", lake.early_syncs);
         }
         if let Some((_, stats)) = self.ingest.read().as_ref() {
             let i = stats.snapshot();
