@@ -68,6 +68,7 @@ use sensorflow_pipeline::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::sync::{Syncer, SyncingFile};
 use crate::schema::{
     AggregatesBuffer, GapsBuffer, LateBuffer, RowBuffer, SamplesBuffer, SessionsBuffer, Table,
     WindowsBuffer, sample_f32_columns,
@@ -136,7 +137,8 @@ pub struct LakeConfig {
     pub compression: Compression,
     /// A file being written is synced each time this many more bytes have been written to
     /// it (0: only when committed), so that lake writes reach the disk steadily instead of
-    /// in bursts that stall other syncs on it (see `SyncingFile`).
+    /// in bursts that stall other syncs on it. The syncs run on a thread of their own (see
+    /// the `sync` module).
     pub sync_every_bytes: u64,
     /// Suffix of file names that keeps concurrent writers on one root apart: ASCII letters,
     /// digits, `_` and `-`. [`LakeConfig::new`] picks a random one per process.
@@ -203,6 +205,9 @@ pub enum LakeError {
         /// The underlying error.
         source: io::Error,
     },
+    /// The thread that syncs files as they grow could not be started.
+    #[error("cannot start the lake's sync thread: {0}")]
+    SyncThread(io::Error),
     /// Encoding or decoding Parquet failed.
     #[error("parquet: {0}")]
     Parquet(#[from] ParquetError),
@@ -332,6 +337,8 @@ struct Ctx {
     batch_rows: usize,
     seq: u64,
     stats: LakeStats,
+    /// Syncs files in the background as they grow (`LakeConfig::sync_every_bytes`).
+    syncer: Syncer,
 }
 
 impl Ctx {
@@ -351,7 +358,7 @@ impl Ctx {
     fn new_file(&mut self, table: Table, dir: &Path) -> Result<OpenFile, LakeError> {
         let (tmp_path, final_path) = self.next_paths(dir);
         let file = File::create(&tmp_path).map_err(io_at(&tmp_path))?;
-        let file = SyncingFile::new(file, self.config.sync_every_bytes);
+        let file = SyncingFile::new(file, self.config.sync_every_bytes, self.syncer.clone());
         let props = self.props[table.index()].clone();
         let writer = match ArrowWriter::try_new(file, table.schema(), Some(props)) {
             Ok(w) => w,
@@ -368,49 +375,6 @@ impl Ctx {
     }
 }
 
-/// A file being written that is synced every `sync_every` bytes (0: never), so its data goes
-/// to disk while it is written rather than in one burst when it is committed (RocksDB's
-/// `bytes_per_sync`). On one disk a burst of 100+ MB queues ahead of every other sync: the
-/// log's group commits, which each acknowledgement and live sample waits for, took 50-350 ms
-/// behind a lake commit; next to a 40 MB/s writer syncing 4 MiB at a time they stay under
-/// ~25 ms (BENCHMARKS.md). `sync_file_range` would start the writeback without waiting for
-/// it, but no safe wrapper offers it and the workspace forbids `unsafe`.
-struct SyncingFile {
-    file: File,
-    sync_every: u64,
-    unsynced: u64,
-    /// Syncs done so far.
-    syncs: u64,
-}
-
-impl SyncingFile {
-    fn new(file: File, sync_every: u64) -> Self {
-        Self {
-            file,
-            sync_every,
-            unsynced: 0,
-            syncs: 0,
-        }
-    }
-}
-
-impl Write for SyncingFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.unsynced += n as u64;
-        if self.sync_every > 0 && self.unsynced >= self.sync_every {
-            self.file.sync_data()?;
-            self.unsynced = 0;
-            self.syncs += 1;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
 /// A Parquet file being written under its hidden temp name.
 struct OpenFile {
     writer: ArrowWriter<SyncingFile>,
@@ -419,28 +383,29 @@ struct OpenFile {
 }
 
 impl OpenFile {
-    /// Finishes the file and makes it visible atomically; returns its size.
-    fn commit(self) -> Result<u64, LakeError> {
+    /// Finishes the file and makes it visible atomically; returns its size and the syncs it
+    /// had while written.
+    fn commit(self) -> Result<(u64, u64), LakeError> {
         let OpenFile {
             writer,
             tmp_path,
             final_path,
         } = self;
         let result = (|| {
-            let file = writer.into_inner()?.file;
+            let (file, syncs) = writer.into_inner()?.finish().map_err(io_at(&tmp_path))?;
             file.sync_all().map_err(io_at(&tmp_path))?;
             let bytes = file.metadata().map_err(io_at(&tmp_path))?.len();
             drop(file);
             fs::rename(&tmp_path, &final_path).map_err(io_at(&final_path))?;
-            Ok(bytes)
+            Ok((bytes, syncs))
         })();
         match result {
-            Ok(bytes) => {
+            Ok((bytes, syncs)) => {
                 if let Some(dir) = final_path.parent() {
                     sync_dir(dir)?;
                 }
                 tracing::debug!(path = %final_path.display(), bytes, "lake file committed");
-                Ok(bytes)
+                Ok((bytes, syncs))
             }
             Err(e) => {
                 let _ = fs::remove_file(&tmp_path);
@@ -564,17 +529,14 @@ impl<B: RowBuffer> TableWriter<B> {
     /// Commits partition `i`'s file and forgets the partition; `Ok(false)` if it held no row.
     fn commit(&mut self, i: usize, ctx: &mut Ctx) -> Result<bool, LakeError> {
         let mut p = self.partitions.swap_remove(i);
-        let result = p.encode_buffered(ctx).and_then(|()| {
-            let file = p.file.take();
-            if let Some(f) = &file {
-                ctx.stats.early_syncs += f.writer.inner().syncs;
-            }
-            file.map(OpenFile::commit).transpose()
-        });
+        let result = p
+            .encode_buffered(ctx)
+            .and_then(|()| p.file.take().map(OpenFile::commit).transpose());
         match result {
             // No row ever reached the partition: nothing to commit.
             Ok(None) => Ok(false),
-            Ok(Some(bytes)) => {
+            Ok(Some((bytes, syncs))) => {
+                ctx.stats.early_syncs += syncs;
                 let s = &mut ctx.stats.tables[B::TABLE.index()];
                 s.rows_committed += p.row_count;
                 s.files_committed += 1;
@@ -745,6 +707,7 @@ impl LakeWriter {
             props,
             seq: 0,
             stats: LakeStats::default(),
+            syncer: Syncer::start().map_err(LakeError::SyncThread)?,
         };
         for table in Table::ALL {
             let dir = ctx.config.root.join(table.name());
@@ -975,17 +938,16 @@ impl LakeWriter {
         let tmp_path = out.tmp_path.clone();
         let final_path = out.final_path.clone();
         let file = match out.writer.into_inner() {
-            Ok(f) => f.file,
+            Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_file(&tmp_path);
                 return Err(e.into());
             }
         };
         let synced = file
-            .sync_all()
-            .and_then(|()| file.metadata())
+            .finish()
+            .and_then(|(file, _)| file.sync_all().and_then(|()| file.metadata()))
             .map_err(io_at(&tmp_path));
-        drop(file);
         let output_bytes = match synced {
             Ok(m) => m.len(),
             Err(e) => {

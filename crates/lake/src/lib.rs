@@ -21,6 +21,7 @@ pub mod lake;
 pub mod read;
 pub mod schema;
 pub mod sessions_store;
+mod sync;
 
 pub use lake::{
     CompactionReport, Compression, LakeConfig, LakeError, LakeStats, LakeWriter, TableStats,

@@ -343,7 +343,7 @@ fn files_roll_by_size() {
 }
 
 #[test]
-fn a_file_is_synced_every_sync_step_while_written_and_reads_back_intact() {
+fn a_file_is_synced_in_steps_while_written_and_reads_back_intact() {
     let run = |sync_every_bytes: u64| {
         let dir = tempfile::tempdir().unwrap();
         let cfg = LakeConfig {
@@ -368,10 +368,12 @@ fn a_file_is_synced_every_sync_step_while_written_and_reads_back_intact() {
     // 12,800 uncompressed rows: about 0.7 MB in one file.
     let (bytes, syncs) = run(64 * 1024);
     assert!(bytes > 512 * 1024, "file of {bytes} bytes is too small to test");
-    // The encoder writes column chunks, not single bytes, so a sync may come a chunk late.
+    // At most one per 64 KiB; fewer when a step's sync is requested while the previous one
+    // is still running in the background (the next covers both). The commit waits for the
+    // sync in flight, so the first one always counts.
     let most = bytes / (64 * 1024);
     assert!(
-        syncs >= most / 4 && syncs <= most,
+        syncs >= 1 && syncs <= most,
         "{syncs} syncs for {bytes} bytes"
     );
     assert_eq!(run(0).1, 0, "0 means no sync before the commit");
