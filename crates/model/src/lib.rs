@@ -39,6 +39,15 @@
 //!   with `intra_threads` other than 1 runs its own intra-op thread pool, and loading its
 //!   library reads that file.
 
+// The unit tests share `tests/common` with the integration tests, which name this crate
+// `sensorflow_model`.
+#[cfg(test)]
+extern crate self as sensorflow_model;
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+#[allow(clippy::unwrap_used)] // tests unwrap freely
+mod test_common;
+
 mod batch;
 mod engine;
 mod error;

@@ -715,56 +715,7 @@ mod tests {
     static STATELESS_ONNX: &[u8] = include_bytes!("../tests/fixtures/stateless_lstm.onnx");
     static STATELESS_SIDECAR: &[u8] = include_bytes!("../tests/fixtures/stateless_lstm.json");
 
-    /// Deterministic xorshift noise in [-1, 1): tests need varied inputs, not a `rand` dependency.
-    struct Noise(u64);
-    impl Noise {
-        fn next(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| self.next() * scale).collect()
-        }
-    }
-
-    /// Owned buffers behind one `SequenceMut`.
-    #[derive(Clone, Debug)]
-    struct Seq {
-        features: Vec<f32>,
-        h: Vec<f32>,
-        c: Vec<f32>,
-        velocity: Vec<f32>,
-        movement: Vec<f32>,
-    }
-
-    impl Seq {
-        fn random(model: &Model, noise: &mut Noise, t: usize) -> Seq {
-            Seq {
-                // Scaled features are roughly standard normal; states lie in (-1, 1).
-                features: noise.vec(t * model.n_features(), 2.0),
-                h: noise.vec(model.state_len(), 0.5),
-                c: noise.vec(model.state_len(), 1.0),
-                velocity: vec![f32::NAN; t],
-                movement: vec![f32::NAN; t],
-            }
-        }
-        fn as_mut(&mut self) -> SequenceMut<'_> {
-            SequenceMut {
-                features: &self.features,
-                h: &mut self.h,
-                c: &mut self.c,
-                velocity: &mut self.velocity,
-                movement_prob: &mut self.movement,
-            }
-        }
-    }
-
-    fn run_all(model: &Model, seqs: &mut [Seq]) {
-        let mut views: Vec<SequenceMut<'_>> = seqs.iter_mut().map(Seq::as_mut).collect();
-        model.run(&mut views).unwrap();
-    }
+    use crate::test_common::{Noise, Seq, run_all};
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
