@@ -68,11 +68,11 @@ use sensorflow_pipeline::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::sync::{Syncer, SyncingFile};
 use crate::schema::{
     AggregatesBuffer, GapsBuffer, LateBuffer, RowBuffer, SamplesBuffer, SessionsBuffer, Table,
     WindowsBuffer, sample_f32_columns,
 };
+use crate::sync::{Syncer, SyncingFile};
 
 /// Default size at which a file is committed and a new one started: 128 MiB.
 pub const DEFAULT_TARGET_FILE_BYTES: u64 = 128 * 1024 * 1024;

@@ -170,7 +170,10 @@ mod tests {
         let file = File::create(dir.path().join("f")).unwrap();
         let mut f = SyncingFile::new(file, 1000, syncer);
         f.write_all(&[7; 999]).unwrap();
-        assert!(!f.state.inner.lock().in_flight, "no sync before a full step");
+        assert!(
+            !f.state.inner.lock().in_flight,
+            "no sync before a full step"
+        );
         f.write_all(&[7; 1]).unwrap();
         let (file, syncs) = f.finish().unwrap();
         assert_eq!(syncs, 1, "finish waits for the requested sync");
