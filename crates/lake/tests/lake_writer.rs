@@ -63,6 +63,13 @@ fn chunk(sensor: &str, base_index: u32, start_us: i64, n: usize) -> SampleChunk 
     c
 }
 
+/// `n` consecutive 64-sample packets of sensor `s` from midnight on.
+fn consecutive_packets(n: u32) -> Vec<SampleChunk> {
+    (0..n)
+        .map(|i| chunk("s", i * 64, MIDNIGHT_US + i64::from(i) * 320_000, 64))
+        .collect()
+}
+
 /// Every visible data file under `root/table`, sorted.
 fn data_files(root: &Path, table: Table) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -314,9 +321,7 @@ fn files_roll_by_size() {
         ..config(dir.path())
     };
     let mut lake = LakeWriter::open(cfg).unwrap();
-    let chunks: Vec<_> = (0..400u32)
-        .map(|i| chunk("s", i * 64, MIDNIGHT_US + i64::from(i) * 320_000, 64))
-        .collect();
+    let chunks = consecutive_packets(400);
     lake.write_samples(&chunks).unwrap();
     let rolled_while_writing = data_files(dir.path(), Table::Samples).len();
     assert!(
@@ -353,9 +358,7 @@ fn a_file_is_synced_in_steps_while_written_and_reads_back_intact() {
             ..config(dir.path())
         };
         let mut lake = LakeWriter::open(cfg).unwrap();
-        let chunks: Vec<_> = (0..200u32)
-            .map(|i| chunk("s", i * 64, MIDNIGHT_US + i64::from(i) * 320_000, 64))
-            .collect();
+        let chunks = consecutive_packets(200);
         lake.write_samples(&chunks).unwrap();
         assert_eq!(lake.flush().unwrap(), 1);
         let files = data_files(dir.path(), Table::Samples);
