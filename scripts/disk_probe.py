@@ -9,6 +9,7 @@ bulk. This reproduces the pair on the disk under DIR: a writer process appends a
     python3 scripts/disk_probe.py --dir /path/on/the/disk --sync-mb 200
     python3 scripts/disk_probe.py --dir /path/on/the/disk --sync-mb 4
     python3 scripts/disk_probe.py --dir /path/on/the/disk --sync-mb 0   # no writer
+    python3 scripts/disk_probe.py --dir /path/on/the/disk --sync-mb 4 --overwrite
 """
 
 import argparse
@@ -42,9 +43,16 @@ def writer(directory, rate_mb, sync_mb, seconds):
     os.close(fd)
 
 
-def probe(directory, seconds):
+def probe(directory, seconds, overwrite):
     fd = os.open(os.path.join(directory, "probe.dat"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     buf = b"x" * 20_000
+    if overwrite:
+        # A recycled segment: written and synced once, then overwritten from the start, so
+        # the appends below change no file size and allocate no blocks.
+        for _ in range(64):
+            os.write(fd, b"z" * MB)
+        os.fsync(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
     waits = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -63,6 +71,8 @@ def main():
     ap.add_argument("--sync-mb", type=int, default=200, help="the writer syncs every this many MB; 0: no writer")
     ap.add_argument("--rate", type=float, default=40.0, help="the writer's MB/s (the lake at 5,000 sensors: ~38)")
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="the probe overwrites a pre-written 64 MB file instead of appending to a new one")
     args = ap.parse_args()
     bulk = None
     if args.sync_mb > 0:
@@ -70,7 +80,7 @@ def main():
         bulk.start()
         time.sleep(1)
     try:
-        d = probe(args.dir, args.seconds)
+        d = probe(args.dir, args.seconds, args.overwrite)
     finally:
         if bulk is not None:
             bulk.join()
@@ -81,7 +91,7 @@ def main():
                 pass
     ms = lambda x: f"{x * 1000:.2f} ms"
     print(
-        f"writer sync every {args.sync_mb} MB: probe n={len(d)} p50={ms(d[len(d) // 2])} "
+        f"writer sync every {args.sync_mb} MB, probe {'overwrites' if args.overwrite else 'appends'}: n={len(d)} p50={ms(d[len(d) // 2])} "
         f"p99={ms(d[int(len(d) * 0.99)])} >50ms={sum(x > 0.05 for x in d)} max={ms(d[-1])}"
     )
 
