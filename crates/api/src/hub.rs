@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, RandomState};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -66,26 +67,44 @@ pub enum SessionMessage {
     Aggregate(Arc<SessionAggregate>),
 }
 
-/// A chunk of processed samples on its way to `/ws/raw` clients, with its JSON serialised at
-/// most once per downsampling factor.
+/// Most sample rows in one `/ws/raw` message (about 110 kB of JSON). A chunk is normally one
+/// device packet (64 rows), but while the pipeline catches up on a backlog, e.g. after a
+/// restart, it holds everything one sensor had in a log batch: thousands of rows, megabytes
+/// that clients with a message size limit (1 MiB in Python's `websockets`) would refuse.
+pub const RAW_ROWS_PER_MESSAGE: usize = 256;
+
+/// Rows of a chunk of processed samples on their way to `/ws/raw` clients (at most
+/// [`RAW_ROWS_PER_MESSAGE`]), with their JSON serialised at most once per downsampling factor.
 #[derive(Debug)]
 pub struct RawFrame {
     chunk: Arc<SampleChunk>,
+    rows: Range<usize>,
     json: [OnceLock<Option<Utf8Bytes>>; RAW_JSON_CACHE],
 }
 
 impl RawFrame {
-    /// Wraps `chunk`.
+    /// Wraps all of `chunk`.
     pub fn new(chunk: Arc<SampleChunk>) -> Self {
+        let rows = 0..chunk.len();
+        Self::rows(chunk, rows)
+    }
+
+    fn rows(chunk: Arc<SampleChunk>, rows: Range<usize>) -> Self {
         Self {
             chunk,
+            rows,
             json: Default::default(),
         }
     }
 
-    /// The chunk.
+    /// The chunk the rows belong to.
     pub fn chunk(&self) -> &Arc<SampleChunk> {
         &self.chunk
+    }
+
+    /// The chunk's rows this frame carries.
+    pub fn row_range(&self) -> Range<usize> {
+        self.rows.clone()
     }
 
     /// The `/ws/raw` message for a client that keeps every `every`-th sample: a JSON array of
@@ -95,18 +114,21 @@ impl RawFrame {
     pub fn json(&self, every: u32) -> Option<Utf8Bytes> {
         let every = every.max(1);
         match self.json.get(every as usize - 1) {
-            Some(cell) => cell.get_or_init(|| encode_rows(&self.chunk, every)).clone(),
-            None => encode_rows(&self.chunk, every),
+            Some(cell) => cell
+                .get_or_init(|| encode_rows(&self.chunk, self.rows.clone(), every))
+                .clone(),
+            None => encode_rows(&self.chunk, self.rows.clone(), every),
         }
     }
 }
 
-/// Serialises the kept rows of `chunk` as a JSON array.
-fn encode_rows(chunk: &SampleChunk, every: u32) -> Option<Utf8Bytes> {
-    let mut out = Vec::with_capacity(64 + chunk.len() * 420 / every as usize);
+/// Serialises the kept rows among `rows` of `chunk` as a JSON array.
+fn encode_rows(chunk: &SampleChunk, rows: Range<usize>, every: u32) -> Option<Utf8Bytes> {
+    let mut out = Vec::with_capacity(64 + rows.len() * 420 / every as usize);
     out.push(b'[');
     let mut kept = 0usize;
-    for (i, index) in chunk.sample_index.iter().enumerate() {
+    let indexes = chunk.sample_index.get(rows.clone()).unwrap_or_default();
+    for (i, index) in rows.zip(indexes) {
         if index % every != 0 {
             continue;
         }
@@ -161,16 +183,28 @@ impl Hub {
         }
     }
 
-    /// Publishes a chunk of processed samples to `raw/{sensor_id}`. Never blocks; does nothing
-    /// but a map lookup when nobody watches the sensor.
+    /// Publishes a chunk of processed samples to `raw/{sensor_id}`, as one message per
+    /// [`RAW_ROWS_PER_MESSAGE`] rows. Never blocks; does nothing but a map lookup when nobody
+    /// watches the sensor.
     pub fn publish_samples(&self, chunk: Arc<SampleChunk>) {
         let key = chunk.sensor_id.clone();
-        if self
-            .inner
-            .raw
-            .publish(&key, || Arc::new(RawFrame::new(chunk)))
-        {
+        let len = chunk.len();
+        let mut start = 0;
+        loop {
+            let rows = start..len.min(start + RAW_ROWS_PER_MESSAGE);
+            let end = rows.end;
+            if !self
+                .inner
+                .raw
+                .publish(&key, || Arc::new(RawFrame::rows(chunk.clone(), rows)))
+            {
+                return;
+            }
             self.inner.published.fetch_add(1, Ordering::Relaxed);
+            if end >= len {
+                return;
+            }
+            start = end;
         }
     }
 
@@ -572,6 +606,25 @@ mod tests {
             serde_json::from_str(frame.json(100).unwrap().as_str()).unwrap();
         assert_eq!(sparse.len(), 1);
         assert!(RawFrame::new(chunk("a", 1, 3)).json(100).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_large_chunk_is_published_as_messages_of_bounded_rows() {
+        let hub = Hub::new(HubConfig::default());
+        let mut sub = hub.subscribe_raw("a");
+        let rows = 2 * RAW_ROWS_PER_MESSAGE + 88;
+        hub.publish_samples(chunk("a", 1000, rows as u32));
+        let mut indexes = Vec::new();
+        for expected in [RAW_ROWS_PER_MESSAGE, RAW_ROWS_PER_MESSAGE, 88] {
+            let frame = sub.recv().await.unwrap();
+            let json: Vec<serde_json::Value> =
+                serde_json::from_str(frame.json(1).unwrap().as_str()).unwrap();
+            assert_eq!(json.len(), expected);
+            indexes.extend(json.iter().map(|r| r["sample_index"].as_u64().unwrap()));
+        }
+        assert_eq!(sub.pending(), 0);
+        assert_eq!(indexes, (1000..1000 + rows as u64).collect::<Vec<_>>());
+        assert_eq!(hub.published_total(), 3);
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!
 //! Message formats (all JSON text):
 //! - `/ws/raw/{sensor_id}?every=N`: one message per chunk of processed samples (typically one
-//!   device packet, 64 samples): an array of `SampleRow` objects. With `every=N` only samples
+//!   device packet, 64 samples; a larger chunk, as when catching up on a backlog, is split into
+//!   messages of at most [`RAW_ROWS_PER_MESSAGE`](crate::hub::RAW_ROWS_PER_MESSAGE) rows): an
+//!   array of `SampleRow` objects. With `every=N` only samples
 //!   whose `sample_index` is a multiple of N are kept (stable across chunks), and a chunk left
 //!   empty sends nothing.
 //! - `/ws/windows/{sensor_id}`: one `WindowRecord` per closed window.
@@ -75,7 +77,7 @@ fn json<T: Serialize + ?Sized>(value: &T) -> Option<Utf8Bytes> {
 #[utoipa::path(get, path = "/ws/raw/{sensor_id}", tag = "live",
     params(("sensor_id" = String, Path, description = "Sensor id"), RawParams),
     responses(
-        (status = 101, description = "WebSocket; each text message is a JSON array of samples of one chunk",
+        (status = 101, description = "WebSocket; each text message is a JSON array of samples of one chunk (at most 256)",
             body = [crate::openapi::SampleRowSchema]),
         (status = 400, description = "Invalid parameter", body = ErrorBody),
         (status = 426, description = "Not a WebSocket upgrade", body = ErrorBody)))]
