@@ -3,44 +3,20 @@ back with pyarrow and DuckDB, the API and WebSockets are checked over real socke
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 
 import duckdb
 import paho.mqtt.client as mqtt
 import pyarrow.dataset as ds
 import pytest
-from websockets.sync.client import connect as ws_connect
 
-from testkit import PERIOD_US, Platform, encode_packet, json_packet, synthetic_samples, wait_until
+from testkit import PERIOD_US, Platform, WsCollector, encode_packet, json_packet, synthetic_samples, wait_until
 
 FAST_ENV = {
     # Publish lake files after 1 s and aggregates every second, so the test need not wait long.
     "SENSORFLOW_LAKE_MAX_FILE_AGE_SECS": "1",
     "SENSORFLOW_PIPELINE_AGGREGATE_INTERVAL_SECS": "1",
 }
-
-
-class WsCollector:
-    """Collects every JSON message of one WebSocket in a background thread."""
-
-    def __init__(self, url: str):
-        self.messages: list = []
-        self._ws = ws_connect(url, open_timeout=10)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        try:
-            for text in self._ws:
-                self.messages.append(json.loads(text))
-        except Exception:
-            pass
-
-    def close(self):
-        self._ws.close()
-        self._thread.join(timeout=5)
 
 
 def mqtt_client(platform: Platform, protocol=mqtt.MQTTv311) -> mqtt.Client:

@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 
-from testkit import PERIOD_US, Platform, Publisher, check_lake_exactly_once, encode_packet, metric, rss_mb, synthetic_samples, wait_until
+from testkit import PERIOD_US, Platform, Publisher, WsCollector, check_lake_exactly_once, encode_packet, metric, rss_mb, synthetic_samples, wait_until
 
 
 class PacketSource:
@@ -68,6 +68,7 @@ def test_unwritable_lake_dir_withholds_acks_and_recovers_without_loss(tmp_path):
     platform = Platform(tmp_path / "data", env=env)
     lake = tmp_path / "data" / "lake"
     pub = Publisher(platform.mqtt_host, platform.mqtt_port)
+    live = WsCollector(platform.ws + f"/ws/raw/{sensors[0]}")
     try:
         # Healthy: some data reaches the lake.
         for _ in range(5):
@@ -111,12 +112,20 @@ def test_unwritable_lake_dir_withholds_acks_and_recovers_without_loss(tmp_path):
         restarts = metric(platform.get("/metrics").text, "sensorflow_dataflow_restarts_total")
         assert restarts >= 1
         acked = set(pub.acked)
+        # The live feed carries on after the restart: it reaches the sensor's last acked packet.
+        last = max(base for sid, base in acked if sid == sensors[0]) + 63
+        wait_until(lambda: any(r["sample_index"] == last for r in live.rows()), timeout=60, message="the live feed reaching the last acknowledged sample")
     finally:
+        live.close()
         pub.close()
         code = platform.stop()
     assert code == 0, "\n".join(platform.log_lines[-40:])
     assert any("dataflow failed" in line for line in platform.log_lines), "the failure was not logged"
     check_lake_exactly_once(lake, acked)
+    # Rows the failed run had published were replayed after the restart, to the lake only.
+    seen = [(r["session_id"], r["sample_index"]) for r in live.rows()]
+    repeated = len(seen) - len(set(seen))
+    assert repeated == 0, f"{repeated} of {len(seen)} live rows were delivered twice"
 
 
 def test_sink_slower_than_publishers_for_30s_keeps_memory_bounded_and_loses_nothing(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pyarrow.parquet as pq
 import requests
+from websockets.sync.client import connect as ws_connect
 
 ROOT = Path(__file__).resolve().parents[2]
 PERIOD_US = 5000
@@ -191,6 +192,32 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
+
+
+class WsCollector:
+    """Collects every JSON message of one WebSocket in a background thread."""
+
+    def __init__(self, url: str):
+        self.messages: list = []
+        self.error: Exception | None = None
+        self._ws = ws_connect(url, open_timeout=10)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            for text in self._ws:
+                self.messages.append(json.loads(text))
+        except Exception as e:  # the feed ended; kept for the test's messages
+            self.error = e
+
+    def rows(self) -> list[dict]:
+        """Rows of the messages so far (`/ws/raw` sends arrays of rows)."""
+        return [r for m in list(self.messages) for r in (m if isinstance(m, list) else [m])]
+
+    def close(self):
+        self._ws.close()
+        self._thread.join(timeout=5)
 
 
 class Publisher:

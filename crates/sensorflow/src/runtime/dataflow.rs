@@ -16,7 +16,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,9 @@ pub(crate) struct Dataflow {
     pub(crate) status: Arc<SharedStatus>,
     /// Set on shutdown: drain to the end of the log and stop; never restart.
     pub(crate) draining: Arc<AtomicBool>,
+    /// Log offset up to which results have been published live, kept across restarts so a
+    /// restarted run does not publish its replay again (see `PipelineTask::live_until`).
+    pub(crate) live_until: Arc<AtomicU64>,
 }
 
 /// The state one run starts from: a restored pipeline, its reader, and freshly opened sinks.
@@ -204,6 +207,7 @@ impl Dataflow {
             hub: self.hub.clone(),
             status: self.status.clone(),
             draining: self.draining.clone(),
+            live_until: self.live_until.clone(),
             batch_records: s.batch_records,
             tick: s.tick,
             checkpoint_interval: s.checkpoint_interval,

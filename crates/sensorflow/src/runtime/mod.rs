@@ -202,6 +202,7 @@ impl Embedded {
             hub: hub.clone(),
             status: status.clone(),
             draining: draining.clone(),
+            live_until: Arc::default(),
         };
         let dataflow_thread = dataflow.start()?;
 

@@ -6,14 +6,20 @@
 //! queue bounded in turns and in samples (`sink_queue`). That `send` is where backpressure
 //! starts: a slow lake blocks this thread, the log's unconsumed bytes grow, and appends (hence
 //! PUBACKs) wait.
+//!
+//! After a failure the supervisor restarts the dataflow from the last checkpoint, and the new
+//! run processes again the records the failed one had processed since. Their results go to the
+//! sinks (which dropped the uncommitted ones) but not to the hub a second time: WebSocket
+//! clients saw them already. Reads are cut at the offset the failed run had published up to,
+//! so each turn is either all replay or all new (see `live_until`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sensorflow_api::Hub;
 use sensorflow_log::{Log, LogError, LogReader};
-use sensorflow_pipeline::{Outputs, SessionEvent, ShardedPipeline};
+use sensorflow_pipeline::{Outputs, SampleChunk, SessionEvent, ShardedPipeline};
 use sensorflow_protocol::record::IngestRecordRef;
 
 use super::sink_queue::WeightedSender;
@@ -33,6 +39,9 @@ pub(crate) struct PipelineTask {
     pub(crate) status: Arc<SharedStatus>,
     /// Set on shutdown: finish once everything appended so far is processed.
     pub(crate) draining: Arc<AtomicBool>,
+    /// Log offset below which every record's results have been published to the hub, by this
+    /// run or an earlier one of the same process. Shared across restarts; only grows.
+    pub(crate) live_until: Arc<AtomicU64>,
     pub(crate) batch_records: usize,
     pub(crate) tick: Duration,
     pub(crate) checkpoint_interval: Duration,
@@ -50,12 +59,22 @@ impl PipelineTask {
         let mut next_tick = Instant::now() + self.tick;
         let mut next_status = Instant::now();
         let mut next_checkpoint = Instant::now() + self.checkpoint_interval;
+        let replay_until = self.live_until.load(Ordering::Acquire);
         loop {
             if self.sink_failed.load(Ordering::Acquire) {
                 return;
             }
             let wait = next_tick.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
-            match self.reader.read_batch(&mut buf, self.batch_records, wait) {
+            // Replaying what an earlier run already published: read no further than that, and
+            // keep this turn's results (timers' included) off the hub.
+            let replay_left = replay_until.saturating_sub(self.reader.position());
+            let live = replay_left == 0;
+            let max_records = if live {
+                self.batch_records
+            } else {
+                usize::try_from(replay_left).map_or(self.batch_records, |left| left.min(self.batch_records))
+            };
+            match self.reader.read_batch(&mut buf, max_records, wait) {
                 Ok(_) => {}
                 Err(LogError::Closed) => break,
                 Err(e) => {
@@ -87,7 +106,11 @@ impl PipelineTask {
                 self.status.refresh_sensors(&self.pipeline, now);
                 next_status = now + STATUS_INTERVAL;
             }
-            if !out.is_empty() && !self.dispatch(&mut out) {
+            if live {
+                // Before dispatching: a sink failure there ends this run after the hub got them.
+                self.live_until.fetch_max(self.reader.position(), Ordering::AcqRel);
+            }
+            if !out.is_empty() && !self.dispatch(&mut out, live) {
                 return;
             }
             self.reader.commit(self.reader.position());
@@ -102,7 +125,7 @@ impl PipelineTask {
             }
         }
         self.pipeline.close_all(now_us(), &mut out);
-        if self.dispatch(&mut out) {
+        if self.dispatch(&mut out, true) {
             self.checkpoint();
         }
         self.status.refresh_sensors(&self.pipeline, Instant::now());
@@ -122,24 +145,13 @@ impl PipelineTask {
         true
     }
 
-    /// Publishes live results and passes everything to the sink thread. Returns false when the
-    /// sink thread is gone (it failed), which ends this run of the pipeline.
-    fn dispatch(&mut self, out: &mut Outputs) -> bool {
+    /// Publishes results live (unless they are a replay, see `live_until`) and passes
+    /// everything to the sink thread. Returns false when the sink thread is gone (it failed),
+    /// which ends this run of the pipeline.
+    fn dispatch(&mut self, out: &mut Outputs, live: bool) -> bool {
         let samples: Vec<_> = out.samples.drain(..).map(Arc::new).collect();
-        for chunk in &samples {
-            self.hub.publish_samples(chunk.clone());
-        }
-        for w in &out.windows {
-            self.hub.publish_window(Arc::new(w.clone()));
-        }
-        for a in &out.aggregates {
-            self.hub.publish_aggregate(Arc::new(a.clone()));
-        }
-        for e in &out.session_events {
-            self.hub.publish_session_event(Arc::new(e.clone()));
-            if let SessionEvent::Ended { .. } = e {
-                self.status.sessions_ended.fetch_add(1, Ordering::Relaxed);
-            }
+        if live {
+            self.publish_live(&samples, out);
         }
         let batch = SinkBatch {
             samples,
@@ -154,5 +166,23 @@ impl PipelineTask {
             return false;
         }
         true
+    }
+
+    fn publish_live(&self, samples: &[Arc<SampleChunk>], out: &Outputs) {
+        for chunk in samples {
+            self.hub.publish_samples(chunk.clone());
+        }
+        for w in &out.windows {
+            self.hub.publish_window(Arc::new(w.clone()));
+        }
+        for a in &out.aggregates {
+            self.hub.publish_aggregate(Arc::new(a.clone()));
+        }
+        for e in &out.session_events {
+            self.hub.publish_session_event(Arc::new(e.clone()));
+            if let SessionEvent::Ended { .. } = e {
+                self.status.sessions_ended.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
