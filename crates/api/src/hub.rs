@@ -102,11 +102,6 @@ impl RawFrame {
         &self.chunk
     }
 
-    /// The chunk's rows this frame carries.
-    pub fn row_range(&self) -> Range<usize> {
-        self.rows.clone()
-    }
-
     /// The `/ws/raw` message for a client that keeps every `every`-th sample: a JSON array of
     /// sample rows, keeping the samples whose `sample_index` is a multiple of `every` (so
     /// downsampling is stable across chunk boundaries and identical for every client). `None`
@@ -189,10 +184,8 @@ impl Hub {
     pub fn publish_samples(&self, chunk: Arc<SampleChunk>) {
         let key = chunk.sensor_id.clone();
         let len = chunk.len();
-        let mut start = 0;
-        loop {
+        for start in (0..len).step_by(RAW_ROWS_PER_MESSAGE) {
             let rows = start..len.min(start + RAW_ROWS_PER_MESSAGE);
-            let end = rows.end;
             if !self
                 .inner
                 .raw
@@ -201,10 +194,6 @@ impl Hub {
                 return;
             }
             self.inner.published.fetch_add(1, Ordering::Relaxed);
-            if end >= len {
-                return;
-            }
-            start = end;
         }
     }
 
