@@ -98,7 +98,7 @@ def test_binary_packets_reach_lake_api_and_websockets_exactly_once(tmp_path):
         assert platform.get("/sessions/nope").status_code == 404
 
         wait_until(lambda: any(m.get("session_id") == f"imu-a_{t0}" for m in agg.messages), timeout=20, message="an aggregate on /ws/aggregate/imu-a")
-        rows = [r for m in raw.messages for r in (m if isinstance(m, list) else [m])]
+        rows = raw.rows()
         assert rows, "no processed sample on /ws/raw/imu-a"
         assert all(r["sensor_id"] == "imu-a" and isinstance(r["velocity_pred"], float) for r in rows)
         assert {r["sample_index"] for r in rows} <= set(range(1000, 1000 + 6 * 64))

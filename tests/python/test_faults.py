@@ -114,7 +114,8 @@ def test_unwritable_lake_dir_withholds_acks_and_recovers_without_loss(tmp_path):
         acked = set(pub.acked)
         # The live feed carries on after the restart: it reaches the sensor's last acked packet.
         last = max(base for sid, base in acked if sid == sensors[0]) + 63
-        wait_until(lambda: any(r["sample_index"] == last for r in live.rows()), timeout=60, message="the live feed reaching the last acknowledged sample")
+        wait_until(lambda: live.error is not None or any(r["sample_index"] == last for r in live.rows()), timeout=60, message="the live feed reaching the last acknowledged sample")
+        assert live.error is None, f"the live feed closed: {live.error!r}"
     finally:
         live.close()
         pub.close()
