@@ -1,7 +1,7 @@
 //! Throughput of the lake writer on the samples table: 5M samples in 64-sample chunks from 1000
 //! sensors (the shape of live traffic), written and flushed to a temporary directory.
 //!
-//! `cargo run --release -p sensorflow-lake --example lake_bench [-- SAMPLES [snappy|zstd|none]]`
+//! `cargo run --release -p sensorflow-lake --example lake_bench [-- SAMPLES [lz4|zstd|snappy|none]]`
 //! Prints ns/sample including the final flush (fsync + rename of every file).
 
 use std::sync::Arc;
@@ -22,7 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(5_000_000);
     let compression = match args.next().as_deref() {
-        None | Some("zstd") => Compression::Zstd { level: 1 },
+        None | Some("lz4") => Compression::Lz4,
+        Some("zstd") => Compression::Zstd { level: 1 },
         Some("snappy") => Compression::Snappy,
         Some("none") => Compression::Uncompressed,
         Some(other) => return Err(format!("unknown compression {other}").into()),

@@ -233,6 +233,39 @@ fn samples_are_written_with_split_floats_delta_integers_and_dictionary_ids() {
 }
 
 #[test]
+fn every_codec_is_recorded_in_the_footer_and_reads_back() {
+    use parquet::basic::Compression as Codec;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    assert_eq!(LakeConfig::new("x").compression, Compression::Lz4);
+    for (compression, codec) in [
+        (Compression::Lz4, Codec::LZ4_RAW),
+        (Compression::Snappy, Codec::SNAPPY),
+        (Compression::Zstd { level: 1 }, Codec::ZSTD(parquet::basic::ZstdLevel::try_new(1).unwrap())),
+        (Compression::Uncompressed, Codec::UNCOMPRESSED),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = LakeWriter::open(LakeConfig { compression, ..config(dir.path()) }).unwrap();
+        let chunks = consecutive_packets(8);
+        lake.write_samples(&chunks).unwrap();
+        lake.flush().unwrap();
+        let files = data_files(dir.path(), Table::Samples);
+        let reader = SerializedFileReader::new(fs::File::open(&files[0]).unwrap()).unwrap();
+        let group = reader.metadata().row_group(0);
+        for i in 0..group.num_columns() {
+            // The footer records the codec by kind; zstd's level is not stored.
+            assert_eq!(
+                std::mem::discriminant(&group.column(i).compression()),
+                std::mem::discriminant(&codec),
+                "{compression:?}, column {}",
+                group.column(i).column_path()
+            );
+        }
+        assert_eq!(sorted(sample_rows(&read_files(&files))), expected_rows(&chunks, |_| true), "{compression:?}");
+    }
+}
+
+#[test]
 fn file_stays_hidden_until_committed_and_no_tmp_remains_after_flush() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LakeConfig {

@@ -160,8 +160,8 @@ impl Config {
         if self.runtime.tick_ms == 0 {
             problems.push("runtime.tick_ms: must be at least 1".into());
         }
-        if !matches!(self.lake.compression.as_str(), "zstd" | "snappy") {
-            problems.push(format!("lake.compression: must be \"zstd\" or \"snappy\", got {:?}", self.lake.compression));
+        if !matches!(self.lake.compression.as_str(), "zstd" | "snappy" | "lz4") {
+            problems.push(format!("lake.compression: must be \"zstd\", \"snappy\" or \"lz4\", got {:?}", self.lake.compression));
         }
         if self.demo.rate_hz <= 0.0 {
             problems.push("demo.rate_hz: must be positive".into());
@@ -182,7 +182,8 @@ impl Config {
             sync_every_bytes: self.lake.sync_every_bytes,
             compression: match self.lake.compression.as_str() {
                 "snappy" => sensorflow_lake::Compression::Snappy,
-                _ => sensorflow_lake::Compression::Zstd { level: 1 },
+                "zstd" => sensorflow_lake::Compression::Zstd { level: 1 },
+                _ => sensorflow_lake::Compression::Lz4,
             },
             ..sensorflow_lake::LakeConfig::new(root)
         }
@@ -320,7 +321,7 @@ mod tests {
             "{:#}",
             Config::load(
                 None,
-                env(&[("SENSORFLOW_MQTT_BINARY_TOPIC", "stream/x"), ("SENSORFLOW_LAKE_COMPRESSION", "lz4"), ("SENSORFLOW_PIPELINE_WINDOW_SECS", "0")]),
+                env(&[("SENSORFLOW_MQTT_BINARY_TOPIC", "stream/x"), ("SENSORFLOW_LAKE_COMPRESSION", "brotli"), ("SENSORFLOW_PIPELINE_WINDOW_SECS", "0")]),
             )
             .unwrap_err()
         );
