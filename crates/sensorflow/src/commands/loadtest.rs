@@ -211,21 +211,19 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
     }
 
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckedPacket>();
-    let acked: Arc<Mutex<HashMap<Arc<str>, u64>>> = Arc::default();
-    let ack_counter = {
-        let acked = acked.clone();
-        tokio::spawn(async move {
-            while let Some(p) = ack_rx.recv().await {
-                *acked.lock().entry(p.sensor_id).or_default() += u64::from(p.samples);
-            }
-        })
-    };
+    let ack_counter = tokio::spawn(async move {
+        let mut acked: HashMap<Arc<str>, u64> = HashMap::new();
+        while let Some(p) = ack_rx.recv().await {
+            *acked.entry(p.sensor_id).or_default() += u64::from(p.samples);
+        }
+        acked
+    });
     let started = Instant::now();
     let (_sim_stop_tx, sim_stop_rx) = watch::channel(false);
     let sim = Simulator::spawn(SimConfig { on_ack: Some(ack_tx), ..sim_config }, sim_stop_rx)?;
     let sim_stats = sim.join().await;
     let elapsed = started.elapsed().as_secs_f64();
-    let _ = ack_counter.await;
+    let acked = ack_counter.await.context("counting acknowledgements")?;
     // Let the last packets reach the WebSocket feeds before closing them.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_tx.send(true);
@@ -249,7 +247,6 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
         .await??),
         None => None,
     };
-    let acked = acked.lock().clone();
     let samples_acked: u64 = acked.values().sum();
     let (samples_in_lake, duplicates, lost) = match &lake_counts {
         Some(c) => {

@@ -157,6 +157,12 @@ pub(super) async fn run_connection(
     if *shutdown.borrow_and_update() {
         conn.begin_drain();
     }
+    // Both timers live across the loop: a `sleep_until` built inside `select!` would register
+    // and drop a timer on every tick and event (tens of thousands a second at 5,000 sensors).
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let end_timer = tokio::time::sleep_until(conn.end.unwrap_or(far));
+    let drain_timer = tokio::time::sleep_until(far);
+    tokio::pin!(end_timer, drain_timer);
 
     while conn.phase != Phase::Done {
         let backoff = conn.backoff.take();
@@ -168,6 +174,9 @@ pub(super) async fn run_connection(
         };
         tokio::pin!(poll);
         let event = loop {
+            if matches!(conn.phase, Phase::Draining | Phase::Closing) && drain_timer.deadline() != conn.drain_deadline {
+                drain_timer.as_mut().reset(conn.drain_deadline);
+            }
             tokio::select! {
                 biased;
                 event = &mut poll => break Some(event),
@@ -177,12 +186,12 @@ pub(super) async fn run_connection(
                         conn.begin_drain();
                     }
                 }
-                () = tokio::time::sleep_until(conn.drain_deadline),
+                () = &mut drain_timer,
                     if matches!(conn.phase, Phase::Draining | Phase::Closing) => conn.give_up(),
                 scheduled = ticks.tick(), if conn.can_generate() => conn.on_tick(scheduled),
                 // Ticks up to the end come first (above); this fires when generation is
                 // paused by backpressure and no tick would notice the end.
-                () = tokio::time::sleep_until(conn.end.unwrap_or(conn.drain_deadline)),
+                () = &mut end_timer,
                     if conn.phase == Phase::Running && conn.end.is_some() => conn.begin_drain(),
             }
             if conn.phase == Phase::Done {
