@@ -1,6 +1,6 @@
 //! Cost of the lake stage per sample: [`LakeWriter::write_samples`] of live traffic's chunks
 //! (1,000 sensors, 64 samples each, the pipeline's output for one step) into a temporary
-//! directory with the default settings (zstd level 1, 128 Ki-row row groups), followed by
+//! directory with the default settings (LZ4, 128 Ki-row row groups), followed by
 //! [`LakeWriter::flush`], which encodes the rest, fsyncs and renames the file into view.
 //!
 //! - `write_flush/64k_per_file`: one step, then a flush: the cost when every step is published.
@@ -72,7 +72,7 @@ fn chunks() -> Vec<SampleChunk> {
 }
 
 /// Rewrites every chunk's indices and timestamps as step `step` of its sensor's stream
-/// (values repeat, which is fine for timing: zstd sees them far apart).
+/// (values repeat, which is fine for timing: the compressor sees them far apart).
 fn advance(chunks: &mut [SampleChunk], step: u64) {
     for c in chunks {
         for (i, (idx, ts)) in c
