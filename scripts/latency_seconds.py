@@ -27,9 +27,13 @@ def main():
         second = (t - t0) // 1_000_000
         slowest[second] = max(slowest[second], ms)
     v = sorted(ms for _, ms in rows)
+
+    def pct(p):  # the index `loadtest` uses, so the figures match its report
+        return v[int((len(v) - 1) * p + 0.5)]
+
     over = sum(1 for ms in slowest.values() if ms > args.bound)
     print(
-        f"n={len(v)} p50={v[len(v) // 2]:.1f} ms p99={v[int(len(v) * 0.99)]:.1f} ms max={v[-1]:.0f} ms "
+        f"n={len(v)} p50={pct(0.5):.1f} ms p99={pct(0.99):.1f} ms max={v[-1]:.0f} ms "
         f"seconds over {args.bound:g} ms: {over} of {len(slowest)}"
     )
     if args.per_second:

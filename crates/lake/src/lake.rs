@@ -95,26 +95,21 @@ const DAY_US: i64 = 86_400_000_000;
 const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
 
 /// Parquet compression codec of the lake's files.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
     /// No compression (fastest to write, largest files).
     Uncompressed,
     /// Snappy.
     Snappy,
-    /// LZ4 raw blocks (Parquet's `LZ4_RAW`).
+    /// LZ4 raw blocks (Parquet's `LZ4_RAW`); the default (see the module docs).
+    #[default]
     Lz4,
     /// Zstandard at `level` (1..=22; 1 is the fastest and already smaller than LZ4 or snappy).
     Zstd {
         /// Compression level, 1..=22.
         level: i32,
     },
-}
-
-impl Default for Compression {
-    fn default() -> Self {
-        Compression::Lz4
-    }
 }
 
 impl Compression {

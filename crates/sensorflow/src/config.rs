@@ -160,7 +160,7 @@ impl Config {
         if self.runtime.tick_ms == 0 {
             problems.push("runtime.tick_ms: must be at least 1".into());
         }
-        if !matches!(self.lake.compression.as_str(), "zstd" | "snappy" | "lz4") {
+        if self.lake_compression().is_none() {
             problems.push(format!("lake.compression: must be \"zstd\", \"snappy\" or \"lz4\", got {:?}", self.lake.compression));
         }
         if self.demo.rate_hz <= 0.0 {
@@ -172,7 +172,6 @@ impl Config {
         Ok(())
     }
 
-    /// Root directory of the lake.
     /// The lake writer's settings from `[lake]`, for a lake rooted at `root`.
     pub(crate) fn lake_config(&self, root: PathBuf) -> sensorflow_lake::LakeConfig {
         sensorflow_lake::LakeConfig {
@@ -180,15 +179,22 @@ impl Config {
             max_file_age: std::time::Duration::from_secs(self.lake.max_file_age_secs),
             row_group_rows: self.lake.row_group_rows,
             sync_every_bytes: self.lake.sync_every_bytes,
-            compression: match self.lake.compression.as_str() {
-                "snappy" => sensorflow_lake::Compression::Snappy,
-                "zstd" => sensorflow_lake::Compression::Zstd { level: 1 },
-                _ => sensorflow_lake::Compression::Lz4,
-            },
+            compression: self.lake_compression().unwrap_or_default(),
             ..sensorflow_lake::LakeConfig::new(root)
         }
     }
 
+    /// `lake.compression` as a codec; `None` for a name `validate` rejects.
+    fn lake_compression(&self) -> Option<sensorflow_lake::Compression> {
+        match self.lake.compression.as_str() {
+            "lz4" => Some(sensorflow_lake::Compression::Lz4),
+            "zstd" => Some(sensorflow_lake::Compression::Zstd { level: 1 }),
+            "snappy" => Some(sensorflow_lake::Compression::Snappy),
+            _ => None,
+        }
+    }
+
+    /// Root directory of the lake.
     pub(crate) fn lake_root(&self) -> PathBuf {
         if self.lake.root.is_empty() { self.data_dir.join("lake") } else { PathBuf::from(&self.lake.root) }
     }

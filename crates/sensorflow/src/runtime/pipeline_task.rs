@@ -168,6 +168,8 @@ impl PipelineTask {
         true
     }
 
+    /// Sends a turn's results to the hub and counts its ended sessions: both once per result,
+    /// so a replay, which the failed run already sent and counted, skips this.
     fn publish_live(&self, samples: &[Arc<SampleChunk>], out: &Outputs) {
         for chunk in samples {
             self.hub.publish_samples(chunk.clone());
