@@ -71,7 +71,10 @@ def test_binary_packets_reach_lake_api_and_websockets_exactly_once(tmp_path):
             # imu-b: four packets in one message
             ("stream/imu-b", b"".join(encode_packet(64 * k, t0 + k * 64 * PERIOD_US, synthetic_samples(64, 10 + k)) for k in range(4))),
         ] + [("stream/imu-c", encode_packet(500 + 64 * k, t0 + k * 64 * PERIOD_US, synthetic_samples(64, 20 + k, moving=False))) for k in range(3)]
-        expected = {"imu-a": 5 * 64, "imu-b": 4 * 64, "imu-c": 3 * 64}
+        # imu-d: packet 1 arrives after packet 2 (a backlog upload after live data), then again.
+        d = [encode_packet(64 * k, t0 + k * 64 * PERIOD_US, synthetic_samples(64, 30 + k)) for k in range(3)]
+        messages += [("stream/imu-d", d[0]), ("stream/imu-d", d[2]), ("stream/imu-d", d[1]), ("stream/imu-d", d[1])]
+        expected = {"imu-a": 5 * 64, "imu-b": 4 * 64, "imu-c": 3 * 64, "imu-d": 3 * 64}
 
         client = mqtt_client(platform)
         publish_all(client, messages)
@@ -86,13 +89,17 @@ def test_binary_packets_reach_lake_api_and_websockets_exactly_once(tmp_path):
         assert sensor["duplicates"] == 64, sensor
         assert sensor["gaps"] == 1 and sensor["missing_samples"] == 64, sensor
         assert platform.get("/sensors/imu-b").json()["bad_total"] == 0
+        late = platform.get("/sensors/imu-d").json()
+        assert late["reordered_samples"] == 64 and late["duplicates"] == 64, late
+        assert late["gaps"] == 1 and late["missing_samples"] == 64, late
 
         metrics = platform.get("/metrics").text
         assert 'sensorflow_sensor_bad_input_total{sensor_id="imu-a",reason="bad_crc"} 1' in metrics
+        assert 'sensorflow_sensor_reordered_samples_total{sensor_id="imu-d"} 64' in metrics
 
         sessions = platform.get("/sessions").json()
         by_sensor = {s["sensor_id"]: s for s in sessions}
-        assert set(by_sensor) == {"imu-a", "imu-b", "imu-c"}, sessions
+        assert set(by_sensor) == {"imu-a", "imu-b", "imu-c", "imu-d"}, sessions
         assert by_sensor["imu-a"]["session_id"] == f"imu-a_{t0}"
         assert platform.get(f"/sessions/imu-a_{t0}").status_code == 200
         assert platform.get("/sessions/nope").status_code == 404
@@ -115,7 +122,7 @@ def test_binary_packets_reach_lake_api_and_websockets_exactly_once(tmp_path):
     nulls = con.execute(f"select count(*) from read_parquet('{glob}') where velocity_pred is null or isnan(velocity_pred)").fetchone()[0]
     assert nulls == 0
     ended = con.execute(f"select count(*) from read_parquet('{tmp_path}/data/lake/sessions/**/*.parquet') where end_us is not null").fetchone()[0]
-    assert ended == 3
+    assert ended == 4
 
 
 def test_json_packets_reach_the_lake_exactly_once(tmp_path):

@@ -45,12 +45,14 @@ pub struct SensorStatus {
     pub packets_decoded: u64,
     /// Samples decoded since start.
     pub samples_decoded: u64,
-    /// Packets dropped as already processed (redelivery).
+    /// Samples dropped as already processed (redelivery).
     pub duplicates: u64,
     /// Jumps in the sample index.
     pub gaps: u64,
-    /// Samples missing in those gaps.
+    /// Samples missing in those gaps when they were detected.
     pub missing_samples: u64,
+    /// Samples that arrived after later ones and filled a gap: kept, processed late.
+    pub reordered_samples: u64,
     /// Samples that arrived after their window closed.
     pub late: u64,
     /// Device restarts detected.

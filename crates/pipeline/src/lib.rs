@@ -43,6 +43,7 @@ pub mod stats;
 pub mod window;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use sensorflow_model::{Model, SequenceMut};
@@ -390,20 +391,28 @@ fn accept_packet(
         return;
     }
     let ts0 = i64::try_from(timestamp_us).unwrap_or(i64::MAX);
-    let skip = match state.seq.classify(base, n, ts0, ctx.period_us) {
+    // The positions of the packet's samples to keep: one run, or a late packet's pieces.
+    let run: Range<usize>;
+    let pieces: Vec<Range<usize>>;
+    let keep: &[Range<usize>] = match state.seq.classify(base, n, ts0, ctx.period_us) {
         Verdict::Duplicate => {
             state.counters.duplicates += n as u64;
             return;
         }
         Verdict::Accept { skip, gap } => {
-            state.counters.duplicates += skip as u64;
             if let Some((from, to)) = gap {
                 let missing = u64::from(to.wrapping_sub(from));
                 state.counters.gaps += 1;
                 state.counters.missing_samples += missing;
                 out.gaps.push(GapRecord { sensor_id: state.id.clone(), from_index: from, to_index: to, missing, detected_at_us: now_us });
             }
-            skip
+            run = skip..n;
+            std::slice::from_ref(&run)
+        }
+        Verdict::Reordered { keep: ranges, filled } => {
+            state.counters.reordered_samples += filled as u64;
+            pieces = ranges;
+            &pieces
         }
         Verdict::Restart => {
             state.counters.restarts += 1;
@@ -411,10 +420,14 @@ fn accept_packet(
                 flush_sensor(ctx, model, features, scaler, stats, state, out);
                 end_session(ctx, state, SessionEndReason::DeviceRestart, now_us, out);
             }
-            0
+            run = 0..n;
+            std::slice::from_ref(&run)
         }
     };
-    let first_ts = ts0 + skip as i64 * ctx.period_us;
+    let kept: usize = keep.iter().map(ExactSizeIterator::len).sum();
+    state.counters.duplicates += (n - kept) as u64;
+    let Some(first) = keep.first().map(|r| r.start) else { return };
+    let first_ts = ts0 + first as i64 * ctx.period_us;
     if let Some(session) = &state.session
         && first_ts - session.last_event_us > ctx.gap_us
     {
@@ -432,10 +445,11 @@ fn accept_packet(
     let Some(session) = state.session.as_mut() else { return };
     let chunk = match &mut state.pending {
         Some(chunk) => chunk,
-        None => state.pending.insert(SampleChunk::with_capacity(state.id.clone(), session.id.clone(), n - skip)),
+        None => state.pending.insert(SampleChunk::with_capacity(state.id.clone(), session.id.clone(), kept)),
     };
     let mut last_ts = first_ts;
-    for (i, s) in samples.iter().enumerate().skip(skip) {
+    for i in keep.iter().flat_map(Clone::clone) {
+        let s = &samples[i];
         let ts = ts0 + i as i64 * ctx.period_us;
         last_ts = ts;
         let gyro = s.gyro.map(|d| d.to_radians());
@@ -469,7 +483,7 @@ fn accept_packet(
     }
     session.last_event_us = session.last_event_us.max(last_ts);
     session.last_seen_proc_us = now_us;
-    session.sample_count += (n - skip) as u64;
+    session.sample_count += kept as u64;
     state.windows.emit_ready(&state.id, ctx.window_us, ctx.lateness_us, &mut out.windows);
 }
 

@@ -48,8 +48,10 @@ use crate::session::ActiveSession;
 use crate::window::SensorWindows;
 use crate::{Pipeline, PipelineConfig, PipelineError, PipelineStats, SensorCounters, SensorId, SensorState};
 
-/// The snapshot format this build writes, and the only one it reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// The snapshot format this build writes. It reads this one and version 1 (see [`v1`]).
+///
+/// Version 2 added the dedupe tracker's open gaps and the `reordered_samples` counter.
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 /// The whole state of a [`Pipeline`] between two steps (see the module docs for what it holds).
 ///
@@ -120,10 +122,14 @@ impl PipelineSnapshot {
     /// consistent: [`Pipeline::restore`] checks it against the model.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let (found, _) = postcard::take_from_bytes::<u32>(bytes).map_err(SnapshotError::Malformed)?;
-        if found != SNAPSHOT_VERSION {
-            return Err(SnapshotError::UnsupportedVersion { found, supported: SNAPSHOT_VERSION });
-        }
-        let (snapshot, rest) = postcard::take_from_bytes::<Self>(bytes).map_err(SnapshotError::Malformed)?;
+        let (snapshot, rest) = match found {
+            SNAPSHOT_VERSION => postcard::take_from_bytes::<Self>(bytes).map_err(SnapshotError::Malformed)?,
+            1 => {
+                let (old, rest) = postcard::take_from_bytes::<v1::PipelineSnapshot>(bytes).map_err(SnapshotError::Malformed)?;
+                (old.into(), rest)
+            }
+            _ => return Err(SnapshotError::UnsupportedVersion { found, supported: SNAPSHOT_VERSION }),
+        };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
         }
@@ -202,5 +208,104 @@ impl Pipeline {
         }
         pipeline.stats = snapshot.stats;
         Ok(pipeline)
+    }
+}
+
+/// Version 1 of the format, read so that checkpoints taken before version 2 still restore.
+///
+/// Only the types whose fields changed are mirrored here (the rest are shared with version 2);
+/// decoding one of these and converting it gives the state a version 2 build would have had:
+/// no open gaps (version 1 dropped late packets as duplicates) and nothing counted as reordered.
+pub mod v1 {
+    use std::collections::BTreeMap;
+
+    use sensorflow_protocol::framing::BadReason;
+    use serde::Deserialize;
+
+    use crate::dedupe::SequenceTracker;
+    use crate::session::ActiveSession;
+    use crate::window::SensorWindows;
+    use crate::{PipelineStats, SensorCounters, SensorId};
+
+    /// [`super::PipelineSnapshot`] as version 1 wrote it.
+    #[derive(Debug, Deserialize)]
+    pub struct PipelineSnapshot {
+        pub version: u32,
+        pub stats: PipelineStats,
+        pub sensors: Vec<SensorSnapshot>,
+    }
+
+    /// [`super::SensorSnapshot`] as version 1 wrote it.
+    #[derive(Debug, Deserialize)]
+    pub struct SensorSnapshot {
+        pub sensor_id: SensorId,
+        pub framing_pending: Vec<u8>,
+        pub sequence: Tracker,
+        pub session: Option<ActiveSession>,
+        pub windows: SensorWindows,
+        pub h: Vec<f32>,
+        pub c: Vec<f32>,
+        pub counters: Counters,
+    }
+
+    /// The dedupe tracker of version 1: no open gaps.
+    #[derive(Debug, Deserialize)]
+    pub struct Tracker {
+        pub next_index: Option<u64>,
+        pub last_timestamp_us: i64,
+    }
+
+    /// The counters of version 1: no `reordered_samples`.
+    #[derive(Debug, Deserialize)]
+    pub struct Counters {
+        pub messages: u64,
+        pub packets_decoded: u64,
+        pub samples_decoded: u64,
+        pub duplicates: u64,
+        pub gaps: u64,
+        pub missing_samples: u64,
+        pub late: u64,
+        pub restarts: u64,
+        pub sessions_started: u64,
+        pub bad: BTreeMap<BadReason, u64>,
+        pub first_seen_us: Option<i64>,
+        pub last_seen_us: Option<i64>,
+    }
+
+    impl From<PipelineSnapshot> for super::PipelineSnapshot {
+        fn from(old: PipelineSnapshot) -> Self {
+            let sensors = old.sensors.into_iter().map(super::SensorSnapshot::from).collect();
+            Self { version: super::SNAPSHOT_VERSION, stats: old.stats, sensors }
+        }
+    }
+
+    impl From<SensorSnapshot> for super::SensorSnapshot {
+        fn from(old: SensorSnapshot) -> Self {
+            let c = old.counters;
+            Self {
+                sensor_id: old.sensor_id,
+                framing_pending: old.framing_pending,
+                sequence: SequenceTracker::from_v1(old.sequence.next_index, old.sequence.last_timestamp_us),
+                session: old.session,
+                windows: old.windows,
+                h: old.h,
+                c: old.c,
+                counters: SensorCounters {
+                    messages: c.messages,
+                    packets_decoded: c.packets_decoded,
+                    samples_decoded: c.samples_decoded,
+                    duplicates: c.duplicates,
+                    gaps: c.gaps,
+                    missing_samples: c.missing_samples,
+                    late: c.late,
+                    restarts: c.restarts,
+                    sessions_started: c.sessions_started,
+                    bad: c.bad,
+                    first_seen_us: c.first_seen_us,
+                    last_seen_us: c.last_seen_us,
+                    reordered_samples: 0,
+                },
+            }
+        }
     }
 }

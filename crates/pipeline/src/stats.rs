@@ -24,6 +24,8 @@ pub struct SensorCounters {
     /// Ingest time of the first and last message, µs since the epoch.
     pub first_seen_us: Option<i64>,
     pub last_seen_us: Option<i64>,
+    /// Samples that arrived after later ones and filled a reported gap (kept, not duplicates).
+    pub reordered_samples: u64,
 }
 
 impl SensorCounters {

@@ -75,6 +75,29 @@ fn split_packet_duplicate_and_garbage_yield_each_sample_once() {
 }
 
 #[test]
+fn a_packet_that_arrives_after_a_later_one_is_kept_once() {
+    let mut p = pipeline();
+    let p1 = packet(64, 1, 3);
+    let mut out = run(&mut p, &[rec("a", packet(0, 0, 3)), rec("a", packet(128, 2, 3))]);
+    assert_eq!((out.gaps.len(), out.gaps[0].from_index, out.gaps[0].to_index), (1, 64, 128));
+    // Packet 1 comes last (a backlog upload, a resend after a reconnect), then once more.
+    for more in [run(&mut p, &[rec("a", p1.clone())]), run(&mut p, &[rec("a", p1)])] {
+        out.samples.extend(more.samples);
+        out.session_events.extend(more.session_events);
+        out.gaps.extend(more.gaps);
+    }
+    let mut indices: Vec<u32> = out.samples.iter().flat_map(|c| c.sample_index.iter().copied()).collect();
+    assert_eq!(indices.len(), 192, "every sample once");
+    indices.sort_unstable();
+    assert_eq!(indices, (0..192).collect::<Vec<_>>());
+    assert!(out.samples.iter().all(|c| c.velocity_pred.iter().all(|v| v.is_finite())), "late samples are inferred too");
+    assert_eq!(out.gaps.len(), 1, "the gap is reported once, when it was detected");
+    assert_eq!(out.session_events.len(), 1, "one session");
+    let c = p.sensors().next().unwrap().counters.clone();
+    assert_eq!((c.reordered_samples, c.duplicates, c.missing_samples), (64, 64, 64));
+}
+
+#[test]
 fn corrupt_crc_is_counted_and_leaves_a_gap() {
     let mut p = pipeline();
     let mut bad = packet(64, 1, 2);

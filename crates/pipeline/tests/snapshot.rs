@@ -226,6 +226,28 @@ fn sensor_appearing_twice_is_rejected() {
 }
 
 #[test]
+fn a_version_1_checkpoint_restores_and_continues_like_the_original() {
+    // Taken at this scenario's cut by the last version 1 build (1f2704c), before the dedupe
+    // tracker kept open gaps: a checkpoint written before an upgrade.
+    let bytes = include_bytes!("data/snapshot_v1.bin");
+    let config = PipelineConfig::default();
+    let (steps, cut) = scenario();
+    let close = NOW + 10 * SEC;
+    let straight = run(&config, &steps, cut, false, close);
+
+    let migrated = PipelineSnapshot::decode(bytes).unwrap();
+    assert_eq!(migrated.version, SNAPSHOT_VERSION);
+    assert_eq!(migrated, straight.at_cut, "migrates to the state version 2 takes at the same cut");
+    let mut p = Pipeline::restore(config, model(), migrated).unwrap();
+    let mut after = Outputs::default();
+    play(&mut p, &steps[cut..], &mut after);
+    assert!(p.snapshot().encode() == straight.final_state, "final states differ");
+    p.close_all(close, &mut after);
+    assert_eq!(velocities(&after), velocities(&straight.after_cut), "velocity_pred differs");
+    assert_eq!(after, straight.after_cut);
+}
+
+#[test]
 fn newer_format_version_is_rejected_by_decode_and_restore() {
     let mut snap = snapshot_with_one_sensor();
     assert_eq!(snap.version, SNAPSHOT_VERSION);

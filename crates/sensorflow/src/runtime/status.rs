@@ -161,6 +161,7 @@ impl SharedStatus {
                     duplicates: c.duplicates,
                     gaps: c.gaps,
                     missing_samples: c.missing_samples,
+                    reordered_samples: c.reordered_samples,
                     late: c.late,
                     restarts: c.restarts,
                     bad_total: bad.values().sum(),
@@ -235,6 +236,7 @@ impl StatusSource for SharedStatus {
             ("sensorflow_sensor_duplicate_samples_total", "Samples dropped as already processed.", (|s: &SensorStatus| s.duplicates) as fn(&SensorStatus) -> u64),
             ("sensorflow_sensor_gaps_total", "Gaps in sample indices.", |s| s.gaps),
             ("sensorflow_sensor_missing_samples_total", "Samples missing in gaps.", |s| s.missing_samples),
+            ("sensorflow_sensor_reordered_samples_total", "Samples that arrived after later ones and filled a gap.", |s| s.reordered_samples),
             ("sensorflow_sensor_late_samples_total", "Samples later than their window.", |s| s.late),
             ("sensorflow_sensor_restarts_total", "Device restarts detected.", |s| s.restarts),
         ] {
