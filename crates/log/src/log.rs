@@ -88,7 +88,7 @@ pub(crate) struct State {
     pub(crate) consumers: Vec<Weak<ConsumerSlot>>,
     /// Lowest committed logical position over live consumers; `None` without consumers.
     pub(crate) min_committed: Option<u64>,
-    /// Message of the most recent write/sync failure.
+    /// Message of the most recent write/sync failure, until a write succeeds again.
     pub(crate) last_error: Option<String>,
 }
 
@@ -193,7 +193,9 @@ pub struct LogStats {
     pub queued_bytes: u64,
     /// Failed write batches (and failed syncs) since open.
     pub write_errors: u64,
-    /// Message of the most recent write failure, if any.
+    /// Message of the most recent write failure while it is the latest outcome: the next
+    /// successful write clears it (`write_errors` keeps the count), so a health check built on
+    /// it recovers once the disk does.
     pub last_error: Option<String>,
 }
 

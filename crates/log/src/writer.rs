@@ -364,6 +364,8 @@ impl Writer {
             st.end_offset = self.published.next_offset;
             st.end_logical = self.published.logical();
             st.in_flight_bytes = st.in_flight_bytes.saturating_sub(frames);
+            // Writing works again (e.g. space was freed after a full disk).
+            st.last_error = None;
         }
         self.shared.readers_cv.notify_all();
         self.shared.space.notify_waiters();

@@ -230,6 +230,8 @@ async fn failed_write_leaves_no_partial_record_and_the_log_recovers_when_cleared
         3,
         "offsets of failed appends are reused"
     );
+    assert_eq!(log.stats().last_error, None, "a successful write clears the error");
+    assert_eq!(log.stats().write_errors, 2);
     assert_records(&log, 4);
     log.close().unwrap();
     drop(log);
