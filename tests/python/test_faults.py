@@ -62,6 +62,11 @@ def test_unwritable_lake_dir_withholds_acks_and_recovers_without_loss(tmp_path):
         "SENSORFLOW_LAKE_MAX_FILE_AGE_SECS": "1",
         "SENSORFLOW_CHECKPOINT_INTERVAL_SECS": "2",
         "SENSORFLOW_LOG_MAX_UNCONSUMED_BYTES": str(bound),
+        # Small segments and no retention beyond the checkpoints: the log is trimmed past the
+        # offset the dataflow started from before the fault, as in any long run.
+        "SENSORFLOW_LOG_SEGMENT_BYTES": str(64 * 1024),
+        "SENSORFLOW_LOG_RETENTION_BYTES": "0",
+        "SENSORFLOW_LOG_RETENTION_SECS": "0",
     }
     sensors = [f"fault-{i}" for i in range(8)]
     source = PacketSource(sensors, int(time.time() * 1e6) - 120_000_000)
@@ -70,11 +75,21 @@ def test_unwritable_lake_dir_withholds_acks_and_recovers_without_loss(tmp_path):
     pub = Publisher(platform.mqtt_host, platform.mqtt_port)
     live = WsCollector(platform.ws + f"/ws/raw/{sensors[0]}")
     try:
-        # Healthy: some data reaches the lake.
-        for _ in range(5):
-            for sid in sensors:
-                pub.publish(sid, *source.take(sid))
-        pub.wait_all_acked(timeout=60)
+        # Healthy: data reaches the lake, and checkpoints let retention delete the log's first
+        # segments, the one holding offset 0 (where this run of the dataflow started) included.
+        log_dir = tmp_path / "data" / "log"
+
+        def first_segment_base() -> int:
+            return min(int(p.stem) for p in log_dir.glob("*.log"))
+
+        def publish_some() -> int:
+            for _ in range(5):
+                for sid in sensors:
+                    pub.publish(sid, *source.take(sid))
+            pub.wait_all_acked(timeout=60)
+            return first_segment_base()
+
+        wait_until(lambda: publish_some() > 0, timeout=60, message="the log trimmed past offset 0")
         wait_until(lambda: list(lake.glob("samples/date=*/*.parquet")), timeout=30, message="a samples file in the lake")
         assert ready(platform)[0] == 200
 

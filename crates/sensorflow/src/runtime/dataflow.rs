@@ -138,12 +138,15 @@ impl Dataflow {
         let mut backoff = INITIAL_BACKOFF;
         loop {
             let began = Instant::now();
-            let checkpoint_offset = next.reader.position();
-            let epoch = next.epoch;
+            let started_at = (next.epoch, next.reader.position());
             let failure = match self.run(next) {
                 Ok(()) => return,
                 Err(failure) => failure,
             };
+            // The checkpoint the restart will start from: the run's own last one, if it wrote
+            // any. (The one it started from may be gone from the log by now: each checkpoint
+            // lets retention delete what the one before it covered.)
+            let (epoch, checkpoint_offset) = self.status.last_checkpoint().filter(|&(e, _)| e > started_at.0).unwrap_or(started_at);
             if self.draining.load(Ordering::Acquire) {
                 tracing::error!(error = %failure, "the dataflow failed while stopping; the log keeps everything after checkpoint {epoch} for the next start");
                 return;
@@ -152,9 +155,13 @@ impl Dataflow {
             if began.elapsed() >= BACKOFF_RESET {
                 backoff = INITIAL_BACKOFF;
             }
-            // Park a tracked reader at the checkpoint: its unconsumed bytes hold appends (and
-            // so PUBACKs) back once the log's bound is reached.
-            let _parked = self.log.reader(checkpoint_offset).ok();
+            // Park a tracked reader there: its unconsumed bytes hold appends (and so PUBACKs)
+            // back once the log's bound is reached. Failing that, anywhere in the log rather
+            // than nowhere, which would let appends run on until the disk is full.
+            let _parked = self.log.reader(checkpoint_offset).or_else(|e| {
+                tracing::warn!(error = %e, "cannot hold the log at the checkpoint; holding it at its start");
+                self.log.reader(self.log.start_offset())
+            });
             next = loop {
                 let detail = format!("{failure}; restarting from checkpoint {epoch} in {:.1} s", backoff.as_secs_f64());
                 tracing::error!("dataflow failed: {detail}");

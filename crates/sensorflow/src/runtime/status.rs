@@ -109,6 +109,11 @@ impl SharedStatus {
         self.checkpoints_written.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Epoch and log offset of the last checkpoint written by this process, if any.
+    pub(crate) fn last_checkpoint(&self) -> Option<(u64, u64)> {
+        self.checkpoint.lock().map(|(epoch, offset, _, _)| (epoch, offset))
+    }
+
     pub(crate) fn count_corrupt_record(&self) {
         self.corrupt_records.fetch_add(1, Ordering::Relaxed);
     }
