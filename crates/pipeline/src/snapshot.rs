@@ -34,7 +34,9 @@
 //! The format is not self-describing: it follows the field order of the types it holds, here
 //! and in [`dedupe`](crate::dedupe), [`session`](crate::session), [`window`](crate::window) and
 //! [`stats`](crate::stats). Changing any of them changes the format; bump [`SNAPSHOT_VERSION`]
-//! when you do. The version is the first field, so a reader checks it before parsing the rest.
+//! when you do, and keep reading the previous version (mirror the types whose fields changed,
+//! as [`v1`] does) so that checkpoints written before an upgrade still restore. The version is
+//! the first field, so a reader checks it before parsing the rest.
 
 use std::collections::HashMap;
 use std::sync::Arc;
