@@ -156,7 +156,21 @@ struct Target {
 
 struct ChildPlatform {
     child: Child,
+    /// Deleted when this is dropped, after the child is gone (see `Drop`).
     _data_dir: tempfile::TempDir,
+}
+
+impl Drop for ChildPlatform {
+    /// A normal run stops the child gracefully first (`stop_child`). On an early return (an
+    /// error mid-run) the child would otherwise outlive the load test, orphaned, with its data
+    /// directory deleted under it by `_data_dir` (dropped right after this): every log segment
+    /// gone, its dataflow failing on each restart. So it is killed and reaped first.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> {
@@ -407,4 +421,24 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn dropping_the_child_platform_kills_the_child_before_removing_its_data() {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let path = data_dir.path().to_owned();
+        let child = Command::new("sleep").arg("600").spawn().expect("spawning sleep");
+        let pid = child.id();
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        drop(ChildPlatform { child, _data_dir: data_dir });
+        // Killed and reaped (a zombie would still have its /proc entry), and the data gone.
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the child outlived its handle");
+        assert!(!path.exists());
+    }
 }
