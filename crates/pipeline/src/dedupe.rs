@@ -27,8 +27,8 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 /// Gaps a sensor keeps open for late packets to fill; beyond this the oldest is given up.
-/// 64 gaps are 1 KiB per sensor at most, and a sensor that loses that many packets at once
-/// leaves its first ones open.
+/// 64 gaps are 1 KiB per sensor at most. One gap covers any run of missing packets, so only a
+/// sensor with 64 separate unfilled losses reaches the bound.
 pub const MAX_OPEN_GAPS: usize = 64;
 
 /// What to do with a packet, decided by [`SequenceTracker::classify`].
