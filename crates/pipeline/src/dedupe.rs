@@ -93,8 +93,8 @@ impl SequenceTracker {
             self.open_gaps.clear();
             return Verdict::Restart;
         }
-        let filled = self.fill(base64, end.min(next));
-        if filled.is_empty() {
+        let mut keep = self.fill(base64, end.min(next));
+        if keep.is_empty() {
             if end <= next {
                 return Verdict::Duplicate;
             }
@@ -102,8 +102,7 @@ impl SequenceTracker {
             self.accept(end, last_ts, n);
             return Verdict::Accept { skip, gap: None };
         }
-        let filled_samples = filled.iter().map(|r| (r.end - r.start) as usize).sum();
-        let mut keep: Vec<Range<usize>> = filled.iter().map(|r| (r.start - base64) as usize..(r.end - base64) as usize).collect();
+        let filled_samples = keep.iter().map(ExactSizeIterator::len).sum();
         if end > next {
             keep.push((next - base64) as usize..n);
             self.accept(end, last_ts, n);
@@ -126,8 +125,9 @@ impl SequenceTracker {
         self.open_gaps.push_back((from, to));
     }
 
-    /// Removes `[from, to)` from the open gaps and returns the index ranges it covered, ascending.
-    fn fill(&mut self, from: u64, to: u64) -> Vec<Range<u64>> {
+    /// Removes `[from, to)` from the open gaps and returns what it covered as positions in the
+    /// packet starting at index `from`, ascending.
+    fn fill(&mut self, from: u64, to: u64) -> Vec<Range<usize>> {
         let mut filled = Vec::new();
         if from >= to || !self.open_gaps.iter().any(|&(a, b)| a < to && from < b) {
             return filled;
@@ -139,7 +139,7 @@ impl SequenceTracker {
                 left.push_back((a, b));
                 continue;
             }
-            filled.push(lo..hi);
+            filled.push((lo - from) as usize..(hi - from) as usize);
             if a < lo {
                 left.push_back((a, lo));
             }
