@@ -33,6 +33,14 @@ use crate::format::{SEGMENT_HEADER_LEN, encode_frame, frame_len};
 use crate::log::{Request, Shared};
 use crate::segment::{self, SegmentMeta};
 
+/// How often an idle writer whose last write failed checks whether writing works again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Bytes the probe writes and syncs: more than a filesystem block, so a full disk fails it.
+const PROBE_BYTES: usize = 64 * 1024;
+/// The probe's scratch file in the log directory (not a segment name, so recovery ignores a
+/// leftover one; the next probe overwrites it).
+const PROBE_FILE: &str = "write-probe.tmp";
+
 /// The segment being written.
 struct Active {
     file: File,
@@ -83,6 +91,9 @@ pub(crate) struct Writer {
     /// Records the last sync covered (Batch: more than one means appenders overlap, so
     /// waiting for more before the next sync pays).
     last_group: usize,
+    /// Set while the last write failed: when to check, if no append comes first, whether
+    /// writing works again (see [`Writer::probe`]).
+    probe_at: Option<Instant>,
     buf: Vec<u8>,
 }
 
@@ -144,6 +155,7 @@ impl Writer {
             needs_rollback: false,
             last_sync: Instant::now(),
             last_group: 0,
+            probe_at: None,
             buf: Vec::with_capacity(1 << 20),
         })
     }
@@ -160,6 +172,9 @@ impl Writer {
             if !self.unsynced.is_empty() && self.sync_due(closing) {
                 self.publish_unsynced();
             }
+            if idle && self.probe_at.is_some_and(|at| Instant::now() >= at) {
+                self.probe();
+            }
             if closing && idle && self.unsynced.is_empty() {
                 // `closed` admits nothing new, so an empty queue stays empty.
                 return if self.dirty { self.sync() } else { Ok(()) };
@@ -174,12 +189,16 @@ impl Writer {
         }
     }
 
-    /// Waits for queued appends, the log closing, or (with records awaiting a Batch sync)
-    /// the sync deadline; takes the whole queue.
+    /// Waits for queued appends, the log closing, (with records awaiting a Batch sync) the
+    /// sync deadline or (after a failure) the next probe; takes the whole queue.
     fn next_batch(&mut self) -> (Vec<Request>, bool) {
-        let deadline = match self.batch_interval() {
+        let sync_at = match self.batch_interval() {
             Some(interval) if !self.unsynced.is_empty() => Some(self.last_sync + interval),
             _ => None,
+        };
+        let deadline = match (sync_at, self.probe_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let shared = Arc::clone(&self.shared);
         let mut st = shared.state.lock();
@@ -367,6 +386,7 @@ impl Writer {
             // Writing works again (e.g. space was freed after a full disk).
             st.last_error = None;
         }
+        self.probe_at = None;
         self.shared.readers_cv.notify_all();
         self.shared.space.notify_waiters();
         let c = &self.shared.counters;
@@ -397,13 +417,64 @@ impl Writer {
         self.shared.space.notify_waiters();
     }
 
-    fn record_error(&self, err: &LogError) {
+    fn record_error(&mut self, err: &LogError) {
         self.shared
             .counters
             .write_errors
             .fetch_add(1, Ordering::Relaxed);
         self.shared.state.lock().last_error = Some(err.to_string());
+        self.probe_at = Some(Instant::now() + PROBE_INTERVAL);
         tracing::warn!(error = %err, "log write failed; appends of the batch fail");
+    }
+
+    /// Run when the last write failed and no append has come for [`PROBE_INTERVAL`]: finishes
+    /// a pending rollback, then writes, syncs and removes a scratch file in the log directory.
+    /// If that works, `last_error` is cleared. Without it an idle log would report its error
+    /// until the next append, and a platform taken out of its load balancer by the failing
+    /// readiness probe might never get that append (a readiness deadlock). A failed probe is
+    /// not a write error (no append failed); it keeps `last_error` current and retries later.
+    fn probe(&mut self) {
+        let result = if self.needs_rollback {
+            self.rollback_to(self.written)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.write_probe_file());
+        match result {
+            Ok(()) => {
+                self.probe_at = None;
+                self.shared.state.lock().last_error = None;
+                tracing::info!("log writes work again");
+            }
+            Err(err) => {
+                self.probe_at = Some(Instant::now() + PROBE_INTERVAL);
+                self.shared.state.lock().last_error = Some(err.to_string());
+                tracing::debug!(error = %err, "log write probe failed");
+            }
+        }
+    }
+
+    fn write_probe_file(&self) -> Result<()> {
+        let path = self.shared.config.dir.join(PROBE_FILE);
+        let faults = self.faults.as_ref();
+        let write = || -> io::Result<()> {
+            let mut file = File::create(&path)?;
+            if let Some(fault) = faults.and_then(|f| f.on_write(PROBE_BYTES)) {
+                return Err(io::Error::from(fault.kind));
+            }
+            file.write_all(&vec![0u8; PROBE_BYTES])?;
+            match faults.and_then(|f| f.on_sync()) {
+                Some(kind) => Err(io::Error::from(kind)),
+                None => file.sync_data(),
+            }
+        };
+        let result = write().map_err(|e| LogError::io(IoOp::Write, &path, &e));
+        // Removed whether or not the write worked: a partial file would hold the space.
+        match std::fs::remove_file(&path) {
+            Ok(()) => result,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => result,
+            Err(e) => result.and(Err(LogError::io(IoOp::Delete, &path, &e))),
+        }
     }
 
     /// Rolls back to `pos`, remembering to retry before the next write if that fails too.

@@ -6,10 +6,13 @@ use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sensorflow_log::{CorruptReason, Durability, FaultSwitch, IoOp, Log, LogConfig, LogError};
+use sensorflow_log::{
+    CorruptReason, Durability, FaultInjector, FaultSwitch, IoOp, Log, LogConfig, LogError, WriteFault,
+};
 
 fn payload(i: u64) -> Bytes {
     Bytes::from(format!("record number {i:04}"))
@@ -238,6 +241,58 @@ async fn failed_write_leaves_no_partial_record_and_the_log_recovers_when_cleared
     let (log, report) = Log::open(config(dir.path())).unwrap();
     assert_eq!((report.truncated_bytes, report.next_offset), (0, 4));
     assert_records(&log, 4);
+}
+
+/// A [`FaultSwitch`] that counts the write attempts it was asked about.
+#[derive(Default)]
+struct CountingFaults {
+    switch: FaultSwitch,
+    writes: AtomicUsize,
+}
+
+impl FaultInjector for CountingFaults {
+    fn on_write(&self, len: usize) -> Option<WriteFault> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.switch.on_write(len)
+    }
+
+    fn on_sync(&self) -> Option<ErrorKind> {
+        self.switch.on_sync()
+    }
+}
+
+/// Polls `done` until it holds; panics with `what` after 10 s.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn an_idle_log_clears_its_error_once_writing_works_again() {
+    // A readiness probe reads `last_error`. If only an append could clear it, a platform
+    // taken out of its load balancer for the error would never get that append.
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(CountingFaults::default());
+    let (log, _) = Log::open_with_faults(config(dir.path()), faults.clone()).unwrap();
+    log.append(payload(0)).await.unwrap();
+    faults.switch.fail_writes(ErrorKind::StorageFull, 5);
+    assert!(log.append(payload(1)).await.is_err());
+    let attempts = faults.writes.load(Ordering::SeqCst);
+
+    // While the disk stays full, the idle writer's probes fail and the error stays.
+    wait_for("the writer probed again", || faults.writes.load(Ordering::SeqCst) > attempts);
+    assert!(log.stats().last_error.is_some(), "a failed probe cleared the error");
+    assert_eq!(log.stats().write_errors, 1, "a probe is not an append");
+
+    // Space is freed; no append comes, and the error clears anyway.
+    faults.switch.clear();
+    wait_for("the error cleared", || log.stats().last_error.is_none());
+    assert!(!dir.path().join("write-probe.tmp").exists(), "the probe file was left behind");
+    assert_eq!(log.append(payload(1)).await.unwrap(), 1);
+    assert_records(&log, 2);
 }
 
 #[tokio::test]

@@ -98,6 +98,9 @@ pub(crate) struct Report {
     /// Zero loss, no publish error, the simulator kept its schedule, and p99 latency stayed
     /// within `--max-p99-ms`.
     pub(crate) sustained: bool,
+    /// The CPU the run was measured on (`None` where `/proc/cpuinfo` is not available): the
+    /// same binary's figures differ severalfold between hosts of the same size.
+    pub(crate) host_cpu: Option<String>,
 }
 
 pub(crate) async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
@@ -304,6 +307,26 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
         rss_mb_max,
         cpu_pct_mean,
         sustained,
+        host_cpu: host_cpu(),
+    })
+}
+
+/// `"{model name} (family F model M), N CPUs"` from `/proc/cpuinfo`, e.g. `"AMD EPYC (family 26
+/// model 2), 2 CPUs"`: virtual machines often report only a brand, and the family/model pair
+/// is what tells one generation of cores from another.
+fn host_cpu() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let field = |key: &str| {
+        info.lines()
+            .filter_map(|line| line.split_once(':'))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let cpus = info.lines().filter(|l| l.split(':').next().is_some_and(|k| k.trim() == "processor")).count();
+    let name = field("model name")?;
+    Some(match (field("cpu family"), field("model")) {
+        (Some(family), Some(model)) => format!("{name} (family {family} model {model}), {cpus} CPUs"),
+        _ => format!("{name}, {cpus} CPUs"),
     })
 }
 
