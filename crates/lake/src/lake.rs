@@ -309,6 +309,34 @@ pub struct CompactionReport {
     pub output: Option<PathBuf>,
     /// Its size.
     pub output_bytes: u64,
+    /// Small files left out because their epoch is after `through_epoch`: the partition has
+    /// more to merge once those epochs are checkpointed.
+    pub pending_files: usize,
+}
+
+/// Compaction merges files smaller than `target_file_bytes / SMALL_FILE_FRACTION`.
+const SMALL_FILE_FRACTION: u64 = 4;
+
+/// The dates of `table`'s partitions under `root`, oldest first (none if the table directory
+/// does not exist). Directories not named `date=YYYY-MM-DD` are ignored.
+pub fn partition_dates(root: &Path, table: Table) -> Result<Vec<NaiveDate>, LakeError> {
+    let table_dir = root.join(table.name());
+    let entries = match fs::read_dir(&table_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_at(&table_dir)(e)),
+    };
+    let mut dates = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(io_at(&table_dir))?.file_name();
+        let date = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("date="))
+            .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
+        dates.extend(date);
+    }
+    dates.sort_unstable();
+    Ok(dates)
 }
 
 /// Directory of `table`'s partition for `date` under `root`.
@@ -347,20 +375,28 @@ struct Ctx {
 
 impl Ctx {
     /// A fresh `(hidden temp path, final path)` pair in `dir`.
-    fn next_paths(&mut self, dir: &Path) -> (PathBuf, PathBuf) {
+    fn next_paths(&mut self, dir: &Path, writer_id: Option<&str>) -> (PathBuf, PathBuf) {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         self.seq += 1;
         let name = format!(
             "part-{unix_ms:013}-{:06}-{}.parquet",
-            self.seq, self.config.writer_id
+            self.seq,
+            writer_id.unwrap_or(&self.config.writer_id)
         );
         (dir.join(format!(".{name}.tmp")), dir.join(name))
     }
 
-    fn new_file(&mut self, table: Table, dir: &Path) -> Result<OpenFile, LakeError> {
-        let (tmp_path, final_path) = self.next_paths(dir);
+    /// Opens a hidden file in `dir`, named with `writer_id` instead of the configured one if
+    /// given.
+    fn new_file(
+        &mut self,
+        table: Table,
+        dir: &Path,
+        writer_id: Option<&str>,
+    ) -> Result<OpenFile, LakeError> {
+        let (tmp_path, final_path) = self.next_paths(dir, writer_id);
         let file = File::create(&tmp_path).map_err(io_at(&tmp_path))?;
         let file = SyncingFile::new(file, self.config.sync_every_bytes, self.syncer.clone());
         let props = self.props[table.index()].clone();
@@ -447,7 +483,7 @@ impl<B: RowBuffer> Partition<B> {
         let batch = self.rows.take_batch(ctx.batch_rows)?;
         let file = match &mut self.file {
             Some(f) => f,
-            None => self.file.insert(ctx.new_file(B::TABLE, &self.dir)?),
+            None => self.file.insert(ctx.new_file(B::TABLE, &self.dir, None)?),
         };
         file.writer.write(&batch)?;
         Ok(())
@@ -874,17 +910,26 @@ impl LakeWriter {
         }
     }
 
-    /// Merges the committed files of `table`'s partition `date` that are smaller than
-    /// `target_file_bytes` into one file (oldest first, up to about `target_file_bytes`; call
-    /// again to continue). Meant for closed partitions (dates no longer written), but safe on
+    /// Merges the small committed files of `table`'s partition `date` (under a quarter of
+    /// `target_file_bytes`) into one file (oldest first, up to about `target_file_bytes`; call
+    /// again to continue). Larger files are left as they are: rewriting them would cost as
+    /// much as writing them did and gain little, and it bounds one call's work. Meant for closed partitions (dates no longer written), but safe on
     /// any: files still open are not visible and are left alone. See the module docs for the
     /// order of steps and what readers see.
+    ///
+    /// With epoch-named files ([`epoch_writer_id`]), pass the last *checkpointed* epoch as
+    /// `through_epoch`: files of later epochs are left alone, and the merged file is named for
+    /// the newest epoch among its inputs. Recovery from that checkpoint then neither deletes
+    /// the merged file (which would lose the rows of its older inputs, already deleted) nor
+    /// keeps a row that the log replay writes again. Files without an epoch in their name are
+    /// always eligible. `None` ignores epochs (a lake without checkpoints).
     pub fn compact(
         &mut self,
         table: Table,
         date: NaiveDate,
+        through_epoch: Option<u64>,
     ) -> Result<CompactionReport, LakeError> {
-        let result = self.compact_inner(table, date);
+        let result = self.compact_inner(table, date, through_epoch);
         if result.is_err() {
             self.ctx.stats.errors += 1;
         }
@@ -895,28 +940,42 @@ impl LakeWriter {
         &mut self,
         table: Table,
         date: NaiveDate,
+        through_epoch: Option<u64>,
     ) -> Result<CompactionReport, LakeError> {
         let ctx = &mut self.ctx;
         let dir = partition_dir(&ctx.config.root, table, date);
         let target = ctx.config.target_file_bytes;
+        let small = target / SMALL_FILE_FRACTION;
         let mut inputs = Vec::new();
         let mut input_bytes = 0u64;
+        let mut newest_epoch = None;
+        let mut pending_files = 0;
         for (name, len) in committed_files(&dir)? {
-            if len >= target {
+            let epoch = file_epoch(&name);
+            if len >= small {
+                continue;
+            }
+            if epoch.zip(through_epoch).is_some_and(|(e, max)| e > max) {
+                pending_files += 1;
                 continue;
             }
             if inputs.len() >= 2 && input_bytes + len > target {
                 break;
             }
             input_bytes += len;
+            newest_epoch = newest_epoch.max(epoch);
             inputs.push(name);
         }
         if inputs.len() < 2 {
-            return Ok(CompactionReport::default());
+            return Ok(CompactionReport {
+                pending_files,
+                ..CompactionReport::default()
+            });
         }
 
         // 1. The merged file, hidden.
-        let mut out = ctx.new_file(table, &dir)?;
+        let writer_id = newest_epoch.map(epoch_writer_id);
+        let mut out = ctx.new_file(table, &dir, writer_id.as_deref())?;
         let schema = table.schema();
         let mut rows = 0u64;
         let copied = (|| {
@@ -989,6 +1048,7 @@ impl LakeWriter {
             rows,
             output: Some(final_path),
             output_bytes,
+            pending_files,
         })
     }
 }

@@ -25,7 +25,7 @@ mod sync;
 
 pub use lake::{
     CompactionReport, Compression, LakeConfig, LakeError, LakeStats, LakeWriter, TableStats,
-    epoch_writer_id, partition_dir, remove_files_after_epoch,
+    epoch_writer_id, partition_dates, partition_dir, remove_files_after_epoch,
 };
 pub use read::{SampleCounts, count_samples_by_sensor};
 pub use schema::Table;

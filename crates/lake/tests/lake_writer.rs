@@ -14,7 +14,10 @@ use arrow_array::types::{Float32Type, Float64Type, Int16Type, Int64Type, UInt32T
 use arrow_array::{Array, RecordBatch};
 use chrono::NaiveDate;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use sensorflow_lake::{Compression, LakeConfig, LakeError, LakeWriter, Table, partition_dir};
+use sensorflow_lake::{
+    Compression, LakeConfig, LakeError, LakeWriter, Table, partition_dates, partition_dir,
+    remove_files_after_epoch,
+};
 use sensorflow_pipeline::{
     GapRecord, LateRecord, SampleChunk, SampleRow, SessionAggregate, SessionRecord, WindowRecord,
 };
@@ -466,7 +469,7 @@ fn compaction_keeps_every_row_exactly_once() {
     lake.flush().unwrap();
     assert_eq!(data_files(dir.path(), Table::Samples).len(), 7);
 
-    let report = lake.compact(Table::Samples, date(DAY2)).unwrap();
+    let report = lake.compact(Table::Samples, date(DAY2), None).unwrap();
     assert_eq!(report.input_files, 6);
     assert_eq!(report.rows, 6 * 64);
     let out = report.output.clone().unwrap();
@@ -484,18 +487,54 @@ fn compaction_keeps_every_row_exactly_once() {
 
     // Nothing left to merge.
     assert_eq!(
-        lake.compact(Table::Samples, date(DAY2))
+        lake.compact(Table::Samples, date(DAY2), None)
             .unwrap()
             .input_files,
         0
     );
     assert_eq!(
-        lake.compact(Table::Samples, date(DAY1))
+        lake.compact(Table::Samples, date(DAY1), None)
             .unwrap()
             .input_files,
         0
     );
     assert_eq!(lake.stats().compactions, 1);
+}
+
+#[test]
+fn compaction_leaves_unfinished_epochs_alone_and_survives_recovery() {
+    // Checkpoint epochs 1 and 2 are complete, epoch 3 is not: its file must stay out of the
+    // merge, and the merged file must survive recovery from checkpoint 2, which deletes the
+    // files of later epochs (the log replay writes their rows again).
+    let dir = tempfile::tempdir().unwrap();
+    let mut lake = LakeWriter::open(config(dir.path())).unwrap();
+    let mut chunks = Vec::new();
+    for (i, epoch) in [1u64, 1, 2, 2, 3].into_iter().enumerate() {
+        lake.set_epoch(epoch);
+        let i = i as u32;
+        let c = chunk("a", i * 64, MIDNIGHT_US + i64::from(i) * 320_000, 64);
+        lake.write_samples(std::slice::from_ref(&c)).unwrap();
+        lake.flush().unwrap();
+        chunks.push(c);
+    }
+    lake.set_epoch(3);
+    assert_eq!(partition_dates(dir.path(), Table::Samples).unwrap(), vec![date(DAY2)]);
+
+    let report = lake.compact(Table::Samples, date(DAY2), Some(2)).unwrap();
+    assert_eq!((report.input_files, report.rows, report.pending_files), (4, 4 * 64, 1));
+    let out = report.output.unwrap();
+    assert!(
+        out.to_string_lossy().ends_with("-e0000000002.parquet"),
+        "the merged file is named for its newest input's epoch: {}",
+        out.display()
+    );
+    assert_eq!(data_files(dir.path(), Table::Samples).len(), 2);
+
+    // A crash now recovers from checkpoint 2: epoch 3's file goes, the merged one stays.
+    drop(lake);
+    assert_eq!(remove_files_after_epoch(dir.path(), 2).unwrap(), 1);
+    let rows = sorted(sample_rows(&read_files(&data_files(dir.path(), Table::Samples))));
+    assert_eq!(rows, expected_rows(&chunks[..4], |_| true));
 }
 
 #[test]

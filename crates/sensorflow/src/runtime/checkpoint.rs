@@ -83,10 +83,11 @@ impl CheckpointStore {
         Ok(loaded)
     }
 
-    /// Deletes all but the newest `keep` checkpoints and leftover temp files. Returns the log
-    /// offset of the oldest checkpoint kept: the log must be retained from there, since a
-    /// newer checkpoint that turns out corrupt falls back to it.
-    pub(crate) fn prune(&self, keep: usize) -> io::Result<Option<u64>> {
+    /// Deletes all but the newest `keep` checkpoints and leftover temp files. Returns the
+    /// oldest checkpoint kept (`None` if it cannot be read): recovery may fall back to it if
+    /// the newer ones turn out corrupt, so the log must be retained from its offset and lake
+    /// files of later epochs must stay deletable.
+    pub(crate) fn prune(&self, keep: usize) -> io::Result<Option<Oldest>> {
         let list = self.list()?;
         let cut = list.len().saturating_sub(keep.max(1));
         for (_, path) in &list[..cut] {
@@ -98,7 +99,8 @@ impl CheckpointStore {
                 let _ = fs::remove_file(&path);
             }
         }
-        Ok(list[cut..].first().and_then(|(_, p)| fs::read(p).ok()).and_then(|b| decode(&b)).map(|c| c.log_offset))
+        let oldest = list[cut..].first().and_then(|(_, p)| fs::read(p).ok()).and_then(|b| decode(&b));
+        Ok(oldest.map(|c| Oldest { epoch: c.epoch, log_offset: c.log_offset }))
     }
 
     fn path(&self, epoch: u64) -> PathBuf {
@@ -136,6 +138,13 @@ fn decode(bytes: &[u8]) -> Option<Checkpoint> {
 }
 
 /// Path of the checkpoint directory under a data dir.
+/// The oldest checkpoint kept by [`CheckpointStore::prune`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Oldest {
+    pub(crate) epoch: u64,
+    pub(crate) log_offset: u64,
+}
+
 pub(crate) fn dir_in(data_dir: &Path) -> PathBuf {
     data_dir.join("checkpoints")
 }
@@ -157,7 +166,7 @@ mod tests {
             store.write(&ckpt(e)).unwrap();
         }
         assert_eq!(store.load_latest().unwrap().checkpoint, Some(ckpt(4)));
-        assert_eq!(store.prune(2).unwrap(), Some(300));
+        assert_eq!(store.prune(2).unwrap(), Some(Oldest { epoch: 3, log_offset: 300 }));
         assert_eq!(store.list().unwrap().len(), 2);
     }
 

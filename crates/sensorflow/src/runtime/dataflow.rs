@@ -200,6 +200,7 @@ impl Dataflow {
             retention: s.retention,
             log: self.log.clone(),
             failed: failed.clone(),
+            compacted: Default::default(),
         };
         let sink_thread = std::thread::Builder::new()
             .name("sink".into())

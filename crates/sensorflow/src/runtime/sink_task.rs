@@ -6,18 +6,22 @@
 //!
 //! Checkpoints arrive on the same channel, behind the outputs they cover. Handling one commits
 //! every open lake file, writes the checkpoint (see [`super::checkpoint`]), starts the next lake
-//! epoch and trims the log below the oldest checkpoint kept (and beyond the retention).
+//! epoch and trims the log below the oldest checkpoint kept (and beyond the retention). Then
+//! it merges the small files of one closed partition, if any has some (see
+//! [`SinkTask::compact_closed_partitions`]).
 //!
 //! A failed lake or sessions-store write ends the thread with the error: what reached the disk
 //! is uncertain, so the supervisor (see [`super::dataflow`]) restarts the whole dataflow from
 //! the last checkpoint, whose replay writes those rows again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use sensorflow_lake::{LakeWriter, SessionsStore};
+use chrono::{NaiveDate, Utc};
+use sensorflow_lake::{LakeWriter, SessionsStore, Table, partition_dates, partition_dir};
 use sensorflow_pipeline::{SessionEvent, SessionRecord};
 
 use sensorflow_log::{Log, Retention};
@@ -41,6 +45,9 @@ pub(crate) struct SinkTask {
     pub(crate) log: Log,
     /// Raised when this thread fails, so the pipeline stops even while it has nothing to send.
     pub(crate) failed: Arc<AtomicBool>,
+    /// Closed partitions found with nothing to merge, with their directory's modification
+    /// time then: they are listed again only once a file lands in them (late data).
+    pub(crate) compacted: HashMap<(Table, NaiveDate), SystemTime>,
 }
 
 impl SinkTask {
@@ -99,14 +106,54 @@ impl SinkTask {
         self.status.set_component("checkpoint", true, format!("epoch {} at log offset {}", c.epoch, c.log_offset));
         match self.checkpoints.prune(self.keep_checkpoints) {
             Ok(Some(oldest)) => {
-                if let Err(e) = self.log.trim(oldest, &self.retention) {
+                if let Err(e) = self.log.trim(oldest.log_offset, &self.retention) {
                     tracing::warn!(error = %e, "trimming the log failed");
                 }
+                self.compact_closed_partitions(oldest.epoch, Utc::now().date_naive());
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "pruning old checkpoints failed"),
         }
         Ok(())
+    }
+
+    /// Merges the small files of one closed partition (a date before `today`, UTC), at most
+    /// one merge per checkpoint so the work spreads out: files are committed at every
+    /// checkpoint, so a small fleet leaves thousands of small files a day per table, which
+    /// readers pay for on every query. Only files of epochs up to `through_epoch`, the oldest
+    /// checkpoint kept, are merged, and the result is named for the newest of them: recovery
+    /// from any kept checkpoint leaves it alone (see [`LakeWriter::compact`]). A partition is
+    /// listed again only when its directory changes. Failures are logged and counted in the
+    /// lake's error count and never stop the dataflow: a compaction that fails leaves the
+    /// partition as it was, or is rolled forward when the lake is next opened.
+    fn compact_closed_partitions(&mut self, through_epoch: u64, today: NaiveDate) {
+        for table in Table::ALL {
+            let dates = match partition_dates(&self.lake.config().root, table) {
+                Ok(dates) => dates,
+                Err(e) => {
+                    tracing::warn!(error = %e, %table, "listing lake partitions failed");
+                    continue;
+                }
+            };
+            for date in dates.into_iter().filter(|d| *d < today) {
+                let dir = partition_dir(&self.lake.config().root, table, date);
+                let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
+                if modified.is_some() && self.compacted.get(&(table, date)) == modified.as_ref() {
+                    continue;
+                }
+                match self.lake.compact(table, date, Some(through_epoch)) {
+                    Ok(report) if report.input_files > 0 => return,
+                    // Files of epochs not yet past every kept checkpoint: look next time.
+                    Ok(report) if report.pending_files > 0 => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, %table, %date, "lake compaction failed; retried when the partition changes"),
+                }
+                // Nothing to merge, or it failed: look again once the directory changes.
+                if let Ok(modified) = std::fs::metadata(&dir).and_then(|m| m.modified()) {
+                    self.compacted.insert((table, date), modified);
+                }
+            }
+        }
     }
 
     fn write(&mut self, batch: SinkBatch, ended: &mut Vec<SessionRecord>) -> Result<(), SinkFailure> {

@@ -284,7 +284,8 @@ impl StatusSource for SharedStatus {
         gauge_like(out, "sensorflow_log_write_errors_total", "counter", "Failed log writes.", log.write_errors);
         if let Some(lake) = self.lake.lock().as_ref() {
             gauge_like(out, "sensorflow_lake_files_total", "counter", "Parquet files committed to the lake.", lake.files_committed());
-            gauge_like(out, "sensorflow_lake_errors_total", "counter", "Lake write errors.", lake.errors);
+            gauge_like(out, "sensorflow_lake_errors_total", "counter", "Lake write and compaction errors.", lake.errors);
+            gauge_like(out, "sensorflow_lake_compactions_total", "counter", "Merges of small files in closed lake partitions.", lake.compactions);
             gauge_like(out, "sensorflow_lake_early_syncs_total", "counter", "Syncs of lake files while they were written (one per lake.sync_every_bytes).", lake.early_syncs);
         }
         if let Some((_, stats)) = self.ingest.read().as_ref() {
