@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 
 from testkit import binary_path
@@ -33,6 +34,8 @@ def test_loadtest_reports_every_sent_sample_in_the_lake_and_logs_each_latency(tm
     assert report["samples_sent"] == report["samples_acked"] == report["samples_in_lake"], report
     assert (report["lost"], report["duplicates_in_lake"], report["publish_errors"]) == (0, 0, 0), report
     assert report["rss_mb_max"] > 0 and report["cpu_pct_mean"] > 0, report
+    # Figures name the hardware they were measured on (Linux: from /proc/cpuinfo).
+    assert str(os.cpu_count()) + " CPUs" in report["host_cpu"], report
 
     with latency_log.open() as f:
         rows = list(csv.DictReader(f))
