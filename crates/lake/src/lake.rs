@@ -50,8 +50,9 @@
 //! 5. delete the journal.
 //!
 //! A crash before 2 completes leaves the inputs untouched and a `.tmp` that `open` deletes. A crash
-//! after 2 is rolled forward by `open`: it deletes whatever inputs remain, renames the `.tmp` if
-//! it is still there, and deletes the journal. A reader that listed the directory before step 3
+//! (or an I/O error) after 2 is rolled forward by `open` or by the next `compact` of the
+//! partition: it deletes whatever inputs remain, renames the `.tmp` if it is still there, and
+//! deletes the journal. A reader that listed the directory before step 3
 //! and opens an input after it gets a "file not found" and must retry; object stores with
 //! listing-by-manifest (later work) remove that window.
 
@@ -944,6 +945,9 @@ impl LakeWriter {
     ) -> Result<CompactionReport, LakeError> {
         let ctx = &mut self.ctx;
         let dir = partition_dir(&ctx.config.root, table, date);
+        if dir.is_dir() {
+            roll_forward_compactions(&dir, &mut ctx.stats)?;
+        }
         let target = ctx.config.target_file_bytes;
         let small = target / SMALL_FILE_FRACTION;
         let mut inputs = Vec::new();
@@ -1149,6 +1153,45 @@ fn finish_compaction(dir: &Path, journal: &CompactionJournal) -> Result<(), Lake
     Ok(())
 }
 
+fn dir_names(dir: &Path) -> Result<Vec<String>, LakeError> {
+    fs::read_dir(dir)
+        .map_err(io_at(dir))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(io_at(dir))
+}
+
+/// Finishes the compactions of partition `dir` whose journals are left: after a crash (from
+/// [`LakeWriter::open`]), or after a compaction that failed past its journal (from the next
+/// [`LakeWriter::compact`] of the partition, so its rows do not stay hidden until a restart).
+fn roll_forward_compactions(dir: &Path, stats: &mut LakeStats) -> Result<(), LakeError> {
+    for name in dir_names(dir)?
+        .iter()
+        .filter(|n| n.starts_with(".compact-") && n.ends_with(".json"))
+    {
+        let path = dir.join(name);
+        let journal = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CompactionJournal>(&b).ok())
+            .filter(CompactionJournal::names_are_local);
+        match journal {
+            // The output exists (hidden or already renamed): the journal was durable before
+            // any input was deleted, so finishing is safe.
+            Some(j) if dir.join(&j.tmp).exists() || dir.join(&j.output).exists() => {
+                finish_compaction(dir, &j)?;
+                stats.compactions_recovered += 1;
+            }
+            // Torn journal (crash while writing it: no input was deleted yet) or no output:
+            // keep the inputs.
+            _ => {
+                tracing::warn!(journal = %path.display(), "discarding unusable compaction journal")
+            }
+        }
+        fs::remove_file(&path).map_err(io_at(&path))?;
+    }
+    Ok(())
+}
+
 /// Rolls interrupted compactions forward and deletes leftover temp files in every partition of
 /// one table directory.
 fn recover_table_dir(table_dir: &Path, stats: &mut LakeStats) -> Result<(), LakeError> {
@@ -1160,38 +1203,9 @@ fn recover_table_dir(table_dir: &Path, stats: &mut LakeStats) -> Result<(), Lake
             continue;
         }
         let dir = entry.path();
-        let names: Vec<String> = fs::read_dir(&dir)
-            .map_err(io_at(&dir))?
-            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<Result<_, _>>()
-            .map_err(io_at(&dir))?;
-
         // Journals first: they may name a `.tmp` that must be renamed, not deleted.
-        for name in names
-            .iter()
-            .filter(|n| n.starts_with(".compact-") && n.ends_with(".json"))
-        {
-            let path = dir.join(name);
-            let journal = fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<CompactionJournal>(&b).ok())
-                .filter(CompactionJournal::names_are_local);
-            match journal {
-                // The output exists (hidden or already renamed): the journal was durable before
-                // any input was deleted, so finishing is safe.
-                Some(j) if dir.join(&j.tmp).exists() || dir.join(&j.output).exists() => {
-                    finish_compaction(&dir, &j)?;
-                    stats.compactions_recovered += 1;
-                }
-                // Torn journal (crash while writing it: no input was deleted yet) or no output:
-                // keep the inputs.
-                _ => {
-                    tracing::warn!(journal = %path.display(), "discarding unusable compaction journal")
-                }
-            }
-            fs::remove_file(&path).map_err(io_at(&path))?;
-        }
-
+        roll_forward_compactions(&dir, stats)?;
+        let names = dir_names(&dir)?;
         for name in &names {
             if name.starts_with(".part-") && name.ends_with(".parquet.tmp") {
                 let path = dir.join(name);

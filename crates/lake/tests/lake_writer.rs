@@ -570,29 +570,25 @@ fn leftover_tmp_files_are_removed_on_open() {
     }
 }
 
-#[test]
-fn interrupted_compaction_is_rolled_forward_on_open() {
-    let dir = tempfile::tempdir().unwrap();
+/// Leaves `root` as a compaction interrupted in step 3 leaves it: merged output hidden (a copy
+/// of the first file stands in for it), journal durable, one input deleted, the first not yet;
+/// plus a torn journal of another compaction, which must not delete its inputs. Returns the
+/// chunks written and the second file's name.
+fn interrupted_compaction(root: &Path, lake: &mut LakeWriter) -> ([SampleChunk; 2], String) {
     let chunks = [
         chunk("a", 0, MIDNIGHT_US, 64),
         chunk("a", 64, MIDNIGHT_US + 320_000, 64),
     ];
-    {
-        let mut lake = LakeWriter::open(config(dir.path())).unwrap();
-        for c in &chunks {
-            lake.write_samples(std::slice::from_ref(c)).unwrap();
-            lake.flush().unwrap();
-        }
+    for c in &chunks {
+        lake.write_samples(std::slice::from_ref(c)).unwrap();
+        lake.flush().unwrap();
     }
-    let part = partition_dir(dir.path(), Table::Samples, date(DAY2));
-    let files = data_files(dir.path(), Table::Samples);
+    let part = partition_dir(root, Table::Samples, date(DAY2));
+    let files = data_files(root, Table::Samples);
     let [first, second] = files.as_slice() else {
         panic!("{files:?}")
     };
     let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
-
-    // State after step 3 was interrupted: merged output hidden (a copy of the first file stands
-    // in for it), journal durable, first input deleted, second not yet.
     fs::copy(first, part.join(".part-9999999999999-000001-x.parquet.tmp")).unwrap();
     let journal = serde_json::json!({
         "output": "part-9999999999999-000001-x.parquet",
@@ -604,27 +600,53 @@ fn interrupted_compaction_is_rolled_forward_on_open() {
         journal.to_string(),
     )
     .unwrap();
-    // A torn journal of another compaction must not delete its inputs.
     fs::write(
         part.join(".compact-part-8.parquet.json"),
         format!("{{\"inputs\":[\"{}\"", name(second)),
     )
     .unwrap();
+    (chunks, name(second))
+}
+
+#[test]
+fn interrupted_compaction_is_rolled_forward_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chunks, second) = {
+        let mut lake = LakeWriter::open(config(dir.path())).unwrap();
+        interrupted_compaction(dir.path(), &mut lake)
+    };
 
     let lake = LakeWriter::open(config(dir.path())).unwrap();
     assert_eq!(lake.stats().compactions_recovered, 1);
     assert!(hidden_files(dir.path()).is_empty());
     let names: BTreeSet<_> = data_files(dir.path(), Table::Samples)
         .iter()
-        .map(name)
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     assert_eq!(
         names,
-        BTreeSet::from([
-            name(second),
-            "part-9999999999999-000001-x.parquet".to_string()
-        ])
+        BTreeSet::from([second, "part-9999999999999-000001-x.parquet".to_string()])
     );
+    let rows = sorted(sample_rows(&read_files(&data_files(
+        dir.path(),
+        Table::Samples,
+    ))));
+    assert_eq!(rows, expected_rows(&chunks, |_| true));
+}
+
+#[test]
+fn a_compaction_left_half_done_is_finished_by_the_next_one_without_a_restart() {
+    // A compaction that failed after its journal (deleting an input or the final rename) hid
+    // its rows until the lake was reopened; the next compaction of the partition finishes it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut lake = LakeWriter::open(config(dir.path())).unwrap();
+    let (chunks, _) = interrupted_compaction(dir.path(), &mut lake);
+
+    let report = lake.compact(Table::Samples, date(DAY2), None).unwrap();
+    assert_eq!(lake.stats().compactions_recovered, 1);
+    // The recovered output and the second input are both small: merged on.
+    assert_eq!(report.input_files, 2);
+    assert!(hidden_files(dir.path()).is_empty());
     let rows = sorted(sample_rows(&read_files(&data_files(
         dir.path(),
         Table::Samples,

@@ -33,6 +33,18 @@ use super::{SinkBatch, SinkMsg};
 
 /// A checkpoint commit slower than this is logged: the pipeline may be waiting on the sink.
 const SLOW_CHECKPOINT: Duration = Duration::from_millis(250);
+/// A closed partition whose compaction failed is tried again after this long.
+const COMPACTION_RETRY: Duration = Duration::from_secs(60);
+
+/// What the last look at a closed partition found (see [`SinkTask::compact_closed_partitions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Compacted {
+    /// Nothing to merge while the directory had this modification time.
+    Clean(SystemTime),
+    /// The compaction failed; try again at this instant (it may have left a journal that the
+    /// next call finishes).
+    Failed(Instant),
+}
 
 pub(crate) struct SinkTask {
     pub(crate) lake: LakeWriter,
@@ -45,9 +57,9 @@ pub(crate) struct SinkTask {
     pub(crate) log: Log,
     /// Raised when this thread fails, so the pipeline stops even while it has nothing to send.
     pub(crate) failed: Arc<AtomicBool>,
-    /// Closed partitions found with nothing to merge, with their directory's modification
-    /// time then: they are listed again only once a file lands in them (late data).
-    pub(crate) compacted: HashMap<(Table, NaiveDate), SystemTime>,
+    /// Closed partitions looked at: with nothing to merge they are listed again only once a
+    /// file lands in them (late data); after a failure, after [`COMPACTION_RETRY`].
+    pub(crate) compacted: HashMap<(Table, NaiveDate), Compacted>,
 }
 
 impl SinkTask {
@@ -125,7 +137,7 @@ impl SinkTask {
     /// from any kept checkpoint leaves it alone (see [`LakeWriter::compact`]). A partition is
     /// listed again only when its directory changes. Failures are logged and counted in the
     /// lake's error count and never stop the dataflow: a compaction that fails leaves the
-    /// partition as it was, or is rolled forward when the lake is next opened.
+    /// partition as it was, or leaves a journal that the retry a minute later finishes.
     fn compact_closed_partitions(&mut self, through_epoch: u64, today: NaiveDate) {
         for table in Table::ALL {
             let dates = match partition_dates(&self.lake.config().root, table) {
@@ -137,20 +149,25 @@ impl SinkTask {
             };
             for date in dates.into_iter().filter(|d| *d < today) {
                 let dir = partition_dir(&self.lake.config().root, table, date);
-                let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
-                if modified.is_some() && self.compacted.get(&(table, date)) == modified.as_ref() {
-                    continue;
+                let modified = || std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
+                match self.compacted.get(&(table, date)) {
+                    Some(Compacted::Clean(at)) if modified() == Some(*at) => continue,
+                    Some(Compacted::Failed(retry)) if Instant::now() < *retry => continue,
+                    _ => {}
                 }
                 match self.lake.compact(table, date, Some(through_epoch)) {
                     Ok(report) if report.input_files > 0 => return,
                     // Files of epochs not yet past every kept checkpoint: look next time.
-                    Ok(report) if report.pending_files > 0 => continue,
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, %table, %date, "lake compaction failed; retried when the partition changes"),
-                }
-                // Nothing to merge, or it failed: look again once the directory changes.
-                if let Ok(modified) = std::fs::metadata(&dir).and_then(|m| m.modified()) {
-                    self.compacted.insert((table, date), modified);
+                    Ok(report) if report.pending_files > 0 => {}
+                    Ok(_) => {
+                        if let Some(at) = modified() {
+                            self.compacted.insert((table, date), Compacted::Clean(at));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, %table, %date, "lake compaction failed; retrying in a minute");
+                        self.compacted.insert((table, date), Compacted::Failed(Instant::now() + COMPACTION_RETRY));
+                    }
                 }
             }
         }
