@@ -9,12 +9,15 @@ partition must end as one file holding every sample exactly once, readable by Du
 from __future__ import annotations
 
 import datetime as dt
+import random
 import time
 
 import duckdb
 import pyarrow.parquet as pq
 
-from testkit import PERIOD_US, Platform, Publisher, encode_packet, metric, synthetic_samples, wait_until
+from testkit import (
+    PERIOD_US, Platform, Publisher, check_lake_exactly_once, encode_packet, metric, synthetic_samples, wait_until,
+)
 
 PACKETS = 6
 ENV = {"SENSORFLOW_CHECKPOINT_INTERVAL_SECS": "0.3"}
@@ -65,3 +68,43 @@ def test_small_files_of_a_closed_partition_are_merged(tmp_path):
         assert platform.stop() == 0
     # Nothing half-done is left behind (temp files, journals).
     assert not [p for p in partition.iterdir() if p.name.startswith(".")]
+
+
+def test_kill_9_while_compacting_loses_and_doubles_nothing(tmp_path):
+    """Recovery deletes the lake files of epochs after its checkpoint. A merged file must never
+    be one of them (its inputs are gone), nor may it hold rows the log replay writes again."""
+    sensors, packets = 8, 30
+    t0 = int((time.time() - 2 * 86400) * 1e6)
+    data = tmp_path / "data"
+    platform = Platform(data, env=ENV)
+    mqtt_listen, http_listen = f"127.0.0.1:{platform.mqtt_port}", platform.http.removeprefix("http://")
+    rng = random.Random(7)
+    kill_rounds = set(rng.sample(range(4, packets - 2), 3))
+    compactions = 0
+
+    def compacted(p: Platform) -> int:
+        return sum("lake partition compacted" in line for line in p.log_lines)
+
+    pub = Publisher(platform.mqtt_host, platform.mqtt_port)
+    try:
+        for k in range(packets):
+            for s in range(sensors):
+                sid = f"backlog-{s}"
+                base = 64 * k
+                pub.publish(sid, (sid, base), encode_packet(base, t0 + base * PERIOD_US, synthetic_samples(64, 100 * s + k)))
+            time.sleep(0.15)
+            if k in kill_rounds:
+                time.sleep(rng.uniform(0.0, 0.4))
+                platform.kill()
+                compactions += compacted(platform)
+                platform = Platform(data, env=ENV, mqtt_listen=mqtt_listen, http_listen=http_listen)
+        pub.wait_all_acked(timeout=120)
+        acked = set(pub.acked)
+        pub.close()
+        # Let the last checkpoints merge what the run left.
+        wait_until(lambda: compactions + compacted(platform) >= 3, timeout=60, message="compactions")
+    finally:
+        assert platform.stop() == 0, "\n".join(platform.log_lines[-40:])
+    compactions += compacted(platform)
+    assert compactions >= 3, "the run did not exercise compaction"
+    check_lake_exactly_once(data / "lake", acked)
