@@ -52,9 +52,9 @@
 //! A crash before 2 completes leaves the inputs untouched and a `.tmp` that `open` deletes. A crash
 //! (or an I/O error) after 2 is rolled forward by `open` or by the next `compact` of the
 //! partition: it deletes whatever inputs remain, renames the `.tmp` if it is still there, and
-//! deletes the journal. A reader that listed the directory before step 3
-//! and opens an input after it gets a "file not found" and must retry; object stores with
-//! listing-by-manifest (later work) remove that window.
+//! deletes the journal. A reader that listed the directory before step 3 and opens an input
+//! after it gets a "file not found" and must retry; object stores with listing-by-manifest
+//! (later work) remove that window.
 
 use std::fs::{self, File};
 use std::hash::BuildHasher;
@@ -914,9 +914,10 @@ impl LakeWriter {
     /// Merges the small committed files of `table`'s partition `date` (under a quarter of
     /// `target_file_bytes`) into one file (oldest first, up to about `target_file_bytes`; call
     /// again to continue). Larger files are left as they are: rewriting them would cost as
-    /// much as writing them did and gain little, and it bounds one call's work. Meant for closed partitions (dates no longer written), but safe on
-    /// any: files still open are not visible and are left alone. See the module docs for the
-    /// order of steps and what readers see.
+    /// much as writing them did and gain little, and it bounds one call's work. Meant for
+    /// closed partitions (dates no longer written), but safe on any: files still open are not
+    /// visible and are left alone. See the module docs for the order of steps and what readers
+    /// see.
     ///
     /// With epoch-named files ([`epoch_writer_id`]), pass the last *checkpointed* epoch as
     /// `through_epoch`: files of later epochs are left alone, and the merged file is named for

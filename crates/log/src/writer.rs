@@ -241,12 +241,9 @@ impl Writer {
 
     /// Writes a batch; on success its records join `unsynced`, on failure they fail.
     fn write_batch(&mut self, batch: Vec<Request>) {
-        let result = if self.needs_rollback {
-            self.rollback_to(self.written)
-        } else {
-            Ok(())
-        }
-        .and_then(|()| self.write_frames(&batch));
+        let result = self
+            .finish_rollback()
+            .and_then(|()| self.write_frames(&batch));
         self.shared.counters.batches.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(next_pos) => {
@@ -434,12 +431,7 @@ impl Writer {
     /// readiness probe might never get that append (a readiness deadlock). A failed probe is
     /// not a write error (no append failed); it keeps `last_error` current and retries later.
     fn probe(&mut self) {
-        let result = if self.needs_rollback {
-            self.rollback_to(self.written)
-        } else {
-            Ok(())
-        }
-        .and_then(|()| self.write_probe_file());
+        let result = self.finish_rollback().and_then(|()| self.write_probe_file());
         match result {
             Ok(()) => {
                 self.probe_at = None;
@@ -474,6 +466,16 @@ impl Writer {
             Ok(()) => result,
             Err(e) if e.kind() == io::ErrorKind::NotFound => result,
             Err(e) => result.and(Err(LogError::io(IoOp::Delete, &path, &e))),
+        }
+    }
+
+    /// Retries a rollback that failed earlier (see [`Writer::roll_back_after_failure`]), which
+    /// must succeed before anything else is written.
+    fn finish_rollback(&mut self) -> Result<()> {
+        if self.needs_rollback {
+            self.rollback_to(self.written)
+        } else {
+            Ok(())
         }
     }
 

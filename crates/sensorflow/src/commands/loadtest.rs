@@ -316,13 +316,14 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
 /// is what tells one generation of cores from another.
 fn host_cpu() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let field = |key: &str| {
+    let values = |key: &'static str| {
         info.lines()
             .filter_map(|line| line.split_once(':'))
-            .find(|(k, _)| k.trim() == key)
+            .filter(move |(k, _)| k.trim() == key)
             .map(|(_, v)| v.trim().to_owned())
     };
-    let cpus = info.lines().filter(|l| l.split(':').next().is_some_and(|k| k.trim() == "processor")).count();
+    let field = |key: &'static str| values(key).next();
+    let cpus = values("processor").count();
     let name = field("model name")?;
     Some(match (field("cpu family"), field("model")) {
         (Some(family), Some(model)) => format!("{name} (family {family} model {model}), {cpus} CPUs"),

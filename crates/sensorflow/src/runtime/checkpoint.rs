@@ -137,7 +137,6 @@ fn decode(bytes: &[u8]) -> Option<Checkpoint> {
     (snapshot.len() as u64 == len).then(|| Checkpoint { epoch, log_offset, snapshot: snapshot.to_vec() })
 }
 
-/// Path of the checkpoint directory under a data dir.
 /// The oldest checkpoint kept by [`CheckpointStore::prune`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Oldest {
@@ -145,6 +144,7 @@ pub(crate) struct Oldest {
     pub(crate) log_offset: u64,
 }
 
+/// Path of the checkpoint directory under a data dir.
 pub(crate) fn dir_in(data_dir: &Path) -> PathBuf {
     data_dir.join("checkpoints")
 }
