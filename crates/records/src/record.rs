@@ -173,12 +173,55 @@ pub enum SessionEndReason {
     Shutdown,
 }
 
+impl SessionEndReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [SessionEndReason; 4] = [
+        SessionEndReason::Gap,
+        SessionEndReason::Idle,
+        SessionEndReason::DeviceRestart,
+        SessionEndReason::Shutdown,
+    ];
+
+    /// The serde name (`gap`, `idle`, `device_restart`, `shutdown`), also the sessions store's
+    /// `end_reason` column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEndReason::Gap => "gap",
+            SessionEndReason::Idle => "idle",
+            SessionEndReason::DeviceRestart => "device_restart",
+            SessionEndReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl std::str::FromStr for SessionEndReason {
+    type Err = UnknownEndReason;
+
+    /// The reason named by [`SessionEndReason::as_str`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SessionEndReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownEndReason(s.to_owned()))
+    }
+}
+
+/// A string that names no [`SessionEndReason`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown session end reason {0:?}")]
+pub struct UnknownEndReason(pub String);
+
 /// A session lifecycle event (`new-session-topic`, `/ws/session/{id}`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum SessionEvent {
-    Started { session: SessionRecord },
-    Ended { session: SessionRecord, reason: SessionEndReason },
+    Started {
+        session: SessionRecord,
+    },
+    Ended {
+        session: SessionRecord,
+        reason: SessionEndReason,
+    },
 }
 
 impl SessionEvent {
@@ -258,5 +301,21 @@ impl Outputs {
             && self.aggregates.is_empty()
             && self.gaps.is_empty()
             && self.late.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_reasons_are_named_by_their_serde_names_both_ways() {
+        for r in SessionEndReason::ALL {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+            assert_eq!(r.as_str().parse::<SessionEndReason>(), Ok(r));
+        }
+        assert!("later".parse::<SessionEndReason>().is_err());
     }
 }
