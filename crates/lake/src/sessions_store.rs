@@ -216,6 +216,7 @@ fn reason_str(reason: SessionEndReason) -> &'static str {
         SessionEndReason::Idle => "idle",
         SessionEndReason::DeviceRestart => "device_restart",
         SessionEndReason::Shutdown => "shutdown",
+        SessionEndReason::Evicted => "evicted",
     }
 }
 
@@ -429,6 +430,7 @@ mod tests {
             SessionEndReason::Gap,
             SessionEndReason::Idle,
             SessionEndReason::DeviceRestart,
+            SessionEndReason::Evicted,
             SessionEndReason::Shutdown,
         ] {
             let json = serde_json::to_string(&r).unwrap();
