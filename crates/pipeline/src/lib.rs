@@ -511,7 +511,7 @@ fn accept_packet(
     let Some(first) = keep.first().map(|r| r.start) else { return };
     let first_ts = sample_time(ts0, first, ctx.period_us);
     if let Some(session) = &state.session
-        && first_ts - session.last_event_us > ctx.gap_us
+        && first_ts.saturating_sub(session.last_event_us) > ctx.gap_us
     {
         flush_sensor(ctx, model, features, scaler, stats, state, out);
         end_session(ctx, state, SessionEndReason::Gap, now_us, out);
