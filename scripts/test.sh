@@ -63,14 +63,15 @@ python_tests() {
 }
 
 fuzz_smoke() {
-    # 60 s of coverage-guided fuzzing per target: the packet decoder, the ingest record codec and
-    # the log's record reader. cargo-fuzz needs a nightly toolchain (for the sanitizer flags).
+    # 60 s of coverage-guided fuzzing per target: the packet decoder, the ingest record codec,
+    # the log's record reader and arbitrary records through every pipeline stage. cargo-fuzz
+    # needs a nightly toolchain (for the sanitizer flags).
     if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
         echo "no nightly toolchain: skipping the fuzz runs (install one with rustup to run them)"
         return 0
     fi
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
-    for target in framing record log_segment; do
+    for target in framing record log_segment pipeline; do
         step "fuzzing $target for 60 s"
         mkdir -p "fuzz/corpus/$target"
         local seeds=()

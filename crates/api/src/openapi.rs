@@ -150,6 +150,7 @@ pub(crate) enum SessionEndReasonSchema {
     Idle,
     DeviceRestart,
     Shutdown,
+    Evicted,
 }
 
 /// A session lifecycle event, tagged by `event`.

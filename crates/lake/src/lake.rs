@@ -71,13 +71,14 @@ use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use sensorflow_records::{
-    GapRecord, LateRecord, SampleChunk, SensorId, SessionAggregate, SessionRecord, WindowRecord,
+    GapRecord, LateRecord, QuarantineRecord, SampleChunk, SensorId, SessionAggregate,
+    SessionRecord, WindowRecord,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{
-    AggregatesBuffer, GapsBuffer, LateBuffer, RowBuffer, SamplesBuffer, SessionsBuffer, Table,
-    WindowsBuffer, sample_f32_columns,
+    AggregatesBuffer, GapsBuffer, LateBuffer, QuarantineBuffer, RowBuffer, SamplesBuffer,
+    SessionsBuffer, Table, WindowsBuffer, sample_f32_columns,
 };
 use crate::sync::{Syncer, SyncingFile};
 
@@ -91,7 +92,14 @@ pub const DEFAULT_SYNC_EVERY_BYTES: u64 = 4 * 1024 * 1024;
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Largest record batch handed to the Parquet encoder at once (smaller when row groups are).
 const MAX_BATCH_ROWS: usize = 16 * 1024;
+/// Rows a new partition's buffer has room for before it first grows: a partition that only
+/// ever gets a few rows (a backlog's odd date) should not cost a full batch of memory.
+const INITIAL_PARTITION_ROWS: usize = 256;
+/// Default of [`LakeConfig::max_open_partitions`].
+pub const DEFAULT_MAX_OPEN_PARTITIONS: usize = 8;
 const DAY_US: i64 = 86_400_000_000;
+/// 9999-12-31T00:00:00Z: a time whose date every reader can name.
+const MAX_PARTITION_US: i64 = 253_402_214_400_000_000;
 /// Days from 0001-01-01 (chrono's day 1 of the common era) to 1970-01-01.
 const UNIX_EPOCH_DAYS_FROM_CE: i32 = 719_163;
 
@@ -148,6 +156,10 @@ pub struct LakeConfig {
     /// Suffix of file names that keeps concurrent writers on one root apart: ASCII letters,
     /// digits, `_` and `-`. [`LakeConfig::new`] picks a random one per process.
     pub writer_id: String,
+    /// Partitions (dates) a table keeps open at once (at least 1). A row for another date
+    /// commits the partition opened longest ago first, so memory stays bounded however many
+    /// dates the input spans.
+    pub max_open_partitions: usize,
 }
 
 impl LakeConfig {
@@ -162,6 +174,7 @@ impl LakeConfig {
             compression: Compression::default(),
             sync_every_bytes: DEFAULT_SYNC_EVERY_BYTES,
             writer_id: random_writer_id(),
+            max_open_partitions: DEFAULT_MAX_OPEN_PARTITIONS,
         }
     }
 
@@ -169,6 +182,11 @@ impl LakeConfig {
         if self.row_group_rows == 0 {
             return Err(LakeError::InvalidConfig(
                 "row_group_rows must be at least 1",
+            ));
+        }
+        if self.max_open_partitions == 0 {
+            return Err(LakeError::InvalidConfig(
+                "max_open_partitions must be at least 1",
             ));
         }
         if self.target_file_bytes == 0 {
@@ -253,6 +271,15 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LakeError + '_ {
     }
 }
 
+impl LakeError {
+    /// Whether the error comes from the rows written rather than from the storage: writing
+    /// the same rows again fails the same way, so retrying cannot help (the caller should set
+    /// the record that produced them aside).
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, LakeError::RaggedChunk { .. } | LakeError::TimestampOutOfRange { .. } | LakeError::Arrow(_))
+    }
+}
+
 /// Counters of one table.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct TableStats {
@@ -270,7 +297,7 @@ pub struct TableStats {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LakeStats {
     /// Per table, indexed by [`Table::index`]; see [`LakeStats::table`].
-    pub tables: [TableStats; 6],
+    pub tables: [TableStats; 7],
     /// Failed operations (each dropped the rows of the file it was writing).
     pub errors: u64,
     /// Leftover `.tmp` files deleted by [`LakeWriter::open`].
@@ -283,6 +310,9 @@ pub struct LakeStats {
     pub open_files: usize,
     /// Syncs of files still being written, one per [`LakeConfig::sync_every_bytes`].
     pub early_syncs: u64,
+    /// Partitions committed early because a table had [`LakeConfig::max_open_partitions`]
+    /// open and a row for another date arrived.
+    pub partitions_evicted: u64,
 }
 
 impl LakeStats {
@@ -510,12 +540,13 @@ impl<B: RowBuffer> TableWriter<B> {
         }
     }
 
-    /// Index of the partition of `day`, opened (with `opened_at = now`) if needed.
+    /// Index of the partition of `day`, opened (with `opened_at = now`) if needed. At
+    /// `max_open_partitions`, the partition opened longest ago is committed first.
     fn partition_index(
         &mut self,
         day: i32,
         timestamp_us: i64,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
     ) -> Result<usize, LakeError> {
         if let Some(i) = self.partitions.iter().position(|p| p.day == day) {
             return Ok(i);
@@ -524,12 +555,19 @@ impl<B: RowBuffer> TableWriter<B> {
             table: B::TABLE,
             timestamp_us,
         })?;
+        while self.partitions.len() >= ctx.config.max_open_partitions {
+            let oldest = (0..self.partitions.len())
+                .min_by_key(|&i| self.partitions[i].opened_at)
+                .unwrap_or(0);
+            ctx.stats.partitions_evicted += 1;
+            self.commit(oldest, ctx)?;
+        }
         let dir = partition_dir(&ctx.config.root, B::TABLE, date);
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         self.partitions.push(Partition {
             day,
             dir,
-            rows: B::with_capacity(ctx.batch_rows),
+            rows: B::with_capacity(ctx.batch_rows.min(INITIAL_PARTITION_ROWS)),
             file: None,
             opened_at: Instant::now(),
             row_count: 0,
@@ -671,6 +709,7 @@ pub struct LakeWriter {
     sessions: TableWriter<SessionsBuffer>,
     gaps: TableWriter<GapsBuffer>,
     late: TableWriter<LateBuffer>,
+    quarantine: TableWriter<QuarantineBuffer>,
 }
 
 /// The `writer_id` of files written during checkpoint epoch `epoch`: `e{epoch:010}`.
@@ -771,6 +810,7 @@ impl LakeWriter {
             sessions: TableWriter::new(),
             gaps: TableWriter::new(),
             late: TableWriter::new(),
+            quarantine: TableWriter::new(),
         })
     }
 
@@ -855,6 +895,17 @@ impl LakeWriter {
             .write_rows(&mut self.ctx, rows, |r| r.detected_at_us, LateBuffer::push)
     }
 
+    /// Appends quarantined records to `quarantine`, partitioned by `ingest_us` (clamped to the
+    /// representable dates: a quarantined row must never fail the lake).
+    pub fn write_quarantine(&mut self, rows: &[QuarantineRecord]) -> Result<(), LakeError> {
+        self.quarantine.write_rows(
+            &mut self.ctx,
+            rows,
+            |r| r.ingest_us.clamp(0, MAX_PARTITION_US),
+            QuarantineBuffer::push,
+        )
+    }
+
     /// Commits every file whose first row arrived at least `max_file_age` before `now`; returns
     /// how many were committed. Call it periodically (every second or so). On error the other
     /// due files are still committed and the first error is returned.
@@ -878,8 +929,11 @@ impl LakeWriter {
             sessions,
             gaps,
             late,
+            quarantine,
         } = self;
-        let tables: [&mut dyn AnyTable; 6] = [samples, windows, aggregates, sessions, gaps, late];
+        let tables: [&mut dyn AnyTable; 7] = [
+            samples, windows, aggregates, sessions, gaps, late, quarantine,
+        ];
         let mut committed = 0;
         let mut first_err = None;
         for t in tables {
@@ -904,6 +958,7 @@ impl LakeWriter {
             self.sessions.open_partitions(),
             self.gaps.open_partitions(),
             self.late.open_partitions(),
+            self.quarantine.open_partitions(),
         ];
         LakeStats {
             open_files: open.iter().sum(),

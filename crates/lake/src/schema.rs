@@ -9,13 +9,14 @@
 use std::ops::Range;
 use std::sync::{Arc, LazyLock};
 
-use arrow_array::builder::StringBuilder;
+use arrow_array::builder::{BinaryBuilder, StringBuilder};
 use arrow_array::types::{Float32Type, Float64Type, Int16Type, Int64Type, UInt32Type, UInt64Type};
 use arrow_array::{ArrayRef, Int64Array, PrimitiveArray, RecordBatch};
 use arrow_buffer::ScalarBuffer;
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 use sensorflow_records::{
-    GapRecord, LateRecord, SampleChunk, SessionAggregate, SessionRecord, WindowRecord,
+    GapRecord, LateRecord, QuarantineRecord, SampleChunk, SessionAggregate, SessionRecord,
+    WindowRecord,
 };
 
 /// One table of the lake; its [`name`](Table::name) is the directory under the lake root.
@@ -33,17 +34,21 @@ pub enum Table {
     Gaps,
     /// Late samples, partitioned by `detected_at_us`.
     Late,
+    /// Records no stage may process (implausible event times, dead letters), partitioned by
+    /// `ingest_us`: their own times cannot be trusted to name a date.
+    Quarantine,
 }
 
 impl Table {
     /// Every table, in a fixed order (the order of [`Table::index`]).
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Samples,
         Table::Windows,
         Table::SessionAggregates,
         Table::Sessions,
         Table::Gaps,
         Table::Late,
+        Table::Quarantine,
     ];
 
     /// The table's directory name under the lake root (and its name in queries).
@@ -55,6 +60,7 @@ impl Table {
             Table::Sessions => "sessions",
             Table::Gaps => "gaps",
             Table::Late => "late",
+            Table::Quarantine => "quarantine",
         }
     }
 
@@ -77,6 +83,7 @@ impl Table {
             Table::Sessions => &SESSIONS,
             Table::Gaps => &GAPS,
             Table::Late => &LATE,
+            Table::Quarantine => &QUARANTINE,
         };
         Arc::clone(schema)
     }
@@ -89,6 +96,7 @@ impl Table {
                 &["sensor_id", "session_id"]
             }
             Table::Windows | Table::Gaps | Table::Late => &["sensor_id"],
+            Table::Quarantine => &["sensor_id", "reason", "detail"],
         }
     }
 }
@@ -189,6 +197,30 @@ static LATE: LazyLock<SchemaRef> = LazyLock::new(|| {
         required("timestamp_us", DataType::Int64),
         required("watermark_us", DataType::Int64),
         required("detected_at_us", DataType::Int64),
+    ]))
+});
+
+static QUARANTINE: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let f32 = |n| Field::new(n, DataType::Float32, true);
+    Arc::new(Schema::new(vec![
+        required("sensor_id", DataType::Utf8),
+        required("reason", DataType::Utf8),
+        required("detail", DataType::Utf8),
+        required("ingest_us", DataType::Int64),
+        required("detected_at_us", DataType::Int64),
+        Field::new("sample_index", DataType::UInt32, true),
+        Field::new("timestamp_us", DataType::UInt64, true),
+        f32("acc_x"),
+        f32("acc_y"),
+        f32("acc_z"),
+        f32("gyro_x"),
+        f32("gyro_y"),
+        f32("gyro_z"),
+        f32("mag_x"),
+        f32("mag_y"),
+        f32("mag_z"),
+        Field::new("temp_raw", DataType::Int16, true),
+        Field::new("payload", DataType::Binary, true),
     ]))
 });
 
@@ -600,6 +632,85 @@ impl RowBuffer for LateBuffer {
             take_col::<Int64Type>(&mut self.detected_at_us, capacity),
         ];
         RecordBatch::try_new(Table::Late.schema(), columns)
+    }
+}
+
+/// Buffered rows of the `quarantine` table. Rare rows: kept simple, one `Option` per cell.
+pub(crate) struct QuarantineBuffer {
+    sensor_id: StringBuilder,
+    reason: StringBuilder,
+    detail: StringBuilder,
+    ingest_us: Vec<i64>,
+    detected_at_us: Vec<i64>,
+    sample_index: Vec<Option<u32>>,
+    timestamp_us: Vec<Option<u64>>,
+    /// acc_x .. mag_z in schema order.
+    readings: [Vec<Option<f32>>; 9],
+    temp_raw: Vec<Option<i16>>,
+    payload: BinaryBuilder,
+}
+
+impl QuarantineBuffer {
+    /// Appends one row.
+    pub(crate) fn push(&mut self, r: &QuarantineRecord) {
+        self.sensor_id.append_value(&*r.sensor_id);
+        self.reason.append_value(r.reason.as_str());
+        self.detail.append_value(&r.detail);
+        self.ingest_us.push(r.ingest_us);
+        self.detected_at_us.push(r.detected_at_us);
+        self.sample_index.push(r.sample_index);
+        self.timestamp_us.push(r.timestamp_us);
+        let values = [r.acc_x, r.acc_y, r.acc_z, r.gyro_x, r.gyro_y, r.gyro_z, r.mag_x, r.mag_y, r.mag_z];
+        for (col, v) in self.readings.iter_mut().zip(values) {
+            col.push(v);
+        }
+        self.temp_raw.push(r.temp_raw);
+        self.payload.append_option(r.payload.as_deref());
+    }
+}
+
+impl RowBuffer for QuarantineBuffer {
+    const TABLE: Table = Table::Quarantine;
+
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            sensor_id: string_builder(capacity),
+            reason: string_builder(capacity),
+            detail: string_builder(capacity),
+            ingest_us: Vec::with_capacity(capacity),
+            detected_at_us: Vec::with_capacity(capacity),
+            sample_index: Vec::with_capacity(capacity),
+            timestamp_us: Vec::with_capacity(capacity),
+            readings: std::array::from_fn(|_| Vec::with_capacity(capacity)),
+            temp_raw: Vec::with_capacity(capacity),
+            payload: BinaryBuilder::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ingest_us.len()
+    }
+
+    fn take_batch(&mut self, capacity: usize) -> Result<RecordBatch, ArrowError> {
+        fn opt<T: arrow_array::types::ArrowPrimitiveType>(v: &mut Vec<Option<T::Native>>, capacity: usize) -> ArrayRef {
+            let values = std::mem::replace(v, Vec::with_capacity(capacity));
+            Arc::new(values.into_iter().collect::<PrimitiveArray<T>>())
+        }
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.sensor_id.finish()),
+            Arc::new(self.reason.finish()),
+            Arc::new(self.detail.finish()),
+            take_col::<Int64Type>(&mut self.ingest_us, capacity),
+            take_col::<Int64Type>(&mut self.detected_at_us, capacity),
+            opt::<UInt32Type>(&mut self.sample_index, capacity),
+            opt::<UInt64Type>(&mut self.timestamp_us, capacity),
+        ];
+        for col in &mut self.readings {
+            columns.push(opt::<Float32Type>(col, capacity));
+        }
+        columns.push(opt::<Int16Type>(&mut self.temp_raw, capacity));
+        columns.push(Arc::new(self.payload.finish()));
+        RecordBatch::try_new(Table::Quarantine.schema(), columns)
     }
 }
 

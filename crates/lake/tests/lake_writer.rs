@@ -803,3 +803,79 @@ fn files_of_epochs_after_a_checkpoint_are_removed_and_earlier_ones_kept() {
     assert_eq!(count(dir.path()), 1);
     assert_eq!(sensorflow_lake::remove_files_after_epoch(dir.path(), 1).unwrap(), 0);
 }
+
+#[test]
+fn rows_spread_over_many_dates_keep_at_most_max_open_partitions_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lake = LakeWriter::open(LakeConfig { max_open_partitions: 3, ..config(dir.path()) }).unwrap();
+    // One sample on each of 40 days: a backlog of odd dates.
+    let day = 86_400_000_000i64;
+    let chunks: Vec<SampleChunk> = (0..40).map(|d| chunk("s", d as u32, MIDNIGHT_US + d * day, 1)).collect();
+    for c in &chunks {
+        lake.write_samples(std::slice::from_ref(c)).unwrap();
+        assert!(lake.stats().open_files <= 3);
+    }
+    assert_eq!(lake.stats().partitions_evicted, 37);
+    lake.flush().unwrap();
+    assert_eq!(partition_dates(dir.path(), Table::Samples).unwrap().len(), 40);
+    let rows = sorted(sample_rows(&read_files(&data_files(dir.path(), Table::Samples))));
+    assert_eq!(rows, sorted(expected_rows(&chunks, |_| true)));
+}
+
+#[test]
+fn quarantined_records_keep_their_raw_values_and_land_on_their_receive_date() {
+    use sensorflow_records::{QuarantineReason, QuarantineRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let mut lake = LakeWriter::open(config(dir.path())).unwrap();
+    let sample = QuarantineRecord {
+        sensor_id: "x".into(),
+        reason: QuarantineReason::TimestampOutOfRange,
+        detail: "event time far in the future".into(),
+        ingest_us: MIDNIGHT_US + 5,
+        detected_at_us: MIDNIGHT_US + 6,
+        sample_index: Some(7),
+        timestamp_us: Some(u64::MAX),
+        acc_x: Some(0.5),
+        acc_y: Some(0.0),
+        acc_z: Some(1.0),
+        gyro_x: Some(0.1),
+        gyro_y: Some(0.2),
+        gyro_z: Some(0.3),
+        mag_x: Some(0.0),
+        mag_y: Some(0.0),
+        mag_z: Some(0.0),
+        temp_raw: Some(-3),
+        payload: None,
+    };
+    let letter = QuarantineRecord {
+        reason: QuarantineReason::StageFailed,
+        detail: "a pipeline stage failed".into(),
+        ingest_us: i64::MIN,
+        sample_index: None,
+        timestamp_us: None,
+        acc_x: None,
+        temp_raw: None,
+        payload: Some(b"\x7c\x1e raw".to_vec()),
+        ..sample.clone()
+    };
+    lake.write_quarantine(&[sample, letter]).unwrap();
+    lake.flush().unwrap();
+    // An unrepresentable receive time is clamped rather than failing the write.
+    assert_eq!(partition_dates(dir.path(), Table::Quarantine).unwrap(), vec![date((1970, 1, 1)), date(DAY2)]);
+    let batches = read_files(&data_files(dir.path(), Table::Quarantine));
+    let mut rows = Vec::new();
+    for b in &batches {
+        assert_eq!(b.schema(), Table::Quarantine.schema());
+        for i in 0..b.num_rows() {
+            let reason = b.column_by_name("reason").unwrap().as_string::<i32>().value(i).to_owned();
+            let ts = b.column_by_name("timestamp_us").unwrap().as_primitive::<UInt64Type>();
+            let payload = b.column_by_name("payload").unwrap().as_binary::<i32>();
+            rows.push((reason, ts.is_valid(i).then(|| ts.value(i)), payload.is_valid(i).then(|| payload.value(i).to_vec())));
+        }
+    }
+    rows.sort();
+    assert_eq!(rows, vec![
+        ("stage_failed".to_owned(), None, Some(b"\x7c\x1e raw".to_vec())),
+        ("timestamp_out_of_range".to_owned(), Some(u64::MAX), None),
+    ]);
+}

@@ -23,6 +23,21 @@ pub struct PipelineConfig {
     pub max_framing_buffer_bytes: usize,
     /// Largest accepted sample count of one binary packet.
     pub max_samples_per_packet: u16,
+    /// Samples whose event time is more than this before the time the platform received them
+    /// are not processed as live data: they go to the `quarantine` table, counted as
+    /// `timestamp_out_of_range`. A device with a broken clock must not reach a stage that
+    /// cannot handle its dates (lake partitions, windows, sessions). Default 7 days.
+    pub event_time_max_past_secs: f64,
+    /// Likewise for event times more than this after the receive time. Default 1 day.
+    pub event_time_max_future_secs: f64,
+    /// Most sensors whose state the pipeline keeps. When a new sensor arrives at the bound, the
+    /// least recently heard from are evicted (their sessions end with reason `evicted`), so
+    /// memory stays bounded whatever ids clients invent. Default 100 000.
+    pub max_sensors: usize,
+    /// A sensor not heard from for this long (processing time) has its state dropped (framing
+    /// buffer, dedupe position, windows, model state); its session ended after the session gap
+    /// already. Must be at least `session_gap_secs`. Default 1 hour.
+    pub sensor_idle_evict_secs: f64,
 }
 
 impl Default for PipelineConfig {
@@ -36,6 +51,10 @@ impl Default for PipelineConfig {
             movement_threshold: None,
             max_framing_buffer_bytes: 64 * 1024,
             max_samples_per_packet: 1024,
+            event_time_max_past_secs: 7.0 * 86_400.0,
+            event_time_max_future_secs: 86_400.0,
+            max_sensors: 100_000,
+            sensor_idle_evict_secs: 3_600.0,
         }
     }
 }
@@ -61,6 +80,9 @@ impl PipelineConfig {
         positive("session_gap_secs", self.session_gap_secs);
         positive("window_secs", self.window_secs);
         positive("aggregate_interval_secs", self.aggregate_interval_secs);
+        positive("event_time_max_past_secs", self.event_time_max_past_secs);
+        positive("event_time_max_future_secs", self.event_time_max_future_secs);
+        positive("sensor_idle_evict_secs", self.sensor_idle_evict_secs);
         if !(self.allowed_lateness_secs.is_finite() && self.allowed_lateness_secs >= 0.0) {
             errors.push(ConfigError {
                 key: "allowed_lateness_secs",
@@ -72,6 +94,18 @@ impl PipelineConfig {
         {
             errors.push(ConfigError { key: "movement_threshold", message: format!("must be within 0..=1, got {t}") });
         }
+        if self.sensor_idle_evict_secs < self.session_gap_secs {
+            errors.push(ConfigError {
+                key: "sensor_idle_evict_secs",
+                message: format!(
+                    "must be at least session_gap_secs ({}), got {}: a sensor's session ends before its state is dropped",
+                    self.session_gap_secs, self.sensor_idle_evict_secs
+                ),
+            });
+        }
+        if self.max_sensors == 0 {
+            errors.push(ConfigError { key: "max_sensors", message: "must be at least 1".into() });
+        }
         if self.max_samples_per_packet == 0 {
             errors.push(ConfigError { key: "max_samples_per_packet", message: "must be at least 1".into() });
         }
@@ -82,6 +116,7 @@ impl PipelineConfig {
         (1e6 / self.sample_rate_hz).round() as i64
     }
 
+    /// Seconds to µs; `as` saturates, so absurd settings cannot wrap.
     pub(crate) fn secs_to_us(secs: f64) -> i64 {
         (secs * 1e6).round() as i64
     }

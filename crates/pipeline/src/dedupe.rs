@@ -31,6 +31,13 @@ use serde::{Deserialize, Serialize};
 /// sensor with 64 separate unfilled losses reaches the bound.
 pub const MAX_OPEN_GAPS: usize = 64;
 
+/// Index jumps a sensor remembers so that their redeliveries are recognised; beyond this the
+/// oldest is forgotten (24 bytes each).
+pub const MAX_JUMPS: usize = 64;
+
+/// Slack of the device-time check on a forward index jump, in µs: clocks jitter and drift.
+const JUMP_TIME_SLACK_US: i128 = 2_000_000;
+
 /// What to do with a packet, decided by [`SequenceTracker::classify`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -46,6 +53,20 @@ pub enum Verdict {
     Duplicate,
     /// The device restarted: accept the whole packet as the start of a new index space.
     Restart,
+    /// The sample index jumped forward further than the device time moved: keep the whole
+    /// packet, but leave the sensor's position where it was, so the genuine stream that
+    /// follows is neither a gap nor a duplicate (see [`SequenceTracker::classify`]).
+    Jump,
+}
+
+/// A packet accepted as a [`Verdict::Jump`]: its index range and device time, to recognise its
+/// redelivery (same first index, same time) and a stream that really moved there (the next
+/// packet continues it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jump {
+    pub from: u64,
+    pub to: u64,
+    pub timestamp_us: i64,
 }
 
 /// Per-sensor position in the sample index space.
@@ -57,27 +78,61 @@ pub struct SequenceTracker {
     last_timestamp_us: i64,
     /// Reported gaps not filled yet, `[from, to)` in index order, at most [`MAX_OPEN_GAPS`].
     open_gaps: VecDeque<(u64, u64)>,
+    /// Recent index jumps, oldest first, at most [`MAX_JUMPS`].
+    jumps: VecDeque<Jump>,
 }
 
 impl SequenceTracker {
-    /// A tracker in the state a version 1 snapshot recorded, which had no open gaps.
-    pub(crate) fn from_v1(next_index: Option<u64>, last_timestamp_us: i64) -> Self {
-        Self { next_index, last_timestamp_us, open_gaps: VecDeque::new() }
+    /// A tracker in the state a version 2 snapshot recorded, which had no jumps.
+    pub(crate) fn from_v2(next_index: Option<u64>, last_timestamp_us: i64, open_gaps: VecDeque<(u64, u64)>) -> Self {
+        Self { next_index, last_timestamp_us, open_gaps, jumps: VecDeque::new() }
     }
 
     /// Classifies a packet of `n` samples starting at index `base` and device time
     /// `timestamp_us`, and advances the tracker past whatever it accepts.
     ///
-    /// `n == 0` packets are accepted as no-ops.
+    /// A forward jump of the index is a gap only when the device time moved on at least about
+    /// as far (losing packets loses their time too). A device whose counter jumps while its
+    /// clock does not (a confused device) would otherwise move the sensor's position far ahead,
+    /// and its genuine packets, now behind, would be dropped as duplicates once the gaps they
+    /// fall into are given up: acknowledged samples lost. Such a packet is a [`Verdict::Jump`]
+    /// instead: kept, remembered so its redelivery is a duplicate, and the position stays. If
+    /// the next packet continues the jump, the stream really moved: the gap is reported then.
+    ///
+    /// `n == 0` packets are accepted as no-ops. Never panics, whatever the numbers.
     pub fn classify(&mut self, base: u32, n: usize, timestamp_us: i64, period_us: i64) -> Verdict {
         let base64 = u64::from(base);
         let end = base64 + n as u64;
-        let last_ts = timestamp_us + (n.saturating_sub(1) as i64) * period_us;
+        let span = i64::try_from(n.saturating_sub(1)).unwrap_or(i64::MAX).saturating_mul(period_us);
+        let last_ts = timestamp_us.saturating_add(span);
         let Some(next) = self.next_index else {
             self.accept(end, last_ts, n);
             return Verdict::Accept { skip: 0, gap: None };
         };
+        if n > 0 && self.jumps.iter().any(|j| j.from == base64 && j.timestamp_us == timestamp_us && end <= j.to) {
+            return Verdict::Duplicate;
+        }
         if base64 >= next {
+            if base64 > next && n > 0 {
+                if let Some(i) = self.jumps.iter().position(|j| j.to == base64) {
+                    // The stream continues a jump: it really moved there. Report the gap
+                    // before the jump now.
+                    let jump = self.jumps.remove(i).unwrap_or(Jump { from: base64, to: base64, timestamp_us });
+                    let gap = (jump.from > next).then(|| {
+                        self.open_gap(next, jump.from);
+                        (next as u32, jump.from as u32)
+                    });
+                    self.accept(end, last_ts, n);
+                    return Verdict::Accept { skip: 0, gap };
+                }
+                if !self.time_moved_as_far(next, base64, timestamp_us, period_us) {
+                    if self.jumps.len() == MAX_JUMPS {
+                        self.jumps.pop_front();
+                    }
+                    self.jumps.push_back(Jump { from: base64, to: end, timestamp_us });
+                    return Verdict::Jump;
+                }
+            }
             let gap = (base64 > next).then_some((next as u32, base));
             if base64 > next {
                 self.open_gap(next, base64);
@@ -85,16 +140,16 @@ impl SequenceTracker {
             self.accept(end, last_ts, n);
             return Verdict::Accept { skip: 0, gap };
         }
-        // Indices go backwards. A redelivered or late packet carries device times already seen;
-        // a restarted device carries times after everything seen.
-        if timestamp_us > self.last_timestamp_us {
-            self.next_index = Some(end);
-            self.last_timestamp_us = last_ts;
-            self.open_gaps.clear();
-            return Verdict::Restart;
-        }
+        // Indices go backwards. A redelivered or late packet carries device times already seen
+        // (or fills a reported gap); a restarted device carries times after everything seen.
         let mut keep = self.fill(base64, end.min(next));
         if keep.is_empty() {
+            if timestamp_us > self.last_timestamp_us {
+                self.next_index = Some(end);
+                self.last_timestamp_us = last_ts;
+                self.open_gaps.clear();
+                return Verdict::Restart;
+            }
             if end <= next {
                 return Verdict::Duplicate;
             }
@@ -108,6 +163,15 @@ impl SequenceTracker {
             self.accept(end, last_ts, n);
         }
         Verdict::Reordered { keep, filled: filled_samples }
+    }
+
+    /// Whether the device time of a packet starting at `base`, past the expected `next`, moved
+    /// on from the last accepted sample at least as far as the index did (less some slack).
+    fn time_moved_as_far(&self, next: u64, base: u64, timestamp_us: i64, period_us: i64) -> bool {
+        let steps = i128::from(base - next + 1);
+        let expected = i128::from(self.last_timestamp_us) + steps * i128::from(period_us);
+        let slack = JUMP_TIME_SLACK_US.max(steps * i128::from(period_us) / 10);
+        i128::from(timestamp_us) >= expected - slack
     }
 
     fn accept(&mut self, end: u64, last_ts: i64, n: usize) {
@@ -163,6 +227,11 @@ impl SequenceTracker {
     /// Reported gaps no packet has filled yet, `[from, to)`, oldest index first.
     pub fn open_gaps(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.open_gaps.iter().copied()
+    }
+
+    /// Index jumps remembered, oldest first.
+    pub fn jumps(&self) -> impl Iterator<Item = Jump> + '_ {
+        self.jumps.iter().copied()
     }
 }
 

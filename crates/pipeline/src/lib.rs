@@ -141,6 +141,11 @@ struct Ctx {
     lateness_us: i64,
     aggregate_us: i64,
     threshold: f32,
+    /// Plausibility window of event times around the receive time.
+    max_past_us: i64,
+    max_future_us: i64,
+    evict_idle_us: i64,
+    max_sensors: usize,
 }
 
 /// Everything the pipeline keeps for one sensor.
@@ -166,6 +171,11 @@ pub struct PipelineStats {
     pub samples_out: u64,
     pub model_calls: u64,
     pub model_errors: u64,
+    /// Sensors whose state was dropped: idle past `pipeline.sensor_idle_evict_secs`, or the
+    /// least recently heard from when `pipeline.max_sensors` was reached.
+    pub sensors_evicted: u64,
+    /// Samples sent to the quarantine table for an implausible event time.
+    pub samples_quarantined: u64,
 }
 
 /// A read-only view of one sensor for the API.
@@ -186,7 +196,8 @@ pub struct Pipeline {
     scaler: Vec<(f32, f32)>,
     /// Per-sensor state in first-seen order (see "Determinism" in the crate docs).
     sensors: Vec<SensorState>,
-    /// Position of each sensor in `sensors`. Sensors are never removed, so positions are stable.
+    /// Position of each sensor in `sensors`, rebuilt when sensors are evicted (which keeps the
+    /// others' relative order).
     index: HashMap<SensorId, usize>,
     scratch: Scratch,
     stats: PipelineStats,
@@ -230,6 +241,10 @@ impl Pipeline {
             lateness_us: PipelineConfig::secs_to_us(config.allowed_lateness_secs),
             aggregate_us: PipelineConfig::secs_to_us(config.aggregate_interval_secs),
             threshold: config.movement_threshold.unwrap_or(sidecar.movement_threshold),
+            max_past_us: PipelineConfig::secs_to_us(config.event_time_max_past_secs),
+            max_future_us: PipelineConfig::secs_to_us(config.event_time_max_future_secs),
+            evict_idle_us: PipelineConfig::secs_to_us(config.sensor_idle_evict_secs),
+            max_sensors: config.max_sensors,
         };
         Ok(Self {
             ctx,
@@ -254,20 +269,34 @@ impl Pipeline {
         self.infer_dirty(out);
     }
 
-    /// Processing-time duties: closes sessions of sensors silent for the session gap and emits
-    /// the periodic session aggregates. Call it regularly (e.g. every 100 ms).
+    /// Processing-time duties: closes sessions of sensors silent for the session gap, emits
+    /// the periodic session aggregates and drops the state of sensors idle for
+    /// `sensor_idle_evict_secs`. Call it regularly (e.g. every 100 ms).
     pub fn on_tick(&mut self, now_us: i64, out: &mut Outputs) {
         // Nothing is pending between steps: `process` always infers before returning.
         let ctx = self.ctx;
+        let mut idle = 0;
         for state in &mut self.sensors {
-            let Some(session) = &mut state.session else { continue };
-            if now_us - session.last_seen_proc_us >= ctx.gap_us {
+            let Some(session) = &mut state.session else {
+                let heard = state.counters.last_seen_us.unwrap_or(i64::MIN);
+                idle += usize::from(now_us.saturating_sub(heard) >= ctx.evict_idle_us);
+                continue;
+            };
+            if now_us.saturating_sub(session.last_seen_proc_us) >= ctx.gap_us {
                 end_session(&ctx, state, SessionEndReason::Idle, now_us, out);
                 state.windows.emit_all(&state.id, ctx.window_us, &mut out.windows);
-            } else if now_us - session.last_emit_us >= ctx.aggregate_us {
+            } else if now_us.saturating_sub(session.last_emit_us) >= ctx.aggregate_us {
                 session.last_emit_us = now_us;
                 out.aggregates.push(session.aggregate(&state.id, now_us, ctx.dt_s));
             }
+        }
+        if idle > 0 {
+            let evict: Vec<bool> = self
+                .sensors
+                .iter()
+                .map(|s| s.session.is_none() && now_us.saturating_sub(s.counters.last_seen_us.unwrap_or(i64::MIN)) >= ctx.evict_idle_us)
+                .collect();
+            self.remove_sensors(&evict, now_us, SessionEndReason::Idle, out);
         }
     }
 
@@ -308,6 +337,9 @@ impl Pipeline {
         let at = match self.index.get(record.sensor_id) {
             Some(&at) => at,
             None => {
+                if self.sensors.len() >= self.ctx.max_sensors {
+                    self.evict_least_recent(now_us, out);
+                }
                 let id: SensorId = Arc::from(record.sensor_id);
                 let state = SensorState {
                     id,
@@ -354,6 +386,46 @@ impl Pipeline {
         }
     }
 
+    /// Makes room for a new sensor at `max_sensors`: evicts the least recently heard from
+    /// sixteenth of the sensors at once, so a flood of new ids costs one scan per many
+    /// sensors, not one per sensor.
+    fn evict_least_recent(&mut self, now_us: i64, out: &mut Outputs) {
+        let count = (self.ctx.max_sensors / 16).clamp(1, self.sensors.len().max(1));
+        if self.sensors.is_empty() {
+            return;
+        }
+        // (last heard, position): ties go by position, so the choice is deterministic.
+        let mut order: Vec<(i64, usize)> =
+            self.sensors.iter().enumerate().map(|(i, s)| (s.counters.last_seen_us.unwrap_or(i64::MIN), i)).collect();
+        order.select_nth_unstable(count - 1);
+        let mut evict = vec![false; self.sensors.len()];
+        for &(_, i) in &order[..count] {
+            evict[i] = true;
+        }
+        self.remove_sensors(&evict, now_us, SessionEndReason::Evicted, out);
+    }
+
+    /// Drops the sensors flagged in `evict` (one flag per position in `sensors`): their
+    /// pending samples are inferred, their sessions end with `reason` and their windows are
+    /// emitted first, so nothing they accepted is lost. The others keep their order.
+    fn remove_sensors(&mut self, evict: &[bool], now_us: i64, reason: SessionEndReason, out: &mut Outputs) {
+        let ctx = self.ctx;
+        for (state, _) in self.sensors.iter_mut().zip(evict).filter(|(_, e)| **e) {
+            flush_sensor(&ctx, &self.model, &self.features, &self.scaler, &mut self.stats, state, out);
+            if state.session.is_some() {
+                end_session(&ctx, state, reason, now_us, out);
+            }
+            state.windows.emit_all(&state.id, ctx.window_us, &mut out.windows);
+            self.stats.sensors_evicted += 1;
+        }
+        let mut flags = evict.iter();
+        self.sensors.retain(|_| !flags.next().copied().unwrap_or(false));
+        self.index.clear();
+        for (i, s) in self.sensors.iter().enumerate() {
+            self.index.insert(s.id.clone(), i);
+        }
+    }
+
     /// Appends a sensor not seen before and returns its position in `sensors`.
     fn add_sensor(&mut self, state: SensorState) -> usize {
         let at = self.sensors.len();
@@ -394,7 +466,12 @@ fn accept_packet(
     if n == 0 {
         return;
     }
-    let ts0 = i64::try_from(timestamp_us).unwrap_or(i64::MAX);
+    // Event-time plausibility first: no stage after this point sees a time it cannot handle.
+    let Some(ts0) = plausible_start(ctx, timestamp_us, n, ingest_us) else {
+        stats.samples_quarantined += n as u64;
+        quarantine_packet(ctx, state, base, timestamp_us, samples, ingest_us, now_us, out);
+        return;
+    };
     // The positions of the packet's samples to keep: one run, or a late packet's pieces.
     let run: Range<usize>;
     let pieces: Vec<Range<usize>>;
@@ -418,6 +495,11 @@ fn accept_packet(
             pieces = ranges;
             &pieces
         }
+        Verdict::Jump => {
+            state.counters.index_jumps += 1;
+            run = 0..n;
+            std::slice::from_ref(&run)
+        }
         Verdict::Restart => {
             state.counters.restarts += 1;
             if state.session.is_some() {
@@ -431,9 +513,9 @@ fn accept_packet(
     let kept: usize = keep.iter().map(ExactSizeIterator::len).sum();
     state.counters.duplicates += (n - kept) as u64;
     let Some(first) = keep.first().map(|r| r.start) else { return };
-    let first_ts = ts0 + first as i64 * ctx.period_us;
+    let first_ts = sample_time(ts0, first, ctx.period_us);
     if let Some(session) = &state.session
-        && first_ts - session.last_event_us > ctx.gap_us
+        && first_ts.saturating_sub(session.last_event_us) > ctx.gap_us
     {
         flush_sensor(ctx, model, features, scaler, stats, state, out);
         end_session(ctx, state, SessionEndReason::Gap, now_us, out);
@@ -454,7 +536,7 @@ fn accept_packet(
     let mut last_ts = first_ts;
     for i in keep.iter().flat_map(Clone::clone) {
         let s = &samples[i];
-        let ts = ts0 + i as i64 * ctx.period_us;
+        let ts = sample_time(ts0, i, ctx.period_us);
         last_ts = ts;
         let gyro = s.gyro.map(|d| d.to_radians());
         let accl_mag = norm(s.acc);
@@ -587,6 +669,70 @@ fn end_session(ctx: &Ctx, state: &mut SensorState, reason: SessionEndReason, now
     let Some(session) = state.session.take() else { return };
     out.aggregates.push(session.aggregate(&state.id, now_us, ctx.dt_s));
     out.session_events.push(SessionEvent::Ended { session: session.record(&state.id, Some(session.last_event_us)), reason });
+}
+
+/// Time of sample `i` of a packet starting at `ts0`, saturating.
+fn sample_time(ts0: i64, i: usize, period_us: i64) -> i64 {
+    ts0.saturating_add(i64::try_from(i).unwrap_or(i64::MAX).saturating_mul(period_us))
+}
+
+/// The packet's start time as `i64` if every one of its `n` samples lies within the
+/// plausibility window around the receive time `ingest_us`, `None` otherwise.
+fn plausible_start(ctx: &Ctx, timestamp_us: u64, n: usize, ingest_us: i64) -> Option<i64> {
+    // i128 holds every operand here exactly, so no bound can wrap around.
+    let first = i128::from(timestamp_us);
+    let last = first + i128::try_from(n.saturating_sub(1)).ok()? * i128::from(ctx.period_us);
+    let lo = i128::from(ingest_us) - i128::from(ctx.max_past_us);
+    let hi = (i128::from(ingest_us) + i128::from(ctx.max_future_us)).min(i128::from(i64::MAX));
+    (first >= lo && last <= hi).then(|| i64::try_from(first).ok()).flatten()
+}
+
+/// Sends a packet with implausible event times to the quarantine table, one row per sample
+/// with its raw values, and counts it: it never reaches dedupe, sessions, windows or the lake's
+/// date partitions.
+#[allow(clippy::too_many_arguments)]
+fn quarantine_packet(
+    ctx: &Ctx,
+    state: &mut SensorState,
+    base: u32,
+    timestamp_us: u64,
+    samples: &[PhysSample],
+    ingest_us: i64,
+    now_us: i64,
+    out: &mut Outputs,
+) {
+    state.counters.count_bad(BadReason::TimestampOutOfRange);
+    state.counters.quarantined_samples += samples.len() as u64;
+    let offset_s = (i128::from(timestamp_us) - i128::from(ingest_us)) as f64 / 1e6;
+    let detail = format!(
+        "event time {timestamp_us} µs is {offset_s:+.0} s from the receive time {ingest_us} µs; allowed -{} s to +{} s",
+        ctx.max_past_us / 1_000_000,
+        ctx.max_future_us / 1_000_000
+    );
+    let period = u64::try_from(ctx.period_us).unwrap_or(0);
+    for (i, s) in samples.iter().enumerate() {
+        let gyro = s.gyro.map(|d| d.to_radians());
+        out.quarantine.push(QuarantineRecord {
+            sensor_id: state.id.clone(),
+            reason: QuarantineReason::TimestampOutOfRange,
+            detail: detail.clone(),
+            ingest_us,
+            detected_at_us: now_us,
+            sample_index: Some(base.wrapping_add(i as u32)),
+            timestamp_us: Some(timestamp_us.saturating_add((i as u64).saturating_mul(period))),
+            acc_x: Some(s.acc[0]),
+            acc_y: Some(s.acc[1]),
+            acc_z: Some(s.acc[2]),
+            gyro_x: Some(gyro[0]),
+            gyro_y: Some(gyro[1]),
+            gyro_z: Some(gyro[2]),
+            mag_x: Some(s.mag[0]),
+            mag_y: Some(s.mag[1]),
+            mag_z: Some(s.mag[2]),
+            temp_raw: Some(s.temp_raw),
+            payload: None,
+        });
+    }
 }
 
 fn norm(v: [f32; 3]) -> f32 {

@@ -93,7 +93,7 @@ impl ActiveSession {
             mean_velocity: if moving_time_s > 0.0 { self.agg.distance_m / moving_time_s } else { 0.0 },
             moving_time_s,
             sample_count: self.sample_count,
-            duration_s: (self.last_event_us - self.start_us) as f64 / 1e6 + dt_s,
+            duration_s: self.last_event_us.saturating_sub(self.start_us) as f64 / 1e6 + dt_s,
         }
     }
 }

@@ -129,6 +129,8 @@ impl ShardedPipeline {
             total.samples_out += s.samples_out;
             total.model_calls += s.model_calls;
             total.model_errors += s.model_errors;
+            total.sensors_evicted += s.sensors_evicted;
+            total.samples_quarantined += s.samples_quarantined;
         }
         total
     }
@@ -152,6 +154,7 @@ impl ShardedPipeline {
             out.aggregates.append(&mut o.aggregates);
             out.gaps.append(&mut o.gaps);
             out.late.append(&mut o.late);
+            out.quarantine.append(&mut o.quarantine);
         }
     }
 }

@@ -50,10 +50,13 @@ use crate::session::ActiveSession;
 use crate::window::SensorWindows;
 use crate::{Pipeline, PipelineConfig, PipelineError, PipelineStats, SensorCounters, SensorId, SensorState};
 
-/// The snapshot format this build writes. It reads this one and version 1 (see [`v1`]).
+/// The snapshot format this build writes. It reads this one and versions 1 and 2 (see [`v1`],
+/// [`v2`]).
 ///
-/// Version 2 added the dedupe tracker's open gaps and the `reordered_samples` counter.
-pub const SNAPSHOT_VERSION: u32 = 2;
+/// Version 2 added the dedupe tracker's open gaps and the `reordered_samples` counter; version
+/// 3 the tracker's index jumps, the `index_jumps` and `quarantined_samples` counters and the
+/// pipeline-wide `sensors_evicted` and `samples_quarantined`.
+pub const SNAPSHOT_VERSION: u32 = 3;
 
 /// The whole state of a [`Pipeline`] between two steps (see the module docs for what it holds).
 ///
@@ -126,9 +129,13 @@ impl PipelineSnapshot {
         let (found, _) = postcard::take_from_bytes::<u32>(bytes).map_err(SnapshotError::Malformed)?;
         let (snapshot, rest) = match found {
             SNAPSHOT_VERSION => postcard::take_from_bytes::<Self>(bytes).map_err(SnapshotError::Malformed)?,
+            2 => {
+                let (old, rest) = postcard::take_from_bytes::<v2::PipelineSnapshot>(bytes).map_err(SnapshotError::Malformed)?;
+                (old.into(), rest)
+            }
             1 => {
                 let (old, rest) = postcard::take_from_bytes::<v1::PipelineSnapshot>(bytes).map_err(SnapshotError::Malformed)?;
-                (old.into(), rest)
+                (v2::PipelineSnapshot::from(old).into(), rest)
             }
             _ => return Err(SnapshotError::UnsupportedVersion { found, supported: SNAPSHOT_VERSION }),
         };
@@ -213,13 +220,12 @@ impl Pipeline {
     }
 }
 
-/// Version 1 of the format, read so that checkpoints taken before version 2 still restore.
+/// Version 2 of the format, read so that checkpoints taken before version 3 still restore.
 ///
-/// Only the types whose fields changed are mirrored here (the rest are shared with version 2);
-/// decoding one of these and converting it gives the state a version 2 build would have had:
-/// no open gaps (version 1 dropped late packets as duplicates) and nothing counted as reordered.
-pub mod v1 {
-    use std::collections::BTreeMap;
+/// Only the types whose fields changed are mirrored here; converting gives the state a version
+/// 3 build would have had: no index jumps remembered and nothing counted for them.
+pub mod v2 {
+    use std::collections::{BTreeMap, VecDeque};
 
     use sensorflow_protocol::framing::BadReason;
     use serde::Deserialize;
@@ -229,11 +235,132 @@ pub mod v1 {
     use crate::window::SensorWindows;
     use crate::{PipelineStats, SensorCounters, SensorId};
 
+    /// [`super::PipelineSnapshot`] as version 2 wrote it.
+    #[derive(Debug, Deserialize)]
+    pub struct PipelineSnapshot {
+        pub version: u32,
+        pub stats: Stats,
+        pub sensors: Vec<SensorSnapshot>,
+    }
+
+    /// [`PipelineStats`] of versions 1 and 2: no `sensors_evicted`.
+    #[derive(Debug, Deserialize)]
+    pub struct Stats {
+        pub records: u64,
+        pub samples_out: u64,
+        pub model_calls: u64,
+        pub model_errors: u64,
+    }
+
+    /// [`super::SensorSnapshot`] as version 2 wrote it.
+    #[derive(Debug, Deserialize)]
+    pub struct SensorSnapshot {
+        pub sensor_id: SensorId,
+        pub framing_pending: Vec<u8>,
+        pub sequence: Tracker,
+        pub session: Option<ActiveSession>,
+        pub windows: SensorWindows,
+        pub h: Vec<f32>,
+        pub c: Vec<f32>,
+        pub counters: Counters,
+    }
+
+    /// The dedupe tracker of version 2: no index jumps.
+    #[derive(Debug, Deserialize)]
+    pub struct Tracker {
+        pub next_index: Option<u64>,
+        pub last_timestamp_us: i64,
+        pub open_gaps: VecDeque<(u64, u64)>,
+    }
+
+    /// The counters of version 2: no `index_jumps`, no `quarantined_samples`.
+    #[derive(Debug, Deserialize)]
+    pub struct Counters {
+        pub messages: u64,
+        pub packets_decoded: u64,
+        pub samples_decoded: u64,
+        pub duplicates: u64,
+        pub gaps: u64,
+        pub missing_samples: u64,
+        pub late: u64,
+        pub restarts: u64,
+        pub sessions_started: u64,
+        pub bad: BTreeMap<BadReason, u64>,
+        pub first_seen_us: Option<i64>,
+        pub last_seen_us: Option<i64>,
+        pub reordered_samples: u64,
+    }
+
+    impl From<PipelineSnapshot> for super::PipelineSnapshot {
+        fn from(old: PipelineSnapshot) -> Self {
+            let sensors = old.sensors.into_iter().map(super::SensorSnapshot::from).collect();
+            let s = old.stats;
+            let stats = PipelineStats {
+                records: s.records,
+                samples_out: s.samples_out,
+                model_calls: s.model_calls,
+                model_errors: s.model_errors,
+                sensors_evicted: 0,
+                samples_quarantined: 0,
+            };
+            Self { version: super::SNAPSHOT_VERSION, stats, sensors }
+        }
+    }
+
+    impl From<SensorSnapshot> for super::SensorSnapshot {
+        fn from(old: SensorSnapshot) -> Self {
+            let c = old.counters;
+            let t = old.sequence;
+            Self {
+                sensor_id: old.sensor_id,
+                framing_pending: old.framing_pending,
+                sequence: SequenceTracker::from_v2(t.next_index, t.last_timestamp_us, t.open_gaps),
+                session: old.session,
+                windows: old.windows,
+                h: old.h,
+                c: old.c,
+                counters: SensorCounters {
+                    messages: c.messages,
+                    packets_decoded: c.packets_decoded,
+                    samples_decoded: c.samples_decoded,
+                    duplicates: c.duplicates,
+                    gaps: c.gaps,
+                    missing_samples: c.missing_samples,
+                    late: c.late,
+                    restarts: c.restarts,
+                    sessions_started: c.sessions_started,
+                    bad: c.bad,
+                    first_seen_us: c.first_seen_us,
+                    last_seen_us: c.last_seen_us,
+                    reordered_samples: c.reordered_samples,
+                    index_jumps: 0,
+                    quarantined_samples: 0,
+                },
+            }
+        }
+    }
+}
+
+/// Version 1 of the format, read so that checkpoints taken before version 2 still restore.
+///
+/// Only the types whose fields changed are mirrored here; decoding one of these and converting
+/// it gives the state a version 2 build would have had (which [`v2`] converts on): no open gaps
+/// (version 1 dropped late packets as duplicates) and nothing counted as reordered.
+pub mod v1 {
+    use std::collections::{BTreeMap, VecDeque};
+
+    use sensorflow_protocol::framing::BadReason;
+    use serde::Deserialize;
+
+    use crate::session::ActiveSession;
+    use crate::window::SensorWindows;
+    use crate::SensorId;
+
     /// [`super::PipelineSnapshot`] as version 1 wrote it.
     #[derive(Debug, Deserialize)]
     pub struct PipelineSnapshot {
         pub version: u32,
-        pub stats: PipelineStats,
+        pub stats: super::v2::Stats,
         pub sensors: Vec<SensorSnapshot>,
     }
 
@@ -274,25 +401,29 @@ pub mod v1 {
         pub last_seen_us: Option<i64>,
     }
 
-    impl From<PipelineSnapshot> for super::PipelineSnapshot {
+    impl From<PipelineSnapshot> for super::v2::PipelineSnapshot {
         fn from(old: PipelineSnapshot) -> Self {
-            let sensors = old.sensors.into_iter().map(super::SensorSnapshot::from).collect();
-            Self { version: super::SNAPSHOT_VERSION, stats: old.stats, sensors }
+            let sensors = old.sensors.into_iter().map(super::v2::SensorSnapshot::from).collect();
+            Self { version: 2, stats: old.stats, sensors }
         }
     }
 
-    impl From<SensorSnapshot> for super::SensorSnapshot {
+    impl From<SensorSnapshot> for super::v2::SensorSnapshot {
         fn from(old: SensorSnapshot) -> Self {
             let c = old.counters;
             Self {
                 sensor_id: old.sensor_id,
                 framing_pending: old.framing_pending,
-                sequence: SequenceTracker::from_v1(old.sequence.next_index, old.sequence.last_timestamp_us),
+                sequence: super::v2::Tracker {
+                    next_index: old.sequence.next_index,
+                    last_timestamp_us: old.sequence.last_timestamp_us,
+                    open_gaps: VecDeque::new(),
+                },
                 session: old.session,
                 windows: old.windows,
                 h: old.h,
                 c: old.c,
-                counters: SensorCounters {
+                counters: super::v2::Counters {
                     messages: c.messages,
                     packets_decoded: c.packets_decoded,
                     samples_decoded: c.samples_decoded,

@@ -26,6 +26,12 @@ pub struct SensorCounters {
     pub last_seen_us: Option<i64>,
     /// Samples that arrived after later ones and filled a reported gap (kept, not duplicates).
     pub reordered_samples: u64,
+    /// Packets whose sample index jumped ahead of the device time (kept; see
+    /// [`Verdict::Jump`](crate::dedupe::Verdict::Jump)).
+    pub index_jumps: u64,
+    /// Samples sent to the `quarantine` table instead of being processed (implausible event
+    /// time); the packets are also counted in `bad` by reason.
+    pub quarantined_samples: u64,
 }
 
 impl SensorCounters {

@@ -77,13 +77,13 @@ pub struct SensorWindows {
 impl SensorWindows {
     /// The current watermark: max event time minus `lateness_us` (`i64::MIN` before any sample).
     pub fn watermark(&self, lateness_us: i64) -> i64 {
-        self.max_event_us.map_or(i64::MIN, |m| m - lateness_us)
+        self.max_event_us.map_or(i64::MIN, |m| m.saturating_sub(lateness_us))
     }
 
     /// Adds one sample at event time `ts` with its two magnitudes.
     pub fn add(&mut self, ts: i64, accl_mag: f32, gyro_mag: f32, size_us: i64, lateness_us: i64) -> Added {
-        let start = ts.div_euclid(size_us) * size_us;
-        if self.max_event_us.is_some() && start + size_us <= self.emitted_until_us {
+        let start = window_start(ts, size_us);
+        if self.max_event_us.is_some() && start.saturating_add(size_us) <= self.emitted_until_us {
             return Added::Late { watermark_us: self.watermark(lateness_us) };
         }
         self.max_event_us = Some(self.max_event_us.map_or(ts, |m| m.max(ts)));
@@ -122,13 +122,13 @@ impl SensorWindows {
                 break;
             }
             let Some(w) = self.open.pop_front() else { break };
-            let end = w.start_us + size_us;
+            let end = w.start_us.saturating_add(size_us);
             self.emitted_until_us = self.emitted_until_us.max(end);
             out.push(w.into_record(sensor_id.clone(), size_us));
         }
         if until_us != i64::MAX && until_us > self.emitted_until_us {
             // Windows that never got a sample are also closed: a sample for them is late.
-            self.emitted_until_us = until_us.div_euclid(size_us) * size_us;
+            self.emitted_until_us = window_start(until_us, size_us);
         }
     }
 
@@ -136,6 +136,13 @@ impl SensorWindows {
     pub fn open_count(&self) -> usize {
         self.open.len()
     }
+}
+
+/// Start of the window of size `size_us` holding `ts`. Saturates instead of wrapping: event
+/// times are checked for plausibility before they get here, but an operator must not be able to
+/// overflow whatever it is fed.
+fn window_start(ts: i64, size_us: i64) -> i64 {
+    ts.saturating_sub(ts.rem_euclid(size_us))
 }
 
 impl OpenWindow {
@@ -149,7 +156,7 @@ impl OpenWindow {
         WindowRecord {
             sensor_id,
             window_start_us: self.start_us,
-            window_end_us: self.start_us + size_us,
+            window_end_us: self.start_us.saturating_add(size_us),
             count: self.count,
             accl_mag_mean: accl_mean,
             accl_mag_std: accl_std,
@@ -220,6 +227,18 @@ mod tests {
         assert_eq!(w.add(SEC + 1, 1.0, 1.0, SEC, LATE), Added::Late { watermark_us: 3 * SEC });
         // Within allowed lateness is fine.
         assert_eq!(w.add(3 * SEC + 1, 1.0, 1.0, SEC, LATE), Added::InWindow);
+    }
+
+    #[test]
+    fn extreme_event_times_saturate_instead_of_wrapping() {
+        let mut w = SensorWindows::default();
+        let mut out = Vec::new();
+        assert_eq!(w.add(i64::MIN, 1.0, 1.0, SEC, LATE), Added::InWindow);
+        assert_eq!(w.add(i64::MAX, 1.0, 1.0, SEC, LATE), Added::InWindow);
+        w.emit_ready(&id(), SEC, LATE, &mut out);
+        w.emit_all(&id(), SEC, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|r| r.window_start_us <= r.window_end_us));
     }
 
     #[test]

@@ -237,7 +237,7 @@ fn a_version_1_checkpoint_restores_and_continues_like_the_original() {
 
     let migrated = PipelineSnapshot::decode(bytes).unwrap();
     assert_eq!(migrated.version, SNAPSHOT_VERSION);
-    assert_eq!(migrated, straight.at_cut, "migrates to the state version 2 takes at the same cut");
+    assert_eq!(migrated, straight.at_cut, "migrates to the state this version takes at the same cut");
     let mut p = Pipeline::restore(config, model(), migrated).unwrap();
     let mut after = Outputs::default();
     play(&mut p, &steps[cut..], &mut after);

@@ -62,8 +62,9 @@ pub const DEFAULT_MAX_SAMPLES_PER_PACKET: u16 = 1024;
 /// Why input was rejected; the label of the per-sensor "bad input" counters.
 ///
 /// The decoder emits `BadCrc`, `UnknownType`, `Garbage`, `Overflow` and `Truncated`; the other
-/// reasons exist for the ingest layer (`InvalidJson`, `Oversize`, `UnknownTopic`) and for
-/// callers of [`PacketView::parse`] (`BadLength`, via `From<PacketError>`). The decoder itself
+/// reasons exist for the ingest layer (`InvalidJson`, `Oversize`, `UnknownTopic`), the pipeline
+/// (`TimestampOutOfRange`, `StageFailed`) and for callers of [`PacketView::parse`] (`BadLength`,
+/// via `From<PacketError>`). The decoder itself
 /// counts a header with inconsistent lengths as garbage: it cannot tell one from a stray
 /// `0x7C 0x1E` in noise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -86,11 +87,17 @@ pub enum BadReason {
     UnknownTopic,
     /// A frame cut off by the end of the stream.
     Truncated,
+    /// A packet whose event time lies outside the plausibility window around its receive time
+    /// (a device with a broken clock); its samples go to the `quarantine` table.
+    TimestampOutOfRange,
+    /// A record that made a pipeline or sink stage fail; it goes to the `quarantine` table
+    /// (dead letter) and the dataflow moves on.
+    StageFailed,
 }
 
 impl BadReason {
     /// Every reason, in declaration order (for pre-registering metric label sets).
-    pub const ALL: [BadReason; 9] = [
+    pub const ALL: [BadReason; 11] = [
         BadReason::BadCrc,
         BadReason::BadLength,
         BadReason::UnknownType,
@@ -100,6 +107,8 @@ impl BadReason {
         BadReason::Oversize,
         BadReason::UnknownTopic,
         BadReason::Truncated,
+        BadReason::TimestampOutOfRange,
+        BadReason::StageFailed,
     ];
 
     /// The snake_case label used in metrics and JSON, e.g. `"bad_crc"`.
@@ -115,6 +124,8 @@ impl BadReason {
             BadReason::Oversize => "oversize",
             BadReason::UnknownTopic => "unknown_topic",
             BadReason::Truncated => "truncated",
+            BadReason::TimestampOutOfRange => "timestamp_out_of_range",
+            BadReason::StageFailed => "stage_failed",
         }
     }
 }

@@ -171,18 +171,22 @@ pub enum SessionEndReason {
     DeviceRestart,
     /// The platform is shutting down cleanly (sessions are reopened from the store on start).
     Shutdown,
+    /// The pipeline dropped the sensor's state to stay within `pipeline.max_sensors`: it was
+    /// the least recently heard from when a new sensor arrived.
+    Evicted,
 }
 
 impl SessionEndReason {
     /// Every reason, in declaration order.
-    pub const ALL: [SessionEndReason; 4] = [
+    pub const ALL: [SessionEndReason; 5] = [
         SessionEndReason::Gap,
         SessionEndReason::Idle,
         SessionEndReason::DeviceRestart,
         SessionEndReason::Shutdown,
+        SessionEndReason::Evicted,
     ];
 
-    /// The serde name (`gap`, `idle`, `device_restart`, `shutdown`), also the sessions store's
+    /// The serde name (`gap`, `idle`, `device_restart`, `shutdown`, `evicted`), also the sessions store's
     /// `end_reason` column value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -190,6 +194,7 @@ impl SessionEndReason {
             SessionEndReason::Idle => "idle",
             SessionEndReason::DeviceRestart => "device_restart",
             SessionEndReason::Shutdown => "shutdown",
+            SessionEndReason::Evicted => "evicted",
         }
     }
 }
@@ -268,6 +273,59 @@ pub struct LateRecord {
     pub detected_at_us: i64,
 }
 
+/// Why a record went to the `quarantine` table instead of the live tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuarantineReason {
+    /// The sample's event time lies outside the plausibility window around its receive time
+    /// (`pipeline.event_time_max_past_secs` / `event_time_max_future_secs`).
+    TimestampOutOfRange,
+    /// The log record made a pipeline or sink stage fail (dead letter): `payload` holds the
+    /// message as received.
+    StageFailed,
+}
+
+impl QuarantineReason {
+    /// The snake_case label used in the lake, metrics and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineReason::TimestampOutOfRange => "timestamp_out_of_range",
+            QuarantineReason::StageFailed => "stage_failed",
+        }
+    }
+}
+
+/// A record no stage may process (`quarantine` table), kept with its raw values so that an
+/// acknowledged message is never lost from view: either one sample whose event time is not
+/// plausible (the sample columns are set) or a whole log record that made a stage fail (the
+/// `payload` is set). Readings are in the `samples` table's units (gyro in rad/s).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    pub sensor_id: SensorId,
+    pub reason: QuarantineReason,
+    /// Human-readable detail (e.g. the event time's distance from the receive time, or the
+    /// failure of the stage).
+    pub detail: String,
+    /// When the platform received the message (µs since the epoch); the partition date.
+    pub ingest_us: i64,
+    pub detected_at_us: i64,
+    pub sample_index: Option<u32>,
+    /// The device time as sent (µs since the epoch, unsigned: it may not fit a signed column).
+    pub timestamp_us: Option<u64>,
+    pub acc_x: Option<f32>,
+    pub acc_y: Option<f32>,
+    pub acc_z: Option<f32>,
+    pub gyro_x: Option<f32>,
+    pub gyro_y: Option<f32>,
+    pub gyro_z: Option<f32>,
+    pub mag_x: Option<f32>,
+    pub mag_y: Option<f32>,
+    pub mag_z: Option<f32>,
+    pub temp_raw: Option<i16>,
+    /// The log record's payload as received (dead letters only).
+    pub payload: Option<Vec<u8>>,
+}
+
 /// Everything the pipeline produced in one step, in the order it was produced.
 ///
 /// The runtime drains it after each step and hands each part to the sinks (lake, sessions
@@ -280,6 +338,7 @@ pub struct Outputs {
     pub aggregates: Vec<SessionAggregate>,
     pub gaps: Vec<GapRecord>,
     pub late: Vec<LateRecord>,
+    pub quarantine: Vec<QuarantineRecord>,
 }
 
 impl Outputs {
@@ -291,6 +350,7 @@ impl Outputs {
         self.aggregates.clear();
         self.gaps.clear();
         self.late.clear();
+        self.quarantine.clear();
     }
 
     /// True when the step produced nothing.
@@ -301,6 +361,7 @@ impl Outputs {
             && self.aggregates.is_empty()
             && self.gaps.is_empty()
             && self.late.is_empty()
+            && self.quarantine.is_empty()
     }
 }
 

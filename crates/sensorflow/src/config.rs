@@ -110,6 +110,7 @@ pub(crate) struct LakeSettings {
     pub(crate) row_group_rows: usize,
     pub(crate) compression: String,
     pub(crate) sync_every_bytes: u64,
+    pub(crate) max_open_partitions: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -163,6 +164,9 @@ impl Config {
         if self.lake_compression().is_none() {
             problems.push(format!("lake.compression: must be \"zstd\", \"snappy\" or \"lz4\", got {:?}", self.lake.compression));
         }
+        if self.lake.max_open_partitions == 0 {
+            problems.push("lake.max_open_partitions: must be at least 1".into());
+        }
         if self.demo.rate_hz <= 0.0 {
             problems.push("demo.rate_hz: must be positive".into());
         }
@@ -179,6 +183,7 @@ impl Config {
             max_file_age: std::time::Duration::from_secs(self.lake.max_file_age_secs),
             row_group_rows: self.lake.row_group_rows,
             sync_every_bytes: self.lake.sync_every_bytes,
+            max_open_partitions: self.lake.max_open_partitions,
             compression: self.lake_compression().unwrap_or_default(),
             ..sensorflow_lake::LakeConfig::new(root)
         }

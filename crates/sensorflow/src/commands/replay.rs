@@ -124,6 +124,7 @@ fn write(lake: &mut LakeWriter, out: &mut Outputs, ended: &mut Vec<SessionRecord
     lake.write_sessions(ended)?;
     lake.write_gaps(&out.gaps)?;
     lake.write_late(&out.late)?;
+    lake.write_quarantine(&out.quarantine)?;
     out.clear();
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use parking_lot::Mutex;
 use sensorflow_api::Hub;
 use sensorflow_lake::{LakeConfig, LakeWriter, SessionsStore};
 use sensorflow_log::{Log, LogReader, Retention};
@@ -28,6 +29,7 @@ use sensorflow_model::Model;
 use sensorflow_pipeline::{PipelineConfig, PipelineSnapshot, ShardedPipeline};
 
 use super::checkpoint::CheckpointStore;
+use super::dead_letter::{DeadLetters, RunFailure};
 use super::pipeline_task::PipelineTask;
 use super::sink_queue;
 use super::sink_task::SinkTask;
@@ -74,6 +76,8 @@ pub(crate) struct Dataflow {
     /// Log offset up to which results have been published live, kept across restarts so a
     /// restarted run does not publish its replay again (see `PipelineTask::live_until`).
     pub(crate) live_until: Arc<AtomicU64>,
+    /// Records found to make a stage fail, kept across restarts (see `dead_letter`).
+    pub(crate) dead_letters: Arc<Mutex<DeadLetters>>,
 }
 
 /// The state one run starts from: a restored pipeline, its reader, and freshly opened sinks.
@@ -143,6 +147,9 @@ impl Dataflow {
                 Ok(()) => return,
                 Err(failure) => failure,
             };
+            if let Some(origin) = failure.origin.clone() {
+                self.dead_letters.lock().failed(origin, &failure.message);
+            }
             // The checkpoint the restart will start from: the run's own last one, if it wrote
             // any. (The one it started from may be gone from the log by now: each checkpoint
             // lets retention delete what the one before it covered.)
@@ -185,8 +192,8 @@ impl Dataflow {
     }
 
     /// One run: the sink thread plus the pipeline on this thread. `Ok` when it drained on
-    /// shutdown, `Err` with the sink's failure otherwise.
-    fn run(&self, r: Recovered) -> Result<(), String> {
+    /// shutdown, `Err` with the pipeline's or the sink's failure otherwise.
+    fn run(&self, r: Recovered) -> Result<(), RunFailure> {
         let s = &self.settings;
         let failed = Arc::new(AtomicBool::new(false));
         let (sink_tx, sink_rx) = sink_queue::bounded(SINK_QUEUE_BATCHES, SINK_QUEUE_SAMPLES);
@@ -205,8 +212,8 @@ impl Dataflow {
         let sink_thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || sink.run())
-            .map_err(|e| format!("spawning the sink thread: {e}"))?;
-        PipelineTask {
+            .map_err(|e| RunFailure { message: format!("spawning the sink thread: {e}"), origin: None })?;
+        let pipeline_failure = PipelineTask {
             pipeline: r.pipeline,
             log: self.log.clone(),
             reader: r.reader,
@@ -220,11 +227,17 @@ impl Dataflow {
             tick: s.tick,
             checkpoint_interval: s.checkpoint_interval,
             next_epoch: r.epoch + 1,
+            dead_letters: self.dead_letters.clone(),
         }
         .run();
-        match sink_thread.join() {
+        // The pipeline hung up, so the sink finishes too.
+        let sink_result = match sink_thread.join() {
             Ok(result) => result,
-            Err(_) => Err("the sink thread panicked".into()),
+            Err(_) => Err(RunFailure { message: "the sink thread panicked".into(), origin: None }),
+        };
+        match pipeline_failure {
+            Some(failure) => Err(failure),
+            None => sink_result,
         }
     }
 

@@ -16,6 +16,7 @@
 
 mod checkpoint;
 mod dataflow;
+mod dead_letter;
 mod pipeline_task;
 mod sink_queue;
 mod sink_task;
@@ -35,7 +36,7 @@ use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, SinkError, Topic
 use sensorflow_lake::SessionsStore;
 use sensorflow_log::{Admission, Durability, Log, LogConfig, LogError, Pending, Retention};
 use sensorflow_model::{Engine, Model, ModelError};
-use sensorflow_pipeline::{GapRecord, LateRecord, SampleChunk, SessionAggregate, SessionEvent, WindowRecord};
+use sensorflow_pipeline::{GapRecord, LateRecord, QuarantineRecord, SampleChunk, SessionAggregate, SessionEvent, WindowRecord};
 use sensorflow_protocol::record::IngestRecord;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -51,6 +52,10 @@ pub(crate) struct SinkBatch {
     pub(crate) aggregates: Vec<SessionAggregate>,
     pub(crate) gaps: Vec<GapRecord>,
     pub(crate) late: Vec<LateRecord>,
+    pub(crate) quarantine: Vec<QuarantineRecord>,
+    /// Log offsets of the records whose processing produced this batch (empty for timers'
+    /// output): a sink failure caused by its rows is traced back to them (see `dead_letter`).
+    pub(crate) origin: std::ops::Range<u64>,
 }
 
 /// What the pipeline thread sends the sink thread, in order.
@@ -202,6 +207,7 @@ impl Embedded {
             status: status.clone(),
             draining: draining.clone(),
             live_until: Arc::default(),
+            dead_letters: Arc::default(),
         };
         let dataflow_thread = dataflow.start()?;
 

@@ -12,19 +12,28 @@
 //! sinks (which dropped the uncommitted ones) but not to the hub a second time: WebSocket
 //! clients saw them already. Reads are cut at the offset the failed run had published up to,
 //! so each turn is either all replay or all new (see `live_until`).
+//!
+//! A step that panics ends the run with the step's log offsets, and records known to make a
+//! stage fail are set aside into the quarantine table instead of being processed (see
+//! [`super::dead_letter`]).
 
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use parking_lot::Mutex;
 use sensorflow_api::Hub;
 use sensorflow_log::{Log, LogError, LogReader};
-use sensorflow_pipeline::{Outputs, SampleChunk, SessionEvent, ShardedPipeline};
+use sensorflow_pipeline::{Outputs, QuarantineReason, QuarantineRecord, SampleChunk, SessionEvent, ShardedPipeline};
 use sensorflow_protocol::record::IngestRecordRef;
 
+use super::checkpoint::Checkpoint;
+use super::dead_letter::{DeadLetters, RunFailure};
 use super::sink_queue::WeightedSender;
 use super::status::SharedStatus;
-use super::checkpoint::Checkpoint;
 use super::{SinkBatch, SinkMsg, now_us};
 
 pub(crate) struct PipelineTask {
@@ -47,13 +56,17 @@ pub(crate) struct PipelineTask {
     pub(crate) checkpoint_interval: Duration,
     /// Epoch of the next checkpoint (one more than the last completed one).
     pub(crate) next_epoch: u64,
+    /// Records suspected of or found to be failing a stage, shared across restarts.
+    pub(crate) dead_letters: Arc<Mutex<DeadLetters>>,
 }
 
 /// How often the `/sensors` snapshot is rebuilt.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
 impl PipelineTask {
-    pub(crate) fn run(mut self) {
+    /// Runs until the log is closed or drained on shutdown (`None`), the sink thread is gone
+    /// (`None`: the sink reports its own failure), or a step fails (`Some`).
+    pub(crate) fn run(mut self) -> Option<RunFailure> {
         let mut buf = Vec::with_capacity(self.batch_records);
         let mut out = Outputs::default();
         let mut next_tick = Instant::now() + self.tick;
@@ -62,7 +75,7 @@ impl PipelineTask {
         let replay_until = self.live_until.load(Ordering::Acquire);
         loop {
             if self.sink_failed.load(Ordering::Acquire) {
-                return;
+                return None;
             }
             let wait = next_tick.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
             // Replaying what an earlier run already published: read no further than that, and
@@ -84,17 +97,27 @@ impl PipelineTask {
                     continue;
                 }
             }
-            if !buf.is_empty() {
-                let status = &self.status;
-                let records = buf.iter().filter_map(|(offset, bytes)| match IngestRecordRef::decode(bytes) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        status.count_corrupt_record();
-                        tracing::warn!(offset, error = %e, "skipping undecodable log record");
-                        None
+            let mut origin = 0..0;
+            if let (Some(first), Some(last)) = (buf.first(), buf.last()) {
+                let range = first.0..last.0 + 1;
+                if self.dead_letters.lock().is_suspect(&range) {
+                    // One record per step, each dispatched on its own, so that a failure that
+                    // repeats names its record.
+                    for i in 0..buf.len() {
+                        let offset = buf[i].0;
+                        if let Err(failure) = self.step(&buf[i..=i], live, &mut out) {
+                            return Some(failure);
+                        }
+                        if !out.is_empty() && !self.dispatch(&mut out, live, offset..offset + 1) {
+                            return None;
+                        }
                     }
-                });
-                self.pipeline.process(records, now_us(), &mut out);
+                } else {
+                    if let Err(failure) = self.step(&buf, live, &mut out) {
+                        return Some(failure);
+                    }
+                    origin = range;
+                }
                 buf.clear();
             }
             let now = Instant::now();
@@ -110,13 +133,14 @@ impl PipelineTask {
                 // Before dispatching: a sink failure there ends this run after the hub got them.
                 self.live_until.fetch_max(self.reader.position(), Ordering::AcqRel);
             }
-            if !out.is_empty() && !self.dispatch(&mut out, live) {
-                return;
+            if !out.is_empty() && !self.dispatch(&mut out, live, origin) {
+                return None;
             }
             self.reader.commit(self.reader.position());
+            self.dead_letters.lock().passed(self.reader.position());
             if now >= next_checkpoint {
                 if !self.checkpoint() {
-                    return;
+                    return None;
                 }
                 next_checkpoint = Instant::now() + self.checkpoint_interval;
             }
@@ -125,12 +149,63 @@ impl PipelineTask {
             }
         }
         self.pipeline.close_all(now_us(), &mut out);
-        if self.dispatch(&mut out, true) {
+        if self.dispatch(&mut out, true, 0..0) {
             self.checkpoint();
         }
         self.status.refresh_sensors(&self.pipeline, Instant::now());
         let stats = self.pipeline.stats();
         tracing::info!(records = stats.records, samples = stats.samples_out, "pipeline drained");
+        None
+    }
+
+    /// Processes `records` (consecutive log records) as one pipeline step. Poisoned records are
+    /// set aside into the quarantine table instead; a panic of the step is caught and returned
+    /// with the step's offsets, since the pipeline's state may be half-updated: the dataflow
+    /// restarts from its checkpoint.
+    fn step(&mut self, records: &[(u64, Bytes)], live: bool, out: &mut Outputs) -> Result<(), RunFailure> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else { return Ok(()) };
+        let range = first.0..last.0 + 1;
+        let now = now_us();
+        let dead_letters = self.dead_letters.lock();
+        let poisoned = dead_letters.any_poisoned(&range);
+        if poisoned {
+            for (offset, bytes) in records {
+                if let (Some(failure), Ok(r)) = (dead_letters.poisoned(*offset), IngestRecordRef::decode(bytes)) {
+                    out.quarantine.push(dead_letter(&r, failure, now));
+                    if live {
+                        self.status.dead_letter(r.sensor_id);
+                    }
+                }
+            }
+        }
+        let skip = |offset: u64| poisoned && dead_letters.poisoned(offset).is_some();
+        let status = &self.status;
+        let pipeline = &mut self.pipeline;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let decoded = records.iter().filter(|(offset, _)| !skip(*offset)).filter_map(|(offset, bytes)| match IngestRecordRef::decode(bytes) {
+                Ok(r) => {
+                    poison_failpoint(r.sensor_id);
+                    Some(r)
+                }
+                Err(e) => {
+                    status.count_corrupt_record();
+                    tracing::warn!(offset, error = %e, "skipping undecodable log record");
+                    None
+                }
+            });
+            pipeline.process(decoded, now, out);
+        }));
+        drop(dead_letters);
+        result.map_err(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            // Whatever the step produced before it failed belongs to a state being thrown away.
+            out.clear();
+            RunFailure { message: format!("a pipeline stage failed: {what}"), origin: Some(range) }
+        })
     }
 
     /// Asks the sink thread to checkpoint: the pipeline's state as of the current log position,
@@ -148,7 +223,7 @@ impl PipelineTask {
     /// Publishes results live (unless they are a replay, see `live_until`) and passes
     /// everything to the sink thread. Returns false when the sink thread is gone (it failed),
     /// which ends this run of the pipeline.
-    fn dispatch(&mut self, out: &mut Outputs, live: bool) -> bool {
+    fn dispatch(&mut self, out: &mut Outputs, live: bool, origin: Range<u64>) -> bool {
         let samples: Vec<_> = out.samples.drain(..).map(Arc::new).collect();
         if live {
             self.publish_live(&samples, out);
@@ -160,6 +235,8 @@ impl PipelineTask {
             aggregates: std::mem::take(&mut out.aggregates),
             gaps: std::mem::take(&mut out.gaps),
             late: std::mem::take(&mut out.late),
+            quarantine: std::mem::take(&mut out.quarantine),
+            origin,
         };
         let samples = batch.samples.iter().map(|c| c.len()).sum();
         if self.sink.send(SinkMsg::Batch(batch), samples).is_err() {
@@ -187,4 +264,39 @@ impl PipelineTask {
             }
         }
     }
+}
+
+/// The quarantine row of a poisoned log record: its payload as received, and what failed.
+fn dead_letter(record: &IngestRecordRef<'_>, failure: &str, now_us: i64) -> QuarantineRecord {
+    QuarantineRecord {
+        sensor_id: Arc::from(record.sensor_id),
+        reason: QuarantineReason::StageFailed,
+        detail: failure.to_owned(),
+        ingest_us: record.ingest_us,
+        detected_at_us: now_us,
+        sample_index: None,
+        timestamp_us: None,
+        acc_x: None,
+        acc_y: None,
+        acc_z: None,
+        gyro_x: None,
+        gyro_y: None,
+        gyro_z: None,
+        mag_x: None,
+        mag_y: None,
+        mag_z: None,
+        temp_raw: None,
+        payload: Some(record.payload.to_vec()),
+    }
+}
+
+/// Fault injection for the dead-letter tests: with the `failpoints` feature and
+/// `FAILPOINTS=pipeline-poison=return(SENSOR)`, a step panics on a record of sensor `SENSOR`,
+/// the way an operator bug triggered by one record's data would. Compiled to nothing otherwise.
+fn poison_failpoint(sensor_id: &str) {
+    fail::fail_point!("pipeline-poison", |target: Option<String>| {
+        if target.as_deref() == Some(sensor_id) {
+            panic!("fail point pipeline-poison hit by a record of sensor {sensor_id}");
+        }
+    });
 }

@@ -27,6 +27,7 @@ use sensorflow_pipeline::{SessionEvent, SessionRecord};
 use sensorflow_log::{Log, Retention};
 
 use super::checkpoint::{Checkpoint, CheckpointStore};
+use super::dead_letter::RunFailure;
 use super::sink_queue::WeightedReceiver;
 use super::status::SharedStatus;
 use super::{SinkBatch, SinkMsg};
@@ -64,15 +65,15 @@ pub(crate) struct SinkTask {
 
 impl SinkTask {
     /// Runs until the pipeline hangs up (`Ok`) or a sink write fails (`Err`, after raising
-    /// `failed`).
-    pub(crate) fn run(mut self) -> Result<(), String> {
+    /// `failed`; with the batch's log offsets when its rows caused it, see `dead_letter`).
+    pub(crate) fn run(mut self) -> Result<(), RunFailure> {
         let result = self.run_inner();
         self.status.set_lake_stats(self.lake.stats());
         result.map_err(|failure| {
             self.failed.store(true, Ordering::Release);
             let message = failure.to_string();
             self.status.set_component(failure.component, false, message.clone());
-            message
+            RunFailure { message, origin: failure.origin }
         })
     }
 
@@ -178,7 +179,7 @@ impl SinkTask {
         fail::fail_point!("sink-batch");
         self.store
             .apply(&batch.session_events, &batch.aggregates)
-            .map_err(|e| SinkFailure { component: "sessions_store", detail: format!("sessions store write failed: {e}") })?;
+            .map_err(|e| SinkFailure { component: "sessions_store", detail: format!("sessions store write failed: {e}"), origin: None })?;
         ended.clear();
         ended.extend(batch.session_events.iter().filter_map(|e| match e {
             SessionEvent::Ended { session, .. } => Some(session.clone()),
@@ -192,23 +193,29 @@ impl SinkTask {
             self.lake.write_aggregates(&batch.aggregates)?;
             self.lake.write_sessions(ended)?;
             self.lake.write_gaps(&batch.gaps)?;
-            self.lake.write_late(&batch.late)
+            self.lake.write_late(&batch.late)?;
+            self.lake.write_quarantine(&batch.quarantine)
         })();
-        result.map_err(SinkFailure::lake)?;
+        result.map_err(|e| {
+            let origin = e.is_data_error().then(|| batch.origin.clone());
+            SinkFailure { origin, ..SinkFailure::lake(e) }
+        })?;
         self.status.set_component("lake", true, "ok".into());
         Ok(())
     }
 }
 
-/// A failed sink write, with the `/ready` component it concerns.
+/// A failed sink write, with the `/ready` component it concerns and, when the rows written
+/// caused it, the log offsets they came from.
 struct SinkFailure {
     component: &'static str,
     detail: String,
+    origin: Option<std::ops::Range<u64>>,
 }
 
 impl SinkFailure {
     fn lake(e: impl std::fmt::Display) -> Self {
-        SinkFailure { component: "lake", detail: format!("lake write failed: {e}") }
+        SinkFailure { component: "lake", detail: format!("lake write failed: {e}"), origin: None }
     }
 }
 

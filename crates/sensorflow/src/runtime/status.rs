@@ -58,6 +58,8 @@ pub(crate) struct SharedStatus {
     pub(crate) sessions_ended: AtomicU64,
     /// Times the dataflow was restarted from a checkpoint after a sink failure.
     pub(crate) dataflow_restarts: AtomicU64,
+    /// Log records set aside into the quarantine table because they made a stage fail.
+    dead_letters: AtomicU64,
     /// Bytes of a torn log tail cut off when the log was opened.
     pub(crate) log_truncated_bytes: AtomicU64,
     log: Log,
@@ -82,6 +84,7 @@ impl SharedStatus {
             recovery: Mutex::new((0, 0)),
             sessions_ended: AtomicU64::new(0),
             dataflow_restarts: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
             log_truncated_bytes: AtomicU64::new(0),
             log,
             ingest: RwLock::new(None),
@@ -184,6 +187,14 @@ impl SharedStatus {
     }
 }
 
+impl SharedStatus {
+    /// Counts a log record set aside as a dead letter (`stage_failed`) for its sensor.
+    pub(crate) fn dead_letter(&self, sensor_id: &str) {
+        self.dead_letters.fetch_add(1, Ordering::Relaxed);
+        *self.ingest_bad.lock().entry(sensor_id.to_owned()).or_default().entry(BadReason::StageFailed).or_default() += 1;
+    }
+}
+
 impl IngestObserver for SharedStatus {
     fn bad_input(&self, sensor_id: Option<&str>, reason: BadReason, detail: &str) {
         tracing::debug!(sensor_id, reason = reason.as_str(), detail, "bad input rejected by ingest");
@@ -261,6 +272,10 @@ impl StatusSource for SharedStatus {
         gauge_like(out, "sensorflow_pipeline_samples_total", "counter", "Samples emitted by the pipeline.", p.samples_out);
         gauge_like(out, "sensorflow_model_calls_total", "counter", "Batched model calls.", p.model_calls);
         gauge_like(out, "sensorflow_model_errors_total", "counter", "Failed model calls.", p.model_errors);
+        gauge_like(out, "sensorflow_pipeline_sensors", "gauge", "Sensors whose state the pipeline keeps.", sensors.len() as u64);
+        gauge_like(out, "sensorflow_pipeline_sensors_evicted_total", "counter", "Sensor states dropped: idle, or beyond pipeline.max_sensors.", p.sensors_evicted);
+        gauge_like(out, "sensorflow_quarantined_samples_total", "counter", "Samples sent to the quarantine table for an implausible event time.", p.samples_quarantined);
+        gauge_like(out, "sensorflow_dead_letters_total", "counter", "Log records sent to the quarantine table because they made a stage fail.", self.dead_letters.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_log_corrupt_records_total", "counter", "Log records that could not be decoded.", self.corrupt_records.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_sessions_ended_total", "counter", "Sessions ended.", self.sessions_ended.load(Ordering::Relaxed));
         gauge_like(out, "sensorflow_checkpoints_total", "counter", "Checkpoints written.", self.checkpoints_written.load(Ordering::Relaxed));
@@ -288,6 +303,8 @@ impl StatusSource for SharedStatus {
             gauge_like(out, "sensorflow_lake_errors_total", "counter", "Lake write and compaction errors.", lake.errors);
             gauge_like(out, "sensorflow_lake_compactions_total", "counter", "Merges of small files in closed lake partitions.", lake.compactions);
             gauge_like(out, "sensorflow_lake_early_syncs_total", "counter", "Syncs of lake files while they were written (one per lake.sync_every_bytes).", lake.early_syncs);
+            gauge_like(out, "sensorflow_lake_partitions_evicted_total", "counter", "Lake partitions committed early to stay within lake.max_open_partitions.", lake.partitions_evicted);
+            gauge_like(out, "sensorflow_lake_quarantine_rows_total", "counter", "Rows written to the lake's quarantine table.", lake.table(sensorflow_lake::Table::Quarantine).rows_written);
         }
         if let Some((_, stats)) = self.ingest.read().as_ref() {
             let i = stats.snapshot();
