@@ -463,21 +463,7 @@ mod tests {
         for i in first_index..first_index + n {
             c.sample_index.push(i);
             c.timestamp_us.push(i64::from(i) * 5000);
-            for col in [
-                &mut c.acc_x,
-                &mut c.acc_y,
-                &mut c.acc_z,
-                &mut c.gyro_x,
-                &mut c.gyro_y,
-                &mut c.gyro_z,
-                &mut c.mag_x,
-                &mut c.mag_y,
-                &mut c.mag_z,
-                &mut c.accl_mag,
-                &mut c.gyro_mag,
-                &mut c.velocity_pred,
-                &mut c.movement_prob,
-            ] {
+            for col in c.f32_columns_mut() {
                 col.push(0.5);
             }
             c.temp_raw.push(7);

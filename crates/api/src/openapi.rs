@@ -43,7 +43,7 @@ use crate::{assets, rest, ws};
 pub struct ApiDoc;
 
 /// One processed sample (`/ws/raw` messages are arrays of these). Units: acc in g, gyro in
-/// rad/s, mag in gauss, `accl_mag` in g, `gyro_mag` in rad/s, `velocity_pred` in m/s, times in µs
+/// rad/s, mag in gauss, `accl_mag` in g, `gyro_mag` in rad/s, velocities in m/s, times in µs
 /// since the Unix epoch.
 #[derive(ToSchema)]
 #[schema(as = SampleRow)]
@@ -64,7 +64,11 @@ pub(crate) struct SampleRowSchema {
     temp_raw: i16,
     accl_mag: f32,
     gyro_mag: f32,
+    /// The model's velocity, 0 where `movement_prob` is below the movement threshold (as the
+    /// reference job emits it; session aggregates use this one).
     velocity_pred: f32,
+    /// The model's velocity output, unmasked.
+    velocity_raw: f32,
     movement_prob: f32,
     /// When the platform received the packet (µs since the epoch).
     ingest_us: i64,
@@ -223,21 +227,7 @@ mod tests {
         let mut chunk = SampleChunk::default();
         chunk.sample_index.push(0);
         chunk.timestamp_us.push(0);
-        for col in [
-            &mut chunk.acc_x,
-            &mut chunk.acc_y,
-            &mut chunk.acc_z,
-            &mut chunk.gyro_x,
-            &mut chunk.gyro_y,
-            &mut chunk.gyro_z,
-            &mut chunk.mag_x,
-            &mut chunk.mag_y,
-            &mut chunk.mag_z,
-            &mut chunk.accl_mag,
-            &mut chunk.gyro_mag,
-            &mut chunk.velocity_pred,
-            &mut chunk.movement_prob,
-        ] {
+        for col in chunk.f32_columns_mut() {
             col.push(0.0);
         }
         chunk.temp_raw.push(0);

@@ -59,6 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     (&mut c.accl_mag, 1.1),
                     (&mut c.gyro_mag, 2.2),
                     (&mut c.velocity_pred, 0.9),
+                    (&mut c.velocity_raw, 0.8),
                     (&mut c.movement_prob, 0.05),
                 ] {
                     col.push((phase * k).sin() * k);

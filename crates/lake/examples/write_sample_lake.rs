@@ -56,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     c.accl_mag.push(1.0 + x.sin().abs());
                     c.gyro_mag.push(x.cos().abs());
                     c.velocity_pred.push(x / 10.0);
+                    c.velocity_raw.push(x / 10.0);
                     c.movement_prob.push(0.75);
                     c.ingest_us
                         .push(START_US + i64::from(p) * 320_000 + 400_000);

@@ -131,6 +131,7 @@ static SAMPLES: LazyLock<SchemaRef> = LazyLock::new(|| {
         f32("accl_mag"),
         f32("gyro_mag"),
         f32("velocity_pred"),
+        f32("velocity_raw"),
         f32("movement_prob"),
         required("ingest_us", DataType::Int64),
     ]))
@@ -261,7 +262,7 @@ pub(crate) struct SamplesBuffer {
     timestamp_us: Vec<i64>,
     /// acc_x .. movement_prob in schema order, minus temp_raw (which sits between mag_z and
     /// accl_mag and is kept apart because it is i16).
-    f32_cols: [Vec<f32>; 13],
+    f32_cols: [Vec<f32>; 14],
     temp_raw: Vec<i16>,
     ingest_us: Vec<i64>,
 }
@@ -287,22 +288,8 @@ impl SamplesBuffer {
 }
 
 /// The f32 columns of a chunk in the order of `SamplesBuffer::f32_cols`.
-pub(crate) fn sample_f32_columns(c: &SampleChunk) -> [&[f32]; 13] {
-    [
-        &c.acc_x,
-        &c.acc_y,
-        &c.acc_z,
-        &c.gyro_x,
-        &c.gyro_y,
-        &c.gyro_z,
-        &c.mag_x,
-        &c.mag_y,
-        &c.mag_z,
-        &c.accl_mag,
-        &c.gyro_mag,
-        &c.velocity_pred,
-        &c.movement_prob,
-    ]
+pub(crate) fn sample_f32_columns(c: &SampleChunk) -> [&[f32]; 14] {
+    c.f32_columns()
 }
 
 impl RowBuffer for SamplesBuffer {
@@ -331,7 +318,7 @@ impl RowBuffer for SamplesBuffer {
             .map(|v| take_col::<Float32Type>(v, capacity))
             .into_iter();
         let mut next_f32 = || f32s.next().ok_or_else(|| unreachable_column("f32"));
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(19);
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(20);
         columns.push(Arc::new(self.sensor_id.finish()));
         columns.push(Arc::new(self.session_id.finish()));
         columns.push(take_col::<UInt32Type>(&mut self.sample_index, capacity));
@@ -340,8 +327,9 @@ impl RowBuffer for SamplesBuffer {
             columns.push(next_f32()?); // acc, gyro, mag
         }
         columns.push(take_col::<Int16Type>(&mut self.temp_raw, capacity));
-        for _ in 0..4 {
-            columns.push(next_f32()?); // accl_mag, gyro_mag, velocity_pred, movement_prob
+        for _ in 0..5 {
+            // accl_mag, gyro_mag, velocity_pred, velocity_raw, movement_prob
+            columns.push(next_f32()?);
         }
         columns.push(take_col::<Int64Type>(&mut self.ingest_us, capacity));
         RecordBatch::try_new(Table::Samples.schema(), columns)
@@ -734,21 +722,7 @@ mod tests {
         for i in 0..2u32 {
             chunk.sample_index.push(i);
             chunk.timestamp_us.push(i64::from(i) * 5000);
-            for col in [
-                &mut chunk.acc_x,
-                &mut chunk.acc_y,
-                &mut chunk.acc_z,
-                &mut chunk.gyro_x,
-                &mut chunk.gyro_y,
-                &mut chunk.gyro_z,
-                &mut chunk.mag_x,
-                &mut chunk.mag_y,
-                &mut chunk.mag_z,
-                &mut chunk.accl_mag,
-                &mut chunk.gyro_mag,
-                &mut chunk.velocity_pred,
-                &mut chunk.movement_prob,
-            ] {
+            for col in chunk.f32_columns_mut() {
                 col.push(i as f32);
             }
             chunk.temp_raw.push(7);
@@ -761,5 +735,14 @@ mod tests {
         assert_eq!(batch.num_rows(), 1);
         assert_eq!(batch.schema(), Table::Samples.schema());
         assert_eq!(buf.len(), 0);
+        // The f32 columns are all alike to Arrow: check their names line up with the chunk's.
+        let schema = Table::Samples.schema();
+        let f32_names: Vec<&str> = schema
+            .fields()
+            .iter()
+            .filter(|f| f.data_type() == &DataType::Float32)
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(f32_names, SampleChunk::F32_COLUMNS);
     }
 }

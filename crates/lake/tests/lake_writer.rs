@@ -60,6 +60,7 @@ fn chunk(sensor: &str, base_index: u32, start_us: i64, n: usize) -> SampleChunk 
         c.accl_mag.push(x.sqrt());
         c.gyro_mag.push(x.ln_1p());
         c.velocity_pred.push(x * 0.01);
+        c.velocity_raw.push(x * -0.02);
         c.movement_prob.push((idx % 100) as f32 / 100.0);
         c.ingest_us.push(start_us + 1_000_000 + i as i64);
     }
@@ -145,8 +146,9 @@ fn sample_rows(batches: &[RecordBatch]) -> Vec<SampleRow> {
                 accl_mag: f(14).value(r),
                 gyro_mag: f(15).value(r),
                 velocity_pred: f(16).value(r),
-                movement_prob: f(17).value(r),
-                ingest_us: b.column(18).as_primitive::<Int64Type>().value(r),
+                velocity_raw: f(17).value(r),
+                movement_prob: f(18).value(r),
+                ingest_us: b.column(19).as_primitive::<Int64Type>().value(r),
             });
         }
     }
@@ -224,7 +226,7 @@ fn samples_are_written_with_split_floats_delta_integers_and_dictionary_ids() {
             .unwrap_or_else(|| panic!("no column {name}"));
         column.encodings().collect::<Vec<_>>()
     };
-    for float in ["acc_x", "gyro_mag", "velocity_pred"] {
+    for float in ["acc_x", "gyro_mag", "velocity_pred", "velocity_raw"] {
         assert!(encodings(float).contains(&Encoding::BYTE_STREAM_SPLIT), "{float}: {:?}", encodings(float));
     }
     for int in ["sample_index", "timestamp_us", "temp_raw", "ingest_us"] {

@@ -648,12 +648,15 @@ fn infer(
         let Some(mut chunk) = state.pending.take() else { continue };
         let t = chunk.len();
         let (vel, prob) = (&scratch.velocity[offset..offset + t], &scratch.prob[offset..offset + t]);
-        chunk.velocity_pred.extend_from_slice(vel);
+        chunk.velocity_raw.extend_from_slice(vel);
+        chunk.velocity_pred.extend(vel.iter().zip(prob).map(|(&v, &p)| masked_velocity(v, p, ctx.threshold)));
         chunk.movement_prob.extend_from_slice(prob);
         state.h.copy_from_slice(&scratch.h[state_offset..state_offset + sl]);
         state.c.copy_from_slice(&scratch.c[state_offset..state_offset + sl]);
         if let Some(session) = state.session.as_mut() {
-            for (&v, &p) in vel.iter().zip(prob) {
+            // Over the masked velocity (DESIGN stage 6); the accumulator applies the same
+            // threshold for moving time, so this equals accumulating the raw output.
+            for (&v, &p) in chunk.velocity_pred.iter().zip(prob) {
                 session.agg.add(v, p, ctx.threshold, ctx.dt_s);
             }
         }
@@ -733,6 +736,13 @@ fn quarantine_packet(
             payload: None,
         });
     }
+}
+
+/// `velocity_pred` as the reference job emits it: 0 where the movement probability is below the
+/// threshold. A NaN probability (failed model call) keeps the NaN velocity, so the failure stays
+/// visible rather than reading as "not moving".
+fn masked_velocity(velocity: f32, movement_prob: f32, threshold: f32) -> f32 {
+    if movement_prob < threshold { 0.0 } else { velocity }
 }
 
 fn norm(v: [f32; 3]) -> f32 {

@@ -27,8 +27,9 @@ pub struct ActiveSession {
     pub agg: Accumulator,
 }
 
-/// Running session aggregates (DESIGN stage 6): velocity is taken as 0 where the movement
-/// probability is below the threshold.
+/// Running session aggregates (DESIGN stage 6) over the masked `velocity_pred`: velocity counts
+/// as 0 where the movement probability is below the threshold (samples below it are not moving
+/// and add no distance, whether their velocity was masked already or not).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Accumulator {
     pub max_velocity: f64,

@@ -246,3 +246,43 @@ fn invalid_json_is_counted_and_valid_json_processed() {
     assert_eq!(out.samples[0].sample_index, vec![7]);
     assert_eq!(p.sensors().next().unwrap().counters.bad.get(&BadReason::InvalidJson), Some(&1));
 }
+
+#[test]
+fn velocity_pred_is_the_raw_output_masked_below_the_movement_threshold() {
+    let records: Vec<IngestRecord> = (0..8u32).map(|k| rec("a", packet(k * 64, u64::from(k), 1 + k % 2))).collect();
+    // A threshold inside the probabilities the demo model gives this motion, so samples fall on
+    // both sides of it whatever the model's calibration.
+    let baseline = run(&mut pipeline(), &records);
+    let mut probs: Vec<f32> = baseline.samples.iter().flat_map(|c| c.movement_prob.clone()).collect();
+    probs.sort_by(f32::total_cmp);
+    let threshold = probs[probs.len() / 2];
+    assert!(probs[0] < threshold, "the model's probabilities do not vary: {probs:?}");
+
+    let config = PipelineConfig { movement_threshold: Some(threshold), ..PipelineConfig::default() };
+    let mut p = Pipeline::new(config, model()).unwrap();
+    let mut out = run(&mut p, &records);
+    let (mut below, mut above, mut distance) = (0, 0, 0.0_f64);
+    for (c, base) in out.samples.iter().zip(&baseline.samples) {
+        assert_eq!(c.velocity_raw, base.velocity_raw, "the raw output does not depend on the threshold");
+        for i in 0..c.len() {
+            let (pred, raw, prob) = (c.velocity_pred[i], c.velocity_raw[i], c.movement_prob[i]);
+            assert!(raw.is_finite() && prob.is_finite());
+            if prob < threshold {
+                below += 1;
+                assert_eq!(pred, 0.0, "sample {i}: probability {prob} < {threshold} but velocity_pred {pred}");
+            } else {
+                above += 1;
+                assert_eq!(pred, raw, "sample {i}: probability {prob} >= {threshold}");
+            }
+            distance += f64::from(pred.abs()) * 0.005;
+        }
+    }
+    assert!(below > 0 && above > 0, "{below} samples below the threshold, {above} above");
+    assert!(out.samples.iter().any(|c| c.velocity_raw.iter().zip(&c.velocity_pred).any(|(r, p)| r != p)), "masking changed nothing");
+
+    // Aggregates are over the masked velocity: the distance is Σ|velocity_pred|·dt.
+    p.on_tick(NOW + 601_000_000, &mut out);
+    let last = out.aggregates.last().unwrap();
+    assert_eq!(last.sample_count, 512);
+    assert!((last.distance_m - distance).abs() < 1e-9, "{} vs {distance}", last.distance_m);
+}

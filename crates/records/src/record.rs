@@ -18,7 +18,8 @@ pub type SessionId = Arc<str>;
 /// Consecutive processed samples of one sensor within one session, stored column by column.
 ///
 /// Every column has the same length. Units: acc in g, gyro in rad/s, mag in gauss,
-/// `accl_mag` in g, `gyro_mag` in rad/s, `velocity_pred` in m/s, times in µs since the Unix epoch.
+/// `accl_mag` in g, `gyro_mag` in rad/s, `velocity_pred` and `velocity_raw` in m/s, times in µs
+/// since the Unix epoch.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SampleChunk {
     pub sensor_id: SensorId,
@@ -37,7 +38,11 @@ pub struct SampleChunk {
     pub temp_raw: Vec<i16>,
     pub accl_mag: Vec<f32>,
     pub gyro_mag: Vec<f32>,
+    /// The model's velocity masked as the reference job emits it: 0 where `movement_prob` is
+    /// below the movement threshold (DESIGN stage 5). Aggregates use this one.
     pub velocity_pred: Vec<f32>,
+    /// The model's own velocity output, unmasked.
+    pub velocity_raw: Vec<f32>,
     pub movement_prob: Vec<f32>,
     /// When the platform received the packet these samples came in (µs since the epoch).
     pub ingest_us: Vec<i64>,
@@ -65,9 +70,70 @@ impl SampleChunk {
             accl_mag: v(),
             gyro_mag: v(),
             velocity_pred: v(),
+            velocity_raw: v(),
             movement_prob: v(),
             ingest_us: Vec::with_capacity(capacity),
         }
+    }
+
+    /// Names of the f32 columns, in the order of [`f32_columns`](Self::f32_columns) (which is
+    /// also their order in the `samples` table).
+    pub const F32_COLUMNS: [&'static str; 14] = [
+        "acc_x",
+        "acc_y",
+        "acc_z",
+        "gyro_x",
+        "gyro_y",
+        "gyro_z",
+        "mag_x",
+        "mag_y",
+        "mag_z",
+        "accl_mag",
+        "gyro_mag",
+        "velocity_pred",
+        "velocity_raw",
+        "movement_prob",
+    ];
+
+    /// The f32 columns in [`F32_COLUMNS`](Self::F32_COLUMNS) order, so writers and test builders
+    /// go over every column without listing them (a new column cannot be forgotten).
+    pub fn f32_columns(&self) -> [&[f32]; 14] {
+        [
+            &self.acc_x,
+            &self.acc_y,
+            &self.acc_z,
+            &self.gyro_x,
+            &self.gyro_y,
+            &self.gyro_z,
+            &self.mag_x,
+            &self.mag_y,
+            &self.mag_z,
+            &self.accl_mag,
+            &self.gyro_mag,
+            &self.velocity_pred,
+            &self.velocity_raw,
+            &self.movement_prob,
+        ]
+    }
+
+    /// The f32 columns, mutable, in [`F32_COLUMNS`](Self::F32_COLUMNS) order.
+    pub fn f32_columns_mut(&mut self) -> [&mut Vec<f32>; 14] {
+        [
+            &mut self.acc_x,
+            &mut self.acc_y,
+            &mut self.acc_z,
+            &mut self.gyro_x,
+            &mut self.gyro_y,
+            &mut self.gyro_z,
+            &mut self.mag_x,
+            &mut self.mag_y,
+            &mut self.mag_z,
+            &mut self.accl_mag,
+            &mut self.gyro_mag,
+            &mut self.velocity_pred,
+            &mut self.velocity_raw,
+            &mut self.movement_prob,
+        ]
     }
 
     /// Number of samples in the chunk.
@@ -100,6 +166,7 @@ impl SampleChunk {
             accl_mag: self.accl_mag[i],
             gyro_mag: self.gyro_mag[i],
             velocity_pred: self.velocity_pred[i],
+            velocity_raw: self.velocity_raw[i],
             movement_prob: self.movement_prob[i],
             ingest_us: self.ingest_us[i],
         }
@@ -125,7 +192,10 @@ pub struct SampleRow {
     pub temp_raw: i16,
     pub accl_mag: f32,
     pub gyro_mag: f32,
+    /// 0 where `movement_prob` is below the movement threshold, else `velocity_raw`.
     pub velocity_pred: f32,
+    /// The model's velocity output, unmasked.
+    pub velocity_raw: f32,
     pub movement_prob: f32,
     pub ingest_us: i64,
 }

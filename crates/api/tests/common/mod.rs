@@ -138,21 +138,7 @@ pub fn chunk(sensor: &str, first: u32, n: u32) -> Arc<SampleChunk> {
         c.sample_index.push(i);
         c.timestamp_us
             .push(1_700_000_000_000_000 + i64::from(i) * 5000);
-        for col in [
-            &mut c.acc_x,
-            &mut c.acc_y,
-            &mut c.acc_z,
-            &mut c.gyro_x,
-            &mut c.gyro_y,
-            &mut c.gyro_z,
-            &mut c.mag_x,
-            &mut c.mag_y,
-            &mut c.mag_z,
-            &mut c.accl_mag,
-            &mut c.gyro_mag,
-            &mut c.velocity_pred,
-            &mut c.movement_prob,
-        ] {
+        for col in c.f32_columns_mut() {
             col.push(i as f32 * 0.25);
         }
         c.temp_raw.push(21);
