@@ -1,6 +1,10 @@
 """Crash recovery: kill -9 the platform while 20 sensors publish with QoS 1, restart it on the
 same ports, and check that every acknowledged sample is in the lake exactly once and that each
-session's final distance equals a clean run's on the same input."""
+session's final distance equals a clean run's on the same input.
+
+A clean stop ends no session (the sessions continue after a restart), so neither run's stop
+emits a final aggregate: each run waits, before stopping, for the periodic aggregate that
+covers every sample of every session, and the two runs compare those."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from testkit import PERIOD_US, Platform, Publisher, check_lake_exactly_once, encode_packet, metric, synthetic_samples
+from testkit import PERIOD_US, Platform, Publisher, check_lake_exactly_once, encode_packet, metric, synthetic_samples, wait_until
 
 SENSORS = 20
 PACKETS = 40
@@ -46,6 +50,18 @@ def publish_all(platform_addr: tuple[str, int], packets, interval: float, on_rou
     return pub
 
 
+def wait_for_complete_aggregates(platform: Platform):
+    """Until every sensor's session has an aggregate covering all its samples: the lake then
+    holds it once the platform stops."""
+
+    def complete():
+        sessions = platform.get("/sessions?limit=1000").json()
+        done = [s for s in sessions if s["aggregate"] and s["aggregate"]["sample_count"] == PACKETS * 64]
+        return len(done) == SENSORS
+
+    wait_until(complete, timeout=60, interval=0.25, message=f"aggregates of all {PACKETS * 64} samples of {SENSORS} sessions")
+
+
 def final_distances(lake: Path) -> dict[str, float]:
     table = pq.read_table(str(lake / "session_aggregates"))
     best: dict[str, tuple] = {}
@@ -65,6 +81,7 @@ def test_kill_9_four_times_loses_and_doubles_nothing(tmp_path):
     try:
         pub = publish_all((clean.mqtt_host, clean.mqtt_port), packets, interval=0.02)
         pub.close()
+        wait_for_complete_aggregates(clean)
     finally:
         assert clean.stop() == 0
     reference = final_distances(tmp_path / "clean" / "lake")
@@ -93,6 +110,7 @@ def test_kill_9_four_times_loses_and_doubles_nothing(tmp_path):
         pub = publish_all((platform.mqtt_host, platform.mqtt_port), packets, interval=0.25, on_round=on_round)
         acked = set(pub.acked)
         pub.close()
+        wait_for_complete_aggregates(platform)
     finally:
         assert platform.stop() == 0, "\n".join(platform.log_lines[-40:])
     assert len(kills) == 4

@@ -120,6 +120,8 @@ class Platform:
         full_env = dict(os.environ)
         full_env.setdefault("SENSORFLOW_LOG", "info")
         full_env.update(env or {})
+        # A None value unsets the variable (e.g. SENSORFLOW_LOG, to run with the default filter).
+        full_env = {k: v for k, v in full_env.items() if v is not None}
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=full_env)
         self._addresses: dict[str, str] = {}
         self._ready = threading.Event()

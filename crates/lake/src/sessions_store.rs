@@ -7,8 +7,9 @@
 //! Updates are idempotent and monotonic, so replaying events after a restart (at-least-once
 //! delivery) leaves the same state: counts and `last_seen_us` only grow, an aggregate only
 //! replaces an older one, and an ended session stays ended, except one ended by
-//! [`SessionEndReason::Shutdown`], which a later `Started` reopens (the pipeline resumes
-//! sessions interrupted by a clean shutdown).
+//! [`SessionEndReason::Shutdown`], which a later `Started` reopens (older versions ended the
+//! active sessions on a clean stop and resumed them on start; today a clean stop checkpoints
+//! them and ends none).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};

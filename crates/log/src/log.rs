@@ -299,6 +299,7 @@ impl Log {
             .map_err(|e| LogError::io(IoOp::Open, &dir, &e))?;
         tracing::info!(
             dir = %dir.display(),
+            start_offset = report.start_offset,
             next_offset = report.next_offset,
             segments = report.segments,
             truncated_bytes = report.truncated_bytes,

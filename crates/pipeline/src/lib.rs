@@ -301,7 +301,8 @@ impl Pipeline {
     }
 
     /// Ends every active session (reason [`SessionEndReason::Shutdown`]) and emits every open
-    /// window: the last step of a clean shutdown.
+    /// window: the last step over a finite input (`sensorflow replay`). A running platform does
+    /// not call it on a clean stop: it checkpoints the open sessions and windows instead.
     pub fn close_all(&mut self, now_us: i64, out: &mut Outputs) {
         self.infer_dirty(out);
         let ctx = self.ctx;

@@ -239,7 +239,9 @@ pub enum SessionEndReason {
     Idle,
     /// The device restarted (sample index went backwards while time moved on).
     DeviceRestart,
-    /// The platform is shutting down cleanly (sessions are reopened from the store on start).
+    /// The input ended: `sensorflow replay` reached the end of the log. (A running platform
+    /// keeps its sessions across a clean stop in its final checkpoint; stores written by older
+    /// versions name sessions they ended on a stop this way, and a later start reopens them.)
     Shutdown,
     /// The pipeline dropped the sensor's state to stay within `pipeline.max_sensors`: it was
     /// the least recently heard from when a new sensor arrived.

@@ -73,10 +73,22 @@ fn configure_failpoints() -> Result<(), String> {
     Ok(())
 }
 
+/// The filter when neither `SENSORFLOW_LOG` nor `RUST_LOG` is set. ONNX Runtime logs every
+/// session option at info level through `ort`; ntex-service logs at info level, for every MQTT
+/// connection, that it uses the default "IO Configuration" (ntex_service::cfg), which is noise.
+const DEFAULT_LOG_FILTER: &str = "info,ort=warn,ntex_service::cfg=warn";
+
 fn init_tracing() {
+    use std::io::IsTerminal;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("SENSORFLOW_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        // ONNX Runtime logs every session option at info level through `ort`.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        // Colour codes only for a person at a terminal, never into files, journals or pipes.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }

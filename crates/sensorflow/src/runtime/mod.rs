@@ -172,8 +172,8 @@ impl Embedded {
             DurabilityMode::Batch => Durability::Batch { interval: Duration::from_millis(config.log.batch_interval_ms) },
             DurabilityMode::None => Durability::None,
         };
+        // `Log::open` logs "log opened" with the report itself.
         let (log, report) = Log::open(log_config).context("opening the log")?;
-        tracing::info!(?report, "log opened");
 
         let lake = config.lake_config(config.lake_root());
         let sessions_path = config.data_dir.join("sessions.sqlite");

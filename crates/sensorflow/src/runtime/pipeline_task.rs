@@ -148,8 +148,10 @@ impl PipelineTask {
                 break;
             }
         }
-        self.pipeline.close_all(now_us(), &mut out);
-        if self.dispatch(&mut out, true, 0..0) {
+        // A clean stop ends no session and emits no open window: the final checkpoint keeps
+        // them, model state included, and the next start continues them. Only the session gap,
+        // in event or processing time, ends a session (DESIGN stage 3).
+        if out.is_empty() || self.dispatch(&mut out, true, 0..0) {
             self.checkpoint();
         }
         self.status.refresh_sensors(&self.pipeline, Instant::now());
