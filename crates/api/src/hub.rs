@@ -23,7 +23,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::{Mutex, RwLock};
-use sensorflow_pipeline::{SampleChunk, SessionAggregate, SessionEvent, SessionId, WindowRecord};
+use sensorflow_records::{SampleChunk, SessionAggregate, SessionEvent, SessionId, WindowRecord};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -456,7 +456,7 @@ impl LatestAggregates {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use sensorflow_pipeline::{SessionEndReason, SessionRecord};
+    use sensorflow_records::{SessionEndReason, SessionRecord};
 
     fn chunk(sensor: &str, first_index: u32, n: u32) -> Arc<SampleChunk> {
         let mut c = SampleChunk::with_capacity(sensor.into(), format!("{sensor}_0").into(), 8);

@@ -7,8 +7,8 @@
 //!
 //! # Layout
 //! - [`hub`]: fan-out of pipeline outputs to live clients; publishing never blocks.
-//! - [`status`]: the [`StatusSource`] and [`SessionsQuery`] traits the runtime implements, and the
-//!   status types they return.
+//! - [`status`]: the [`StatusSource`] trait the runtime implements and the status types it
+//!   returns; its sessions store is a `sensorflow_records::SessionsQuery`.
 //! - `server`: [`ApiState`], [`router`], [`serve`].
 //! - `rest`: health, readiness, sensors, sessions, metrics and OpenAPI handlers.
 //! - `ws`: the WebSocket feeds and their slow-client policy.
@@ -39,11 +39,8 @@ pub use metrics::{ApiMetrics, WsKind};
 pub use openapi::ApiDoc;
 pub use rest::{
     ActiveFilter, DEFAULT_SESSIONS_LIMIT, Health, MAX_SESSIONS_LIMIT, PROMETHEUS_CONTENT_TYPE,
-    SessionView, SessionsParams,
+    SessionsParams,
 };
 pub use server::{ApiConfig, ApiState, router, serve};
-pub use status::{
-    ComponentStatus, ReadyStatus, SensorStatus, SessionQuery, SessionsQuery, StatusSource,
-    StoreError,
-};
+pub use status::{ComponentStatus, ReadyStatus, SensorStatus, StatusSource};
 pub use ws::{MAX_EVERY, RawParams};

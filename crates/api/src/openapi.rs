@@ -11,7 +11,7 @@
 use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::rest::{ActiveFilter, Health, SessionView};
+use crate::rest::{ActiveFilter, Health};
 use crate::status::{ComponentStatus, ReadyStatus, SensorStatus};
 use crate::{assets, rest, ws};
 
@@ -28,7 +28,7 @@ use crate::{assets, rest, ws};
         ws::aggregate, ws::session, ws::all_sessions,
     ),
     components(schemas(
-        Health, ReadyStatus, ComponentStatus, SensorStatus, SessionView, ActiveFilter, ErrorBody,
+        Health, ReadyStatus, ComponentStatus, SensorStatus, SessionViewSchema, ActiveFilter, ErrorBody,
         ErrorDetail, SampleRowSchema, WindowRecordSchema, SessionAggregateSchema,
         SessionRecordSchema, SessionEventSchema, SessionEndReasonSchema, SessionMessageSchema,
     )),
@@ -117,6 +117,30 @@ pub(crate) struct SessionRecordSchema {
     sample_count: u64,
 }
 
+/// A session as `GET /sessions` serves it: the stored session, why it ended and its latest
+/// aggregate (an ended session keeps its last one across restarts).
+#[derive(ToSchema)]
+#[schema(as = SessionView)]
+pub(crate) struct SessionViewSchema {
+    /// `{sensor_id}_{first_timestamp_us}`.
+    session_id: String,
+    sensor_id: String,
+    /// Event time of the first sample (µs since the epoch).
+    start_us: i64,
+    /// Event time of the last sample once the session ended; null while active.
+    end_us: Option<i64>,
+    /// Event time of the latest sample (µs since the epoch).
+    last_seen_us: i64,
+    /// Samples in the session so far.
+    sample_count: u64,
+    /// Why the session ended; null while active.
+    end_reason: Option<SessionEndReasonSchema>,
+    /// True while the session is active (`end_us` is null).
+    active: bool,
+    /// The latest aggregate of the session, null until one was emitted.
+    aggregate: Option<SessionAggregateSchema>,
+}
+
 /// Why a session ended.
 #[derive(ToSchema)]
 #[schema(as = SessionEndReason)]
@@ -126,6 +150,7 @@ pub(crate) enum SessionEndReasonSchema {
     Idle,
     DeviceRestart,
     Shutdown,
+    Evicted,
 }
 
 /// A session lifecycle event, tagged by `event`.
@@ -166,7 +191,9 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
-    use sensorflow_pipeline::{SampleChunk, SessionAggregate, SessionRecord, WindowRecord};
+    use sensorflow_records::{
+        SampleChunk, SessionAggregate, SessionRecord, SessionView, WindowRecord,
+    };
     use serde_json::Value;
 
     use super::*;
@@ -257,7 +284,17 @@ mod tests {
             last_seen_us: 0,
             sample_count: 0,
         };
-        let view = SessionView::new(session.clone(), None);
+        let view = SessionView {
+            session_id: "s_0".into(),
+            sensor_id: "s".into(),
+            start_us: 0,
+            end_us: None,
+            last_seen_us: 0,
+            sample_count: 0,
+            end_reason: None,
+            active: true,
+            aggregate: None,
+        };
         assert_eq!(schema_fields(&doc, "SessionRecord"), record_fields(session));
         assert_eq!(schema_fields(&doc, "SessionView"), record_fields(view));
     }

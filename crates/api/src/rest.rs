@@ -2,20 +2,18 @@
 //! Handlers are thin: they validate input, ask the [`StatusSource`](crate::StatusSource) (the
 //! blocking sessions store on the blocking pool) and map failures to [`ApiError`].
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use sensorflow_pipeline::{SessionAggregate, SessionRecord};
+use sensorflow_records::{SessionQuery, SessionView};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::server::ApiState;
-use crate::status::{ReadyStatus, SensorStatus, SessionQuery};
+use crate::status::{ReadyStatus, SensorStatus};
 
 /// Largest `limit` accepted by `GET /sessions`.
 pub const MAX_SESSIONS_LIMIT: usize = 1000;
@@ -30,45 +28,6 @@ pub struct Health {
     /// Always `ok`.
     #[schema(example = "ok")]
     pub status: &'static str,
-}
-
-/// A session as served by `GET /sessions`: the stored record plus the latest live aggregate.
-#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
-pub struct SessionView {
-    /// `{sensor_id}_{first_timestamp_us}`.
-    pub session_id: String,
-    /// The sensor.
-    pub sensor_id: String,
-    /// Event time of the first sample (µs since the epoch).
-    pub start_us: i64,
-    /// Event time of the last sample once the session ended; null while active.
-    pub end_us: Option<i64>,
-    /// Event time of the latest sample (µs since the epoch).
-    pub last_seen_us: i64,
-    /// Samples in the session so far.
-    pub sample_count: u64,
-    /// True while the session is active (`end_us` is null).
-    pub active: bool,
-    /// The latest aggregate published for the session, when this API instance has one (it keeps
-    /// those of active sessions and of recently ended ones).
-    #[schema(value_type = Option<crate::openapi::SessionAggregateSchema>)]
-    pub aggregate: Option<Arc<SessionAggregate>>,
-}
-
-impl SessionView {
-    /// The view of `record` with `aggregate`.
-    pub fn new(record: SessionRecord, aggregate: Option<Arc<SessionAggregate>>) -> Self {
-        Self {
-            session_id: record.session_id.to_string(),
-            sensor_id: record.sensor_id.to_string(),
-            start_us: record.start_us,
-            end_us: record.end_us,
-            last_seen_us: record.last_seen_us,
-            sample_count: record.sample_count,
-            active: record.end_us.is_none(),
-            aggregate,
-        }
-    }
 }
 
 /// Which sessions `GET /sessions` lists by state.
@@ -187,7 +146,7 @@ pub(crate) async fn sensor(
 /// Sessions from the sessions store, newest first (active ones by default).
 #[utoipa::path(get, path = "/sessions", tag = "sessions", params(SessionsParams),
     responses(
-        (status = 200, description = "Matching sessions", body = [SessionView]),
+        (status = 200, description = "Matching sessions", body = [crate::openapi::SessionViewSchema]),
         (status = 400, description = "Invalid parameter", body = ErrorBody),
         (status = 503, description = "Sessions store unavailable", body = ErrorBody)))]
 pub(crate) async fn sessions(
@@ -197,17 +156,14 @@ pub(crate) async fn sessions(
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let query = params.to_query()?;
     let status = state.status.clone();
-    let records = tokio::task::spawn_blocking(move || status.sessions().list(&query))
+    let views = tokio::task::spawn_blocking(move || status.sessions().list(&query))
         .await
         .map_err(|e| ApiError::Internal(format!("sessions query task failed: {e}")))?
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(Json(
-        records
+        views
             .into_iter()
-            .map(|r| {
-                let aggregate = state.hub.latest_aggregate(&r.session_id);
-                SessionView::new(r, aggregate)
-            })
+            .map(|v| with_live_aggregate(&state, v))
             .collect(),
     ))
 }
@@ -216,7 +172,7 @@ pub(crate) async fn sessions(
 #[utoipa::path(get, path = "/sessions/{session_id}", tag = "sessions",
     params(("session_id" = String, Path, description = "Session id, `{sensor_id}_{first_timestamp_us}`")),
     responses(
-        (status = 200, description = "The session", body = SessionView),
+        (status = 200, description = "The session", body = crate::openapi::SessionViewSchema),
         (status = 404, description = "Unknown session", body = ErrorBody),
         (status = 503, description = "Sessions store unavailable", body = ErrorBody)))]
 pub(crate) async fn session(
@@ -226,13 +182,19 @@ pub(crate) async fn session(
     let Path(session_id) = path.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let status = state.status.clone();
     let id = session_id.clone();
-    let record = tokio::task::spawn_blocking(move || status.sessions().get(&id))
+    let view = tokio::task::spawn_blocking(move || status.sessions().get(&id))
         .await
         .map_err(|e| ApiError::Internal(format!("sessions query task failed: {e}")))?
         .map_err(|e| ApiError::Unavailable(e.to_string()))?
         .ok_or_else(|| ApiError::NotFound(format!("unknown session {session_id:?}")))?;
-    let aggregate = state.hub.latest_aggregate(&record.session_id);
-    Ok(Json(SessionView::new(record, aggregate)))
+    Ok(Json(with_live_aggregate(&state, view)))
+}
+
+/// The store's session with the hub's latest aggregate when that is newer: the hub publishes an
+/// aggregate as soon as the pipeline emits it, the store only once the sink commits it.
+fn with_live_aggregate(state: &ApiState, view: SessionView) -> SessionView {
+    let live = state.hub.latest_aggregate(&view.session_id);
+    view.with_newer_aggregate(live.as_deref())
 }
 
 /// Prometheus metrics: the runtime's, then the API's (`sensorflow_ws_*`, `sensorflow_hub_*`,

@@ -1,10 +1,12 @@
 //! What the API reads from the rest of the platform: sensor and readiness status, the sessions
 //! store, and the runtime's own metrics. The runtime implements [`StatusSource`]; the API only
-//! consumes it, so this crate knows nothing about MQTT, the log or SQLite.
+//! consumes it, so this crate knows nothing about MQTT, the log or SQLite. The sessions store's
+//! read contract ([`SessionsQuery`] and its types) lives in `sensorflow-records`, shared with the
+//! store that implements it.
 
 use std::collections::BTreeMap;
 
-use sensorflow_pipeline::SessionRecord;
+use sensorflow_records::SessionsQuery;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -82,48 +84,3 @@ pub struct ComponentStatus {
     /// Human-readable detail (why it is not ok, or what it is doing).
     pub detail: String,
 }
-
-/// The sessions store, read side. Methods may block (SQLite); the API calls them on the blocking
-/// pool, never on the async executor.
-pub trait SessionsQuery: Send + Sync {
-    /// Sessions matching `q`, newest `start_us` first, `q.offset` skipped, at most `q.limit`.
-    fn list(&self, q: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError>;
-    /// One session, `Ok(None)` when the store does not know the id.
-    fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError>;
-}
-
-/// Filter of [`SessionsQuery::list`]. Every filter present must match.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionQuery {
-    /// Only sessions of this sensor.
-    pub sensor_id: Option<String>,
-    /// `Some(true)`: only active sessions (`end_us` is null); `Some(false)`: only ended ones;
-    /// `None`: both.
-    pub active: Option<bool>,
-    /// Only sessions still going at or after this time: `end_us` is null or `end_us >= from_us`.
-    pub from_us: Option<i64>,
-    /// Only sessions that started before this time: `start_us < to_us`.
-    pub to_us: Option<i64>,
-    /// Maximum number of sessions returned (the API keeps it in 1..=1000).
-    pub limit: usize,
-    /// Number of matching sessions skipped first (paging).
-    pub offset: usize,
-}
-
-impl Default for SessionQuery {
-    fn default() -> Self {
-        Self {
-            sensor_id: None,
-            active: None,
-            from_us: None,
-            to_us: None,
-            limit: 100,
-            offset: 0,
-        }
-    }
-}
-
-/// A sessions store failure; the API answers 503 `unavailable` with the message.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("sessions store: {0}")]
-pub struct StoreError(pub String);

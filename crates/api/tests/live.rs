@@ -201,7 +201,7 @@ async fn a_lagging_client_skips_ahead_and_keeps_receiving() {
     let mut sub = server.state.hub.subscribe_windows("s1");
     // Fill far past the buffer before the server task can forward: it must report lag and go on.
     let window = |start: i64| {
-        Arc::new(sensorflow_pipeline::WindowRecord {
+        Arc::new(sensorflow_records::WindowRecord {
             sensor_id: "s1".into(),
             window_start_us: start,
             window_end_us: start + 1,

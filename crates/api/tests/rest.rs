@@ -157,6 +157,8 @@ async fn sessions_query_parameters_reach_the_store() {
     let (_, ended) = get_json(&app, "/sessions?active=false").await;
     assert_eq!(ended[0]["session_id"], "s1_0");
     assert_eq!(ended[0]["active"], false);
+    assert_eq!(ended[0]["end_reason"], "gap");
+    assert_eq!(ended[0]["aggregate"]["emitted_at_us"], 5);
 }
 
 #[tokio::test]
@@ -192,6 +194,11 @@ async fn one_session_is_served_and_an_unknown_one_is_404_not_found() {
     let (code, body) = get_json(&app, "/sessions/s1_0").await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["end_us"], 900);
+    assert_eq!(body["end_reason"], "gap");
+    assert_eq!(
+        body["aggregate"]["distance_m"], 12.0,
+        "an ended session is served with its stored aggregate, no live one needed"
+    );
     let (code, body) = get_json(&app, "/sessions/s9_1").await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert_error(&body, "not_found");

@@ -26,7 +26,7 @@ use criterion::{
     measurement::WallTime,
 };
 use sensorflow_lake::{LakeConfig, LakeWriter, Table};
-use sensorflow_pipeline::SampleChunk;
+use sensorflow_records::SampleChunk;
 
 const SENSORS: usize = 1000;
 /// Samples per chunk: one device packet.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sensorflow_lake::{Compression, LakeConfig, LakeWriter, Table};
-use sensorflow_pipeline::SampleChunk;
+use sensorflow_records::SampleChunk;
 
 const SENSORS: usize = 1000;
 const CHUNK: usize = 64;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use sensorflow_lake::{LakeConfig, LakeWriter, Table};
-use sensorflow_pipeline::{
+use sensorflow_records::{
     GapRecord, LateRecord, SampleChunk, SessionAggregate, SessionRecord, WindowRecord,
 };
 

@@ -70,7 +70,7 @@ use parquet::basic::{Encoding, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
-use sensorflow_pipeline::{
+use sensorflow_records::{
     GapRecord, LateRecord, QuarantineRecord, SampleChunk, SensorId, SessionAggregate,
     SessionRecord, WindowRecord,
 };

@@ -7,7 +7,8 @@
 //! - [`schema`]: the lake's tables, their Arrow schemas and the columnar buffers that turn
 //!   pipeline records into record batches.
 //! - [`read`]: reading the lake back (delivery counts for load tests).
-//! - [`sessions_store`]: the SQLite sessions store (WAL) written by the sink and read by the API.
+//! - [`sessions_store`]: the SQLite sessions store (WAL) written by the sink and read by the API
+//!   through `sensorflow_records::SessionsQuery`.
 //!
 //! # Invariants
 //!
@@ -29,6 +30,4 @@ pub use lake::{
 };
 pub use read::{SampleCounts, count_samples_by_sensor};
 pub use schema::Table;
-pub use sessions_store::{
-    AggregateView, SessionQuery, SessionView, SessionsReader, SessionsStore, StoreError,
-};
+pub use sessions_store::{SessionsReader, SessionsStore};

@@ -14,7 +14,7 @@ use arrow_array::types::{Float32Type, Float64Type, Int16Type, Int64Type, UInt32T
 use arrow_array::{ArrayRef, Int64Array, PrimitiveArray, RecordBatch};
 use arrow_buffer::ScalarBuffer;
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
-use sensorflow_pipeline::{
+use sensorflow_records::{
     GapRecord, LateRecord, QuarantineRecord, SampleChunk, SessionAggregate, SessionRecord,
     WindowRecord,
 };

@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params, params_from_iter};
-use sensorflow_pipeline::{SessionAggregate, SessionEndReason, SessionEvent, SessionRecord};
-use serde::Serialize;
+use sensorflow_records::{
+    SessionAggregate, SessionEndReason, SessionEvent, SessionQuery, SessionView, SessionsQuery,
+    StoreError,
+};
 
 /// How long a connection waits for a lock held by another one (checkpoints, the writer).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,30 +77,6 @@ SELECT session_id, sensor_id, start_us, end_us, last_seen_us, sample_count, end_
        agg_sample_count
 FROM sessions";
 
-/// Failure of the sessions store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// SQLite reported an error.
-    #[error("sessions store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// The directory of the database could not be created.
-    #[error("sessions store directory {path}: {source}")]
-    Io {
-        /// The directory.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// SQLite refused to switch the database to WAL mode (e.g. on a network filesystem).
-    #[error("sessions store {path} is in journal mode {mode:?}; WAL is required")]
-    NotWal {
-        /// The database file.
-        path: PathBuf,
-        /// The mode SQLite kept.
-        mode: String,
-    },
-}
-
 /// The writer side of the sessions store. One per database file; owned by the sink thread.
 pub struct SessionsStore {
     conn: Connection,
@@ -119,18 +97,21 @@ impl SessionsStore {
                 source,
             })?;
         }
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        let conn = Connection::open(path).map_err(StoreError::backend)?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(StoreError::backend)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(StoreError::backend)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::NotWal {
                 path: path.to_path_buf(),
                 mode,
             });
         }
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .map_err(StoreError::backend)?;
         Ok(SessionsStore {
             conn,
             path: path.to_path_buf(),
@@ -149,6 +130,15 @@ impl SessionsStore {
         events: &[SessionEvent],
         aggregates: &[SessionAggregate],
     ) -> Result<(), StoreError> {
+        self.apply_in_transaction(events, aggregates)
+            .map_err(StoreError::backend)
+    }
+
+    fn apply_in_transaction(
+        &mut self,
+        events: &[SessionEvent],
+        aggregates: &[SessionAggregate],
+    ) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         {
             let mut started = tx.prepare_cached(UPSERT_STARTED)?;
@@ -173,7 +163,7 @@ impl SessionsStore {
                             s.end_us.unwrap_or(s.last_seen_us),
                             s.last_seen_us,
                             count_to_sql(s.sample_count),
-                            reason_str(*reason),
+                            reason.as_str(),
                         ])?;
                     }
                 }
@@ -194,8 +184,7 @@ impl SessionsStore {
                 }
             }
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// A new reader on its own read-only connection, for another thread.
@@ -209,131 +198,43 @@ fn count_to_sql(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The `end_reason` column value: the serde name of the reason.
-fn reason_str(reason: SessionEndReason) -> &'static str {
-    match reason {
-        SessionEndReason::Gap => "gap",
-        SessionEndReason::Idle => "idle",
-        SessionEndReason::DeviceRestart => "device_restart",
-        SessionEndReason::Shutdown => "shutdown",
-        SessionEndReason::Evicted => "evicted",
-    }
-}
-
-/// Filter and page of [`SessionsReader::list`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionQuery {
-    /// Only sessions of this sensor.
-    pub sensor_id: Option<String>,
-    /// `Some(true)`: only active sessions; `Some(false)`: only ended ones.
-    pub active: Option<bool>,
-    /// Only sessions overlapping `[from_us, to_us)`: ended sessions span `[start_us, end_us]`,
-    /// active ones `[start_us, ∞)`.
-    pub from_us: Option<i64>,
-    /// See `from_us`.
-    pub to_us: Option<i64>,
-    /// At most this many sessions (0 returns none).
-    pub limit: usize,
-    /// Skip this many sessions of the ordered result first.
-    pub offset: usize,
-}
-
-impl Default for SessionQuery {
-    /// No filter, first 100.
-    fn default() -> Self {
-        Self {
-            sensor_id: None,
-            active: None,
-            from_us: None,
-            to_us: None,
-            limit: 100,
-            offset: 0,
-        }
-    }
-}
-
-/// A session as the API shows it (`GET /sessions`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct SessionView {
-    /// `{sensor_id}_{first_timestamp_us}`.
-    pub session_id: String,
-    /// The sensor the session belongs to.
-    pub sensor_id: String,
-    /// Event time of the first sample (µs since the epoch).
-    pub start_us: i64,
-    /// `None` while active.
-    pub end_us: Option<i64>,
-    /// Event time of the latest sample seen.
-    pub last_seen_us: i64,
-    /// Samples in the session so far.
-    pub sample_count: u64,
-    /// `gap`, `idle`, `device_restart` or `shutdown`; `None` while active.
-    pub end_reason: Option<String>,
-    /// `end_us` is `None`.
-    pub active: bool,
-    /// The latest aggregate, if one was emitted.
-    pub aggregate: Option<AggregateView>,
-}
-
-/// The latest aggregate of a session (fields as in `session_aggregates`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct AggregateView {
-    /// When the aggregate was emitted.
-    pub emitted_at_us: i64,
-    /// Highest velocity (m/s).
-    pub max_velocity: f64,
-    /// Σ |v|·dt (m).
-    pub distance_m: f64,
-    /// Mean velocity (m/s).
-    pub mean_velocity: f64,
-    /// Time with movement_prob ≥ threshold (s).
-    pub moving_time_s: f64,
-    /// Session duration when emitted (s).
-    pub duration_s: f64,
-    /// Samples covered by the aggregate.
-    pub sample_count: u64,
-}
-
-impl SessionView {
-    /// The session as a pipeline record (e.g. to resume it after a restart).
-    pub fn record(&self) -> SessionRecord {
-        SessionRecord {
-            session_id: self.session_id.as_str().into(),
-            sensor_id: self.sensor_id.as_str().into(),
-            start_us: self.start_us,
-            end_us: self.end_us,
-            last_seen_us: self.last_seen_us,
-            sample_count: self.sample_count,
-        }
-    }
-
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<SessionView> {
-        let end_us: Option<i64> = row.get(3)?;
-        let count = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
-        let aggregate = match row.get::<_, Option<i64>>(7)? {
-            Some(emitted_at_us) => Some(AggregateView {
-                emitted_at_us,
-                max_velocity: row.get(8)?,
-                distance_m: row.get(9)?,
-                mean_velocity: row.get(10)?,
-                moving_time_s: row.get(11)?,
-                duration_s: row.get(12)?,
-                sample_count: count(13)?,
-            }),
-            None => None,
-        };
-        Ok(SessionView {
-            session_id: row.get(0)?,
-            sensor_id: row.get(1)?,
-            start_us: row.get(2)?,
-            end_us,
-            last_seen_us: row.get(4)?,
-            sample_count: count(5)?,
-            end_reason: row.get(6)?,
-            active: end_us.is_none(),
-            aggregate,
-        })
-    }
+/// Reads one row of [`SELECT_VIEW`].
+fn view_from_row(row: &Row<'_>) -> rusqlite::Result<SessionView> {
+    let session_id: String = row.get(0)?;
+    let sensor_id: String = row.get(1)?;
+    let end_us: Option<i64> = row.get(3)?;
+    let count = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
+    let end_reason = match row.get_ref(6)?.as_str_or_null()? {
+        Some(name) => Some(name.parse::<SessionEndReason>().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, Box::new(e))
+        })?),
+        None => None,
+    };
+    let aggregate = match row.get::<_, Option<i64>>(7)? {
+        Some(emitted_at_us) => Some(SessionAggregate {
+            session_id: session_id.as_str().into(),
+            sensor_id: sensor_id.as_str().into(),
+            emitted_at_us,
+            max_velocity: row.get(8)?,
+            distance_m: row.get(9)?,
+            mean_velocity: row.get(10)?,
+            moving_time_s: row.get(11)?,
+            sample_count: count(13)?,
+            duration_s: row.get(12)?,
+        }),
+        None => None,
+    };
+    Ok(SessionView {
+        session_id,
+        sensor_id,
+        start_us: row.get(2)?,
+        end_us,
+        last_seen_us: row.get(4)?,
+        sample_count: count(5)?,
+        end_reason,
+        active: end_us.is_none(),
+        aggregate,
+    })
 }
 
 /// Read-only access to the sessions store, `Send + Sync`: share it in an `Arc` and call it from
@@ -349,8 +250,10 @@ impl SessionsReader {
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        )
+        .map_err(StoreError::backend)?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(StoreError::backend)?;
         Ok(SessionsReader {
             conn: Mutex::new(conn),
         })
@@ -362,7 +265,7 @@ impl SessionsReader {
     ) -> Result<T, StoreError> {
         // A panic while holding the lock cannot leave a read-only connection inconsistent.
         let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(f(&conn)?)
+        f(&conn).map_err(StoreError::backend)
     }
 
     /// Sessions matching `q`, newest `start_us` first (ties by `session_id`).
@@ -398,7 +301,7 @@ impl SessionsReader {
         args.push(Value::Integer(count_to_sql(q.offset as u64)));
         self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params_from_iter(args), SessionView::from_row)?;
+            let rows = stmt.query_map(params_from_iter(args), view_from_row)?;
             rows.collect()
         })
     }
@@ -407,9 +310,19 @@ impl SessionsReader {
     pub fn get(&self, session_id: &str) -> Result<Option<SessionView>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(&format!("{SELECT_VIEW} WHERE session_id = ?1"))?;
-            stmt.query_row([session_id], SessionView::from_row)
-                .optional()
+            stmt.query_row([session_id], view_from_row).optional()
         })
+    }
+}
+
+/// The API reads the store through this trait, with no adapter in between.
+impl SessionsQuery for SessionsReader {
+    fn list(&self, q: &SessionQuery) -> Result<Vec<SessionView>, StoreError> {
+        SessionsReader::list(self, q)
+    }
+
+    fn get(&self, session_id: &str) -> Result<Option<SessionView>, StoreError> {
+        SessionsReader::get(self, session_id)
     }
 }
 
@@ -422,19 +335,5 @@ mod tests {
     fn reader_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<SessionsReader>();
-    }
-
-    #[test]
-    fn end_reasons_match_their_serde_names() {
-        for r in [
-            SessionEndReason::Gap,
-            SessionEndReason::Idle,
-            SessionEndReason::DeviceRestart,
-            SessionEndReason::Evicted,
-            SessionEndReason::Shutdown,
-        ] {
-            let json = serde_json::to_string(&r).unwrap();
-            assert_eq!(json, format!("\"{}\"", reason_str(r)));
-        }
     }
 }

@@ -18,7 +18,7 @@ use sensorflow_lake::{
     Compression, LakeConfig, LakeError, LakeWriter, Table, partition_dates, partition_dir,
     remove_files_after_epoch,
 };
-use sensorflow_pipeline::{
+use sensorflow_records::{
     GapRecord, LateRecord, SampleChunk, SampleRow, SessionAggregate, SessionRecord, WindowRecord,
 };
 
@@ -789,7 +789,7 @@ fn files_of_epochs_after_a_checkpoint_are_removed_and_earlier_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
     let mut lake = sensorflow_lake::LakeWriter::open(sensorflow_lake::LakeConfig::new(dir.path())).unwrap();
     let day = 1_700_000_000_000_000i64;
-    let gap = |i: u32| sensorflow_pipeline::GapRecord { sensor_id: "s".into(), from_index: i, to_index: i + 1, missing: 1, detected_at_us: day };
+    let gap = |i: u32| sensorflow_records::GapRecord { sensor_id: "s".into(), from_index: i, to_index: i + 1, missing: 1, detected_at_us: day };
     for epoch in 1..=3u64 {
         lake.set_epoch(epoch);
         lake.write_gaps(&[gap(epoch as u32)]).unwrap();
@@ -824,7 +824,7 @@ fn rows_spread_over_many_dates_keep_at_most_max_open_partitions_open() {
 
 #[test]
 fn quarantined_records_keep_their_raw_values_and_land_on_their_receive_date() {
-    use sensorflow_pipeline::{QuarantineReason, QuarantineRecord};
+    use sensorflow_records::{QuarantineReason, QuarantineRecord};
     let dir = tempfile::tempdir().unwrap();
     let mut lake = LakeWriter::open(config(dir.path())).unwrap();
     let sample = QuarantineRecord {

@@ -3,8 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use sensorflow_lake::{SessionQuery, SessionsStore};
-use sensorflow_pipeline::{SessionAggregate, SessionEndReason, SessionEvent, SessionRecord};
+use sensorflow_lake::SessionsStore;
+use sensorflow_records::{
+    SessionAggregate, SessionEndReason, SessionEvent, SessionQuery, SessionRecord,
+};
 
 fn record(
     sensor: &str,
@@ -93,7 +95,7 @@ fn started_session_is_active_then_ended_in_place() {
         (s.end_us, s.last_seen_us, s.sample_count),
         (Some(9000), 9000, 50)
     );
-    assert_eq!(s.end_reason.as_deref(), Some("gap"));
+    assert_eq!(s.end_reason, Some(SessionEndReason::Gap));
     assert_eq!(reader.list(&all()).unwrap().len(), 1);
     assert_eq!(reader.get("missing").unwrap(), None);
 }
@@ -153,7 +155,7 @@ fn replayed_events_do_not_reopen_or_shrink_a_session() {
     let s = reader.get("a_0").unwrap().unwrap();
     assert!(!s.active);
     assert_eq!((s.end_us, s.sample_count), (Some(5_000), 100));
-    assert_eq!(s.end_reason.as_deref(), Some("idle"));
+    assert_eq!(s.end_reason, Some(SessionEndReason::Idle));
 }
 
 #[test]
@@ -198,7 +200,7 @@ fn an_ended_event_without_a_start_creates_the_session() {
         .unwrap();
     let s = store.reader().unwrap().get("b_10").unwrap().unwrap();
     assert_eq!((s.start_us, s.end_us), (10, Some(20)));
-    assert_eq!(s.end_reason.as_deref(), Some("device_restart"));
+    assert_eq!(s.end_reason, Some(SessionEndReason::DeviceRestart));
 }
 
 #[test]

@@ -35,7 +35,11 @@
 
 pub mod config;
 pub mod dedupe;
-pub mod record;
+/// The output records, at home in `sensorflow-records` (the lake and the API use them without
+/// the model); re-exported so `sensorflow_pipeline::record::*` keeps working.
+pub mod record {
+    pub use sensorflow_records::record::*;
+}
 pub mod session;
 pub mod sharded;
 pub mod snapshot;

@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use sensorflow_api::{
-    ApiConfig, ApiState, ComponentStatus, Hub, HubConfig, ReadyStatus, SensorStatus, SessionQuery,
-    SessionsQuery, StatusSource, StoreError,
+    ApiConfig, ApiState, ComponentStatus, Hub, HubConfig, ReadyStatus, SensorStatus, StatusSource,
 };
-use sensorflow_pipeline::{SampleChunk, SessionAggregate, SessionRecord};
+use sensorflow_records::{
+    SampleChunk, SessionAggregate, SessionEndReason, SessionQuery, SessionView, SessionsQuery,
+    StoreError,
+};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -26,30 +28,30 @@ pub struct FakeStatus {
 
 /// Sessions store over a vector; records the last query.
 pub struct FakeSessions {
-    pub records: Vec<SessionRecord>,
+    pub records: Vec<SessionView>,
     pub last_query: Mutex<Option<SessionQuery>>,
     pub fail: AtomicBool,
 }
 
 impl SessionsQuery for FakeSessions {
-    fn list(&self, q: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError> {
+    fn list(&self, q: &SessionQuery) -> Result<Vec<SessionView>, StoreError> {
         *self.last_query.lock() = Some(q.clone());
         if self.fail.load(Ordering::Relaxed) {
-            return Err(StoreError("disk on fire".into()));
+            return Err(StoreError::backend(std::io::Error::other("disk on fire")));
         }
         Ok(self
             .records
             .iter()
             .filter(|r| q.active.is_none_or(|a| a == r.end_us.is_none()))
-            .filter(|r| q.sensor_id.as_deref().is_none_or(|s| s == &*r.sensor_id))
+            .filter(|r| q.sensor_id.as_deref().is_none_or(|s| s == r.sensor_id))
             .skip(q.offset)
             .take(q.limit)
             .cloned()
             .collect())
     }
 
-    fn get(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        Ok(self.records.iter().find(|r| &*r.session_id == id).cloned())
+    fn get(&self, id: &str) -> Result<Option<SessionView>, StoreError> {
+        Ok(self.records.iter().find(|r| r.session_id == id).cloned())
     }
 }
 
@@ -100,14 +102,18 @@ pub fn sensor(id: &str, gaps: u64) -> SensorStatus {
     }
 }
 
-pub fn session(id: &str, sensor: &str, end_us: Option<i64>) -> SessionRecord {
-    SessionRecord {
+/// A stored session; an ended one (`end_us` given) ended by a gap with its last aggregate.
+pub fn session(id: &str, sensor: &str, end_us: Option<i64>) -> SessionView {
+    SessionView {
         session_id: id.into(),
         sensor_id: sensor.into(),
         start_us: 1_000,
         end_us,
         last_seen_us: 2_000,
         sample_count: 10,
+        end_reason: end_us.map(|_| SessionEndReason::Gap),
+        active: end_us.is_none(),
+        aggregate: end_us.map(|_| (*aggregate(id, sensor)).clone()),
     }
 }
 

@@ -36,8 +36,7 @@ use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, SinkError, Topic
 use sensorflow_lake::SessionsStore;
 use sensorflow_log::{Admission, Durability, Log, LogConfig, LogError, Pending, Retention};
 use sensorflow_model::{Engine, Model, ModelError};
-use sensorflow_api::StoreError;
-use sensorflow_pipeline::{GapRecord, LateRecord, QuarantineRecord, SampleChunk, SessionAggregate, SessionEvent, SessionRecord, WindowRecord};
+use sensorflow_pipeline::{GapRecord, LateRecord, QuarantineRecord, SampleChunk, SessionAggregate, SessionEvent, WindowRecord};
 use sensorflow_protocol::record::IngestRecord;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -183,7 +182,7 @@ impl Embedded {
         let sessions_reader = SessionsStore::open(&sessions_path)
             .and_then(|store| store.reader())
             .context("opening the sessions store")?;
-        let status = Arc::new(SharedStatus::new(log.clone(), Box::new(SessionsAdapter(sessions_reader))));
+        let status = Arc::new(SharedStatus::new(log.clone(), Box::new(sessions_reader)));
         status.log_truncated_bytes.store(report.truncated_bytes, Ordering::Relaxed);
         let hub = Hub::new(HubConfig { topic_capacity: config.http.ws_buffer_messages, ..HubConfig::default() });
         let draining = Arc::new(AtomicBool::new(false));
@@ -319,37 +318,4 @@ pub(crate) fn load_models(config: &Config) -> anyhow::Result<Vec<Arc<Model>>> {
         models.push(if first.engine_name() == "onnxruntime" { Arc::new(load_model(config)?) } else { first.clone() });
     }
     Ok(models)
-}
-
-/// Serves the API's sessions queries from the SQLite store.
-struct SessionsAdapter(sensorflow_lake::SessionsReader);
-
-impl sensorflow_api::SessionsQuery for SessionsAdapter {
-    fn list(&self, q: &sensorflow_api::SessionQuery) -> Result<Vec<SessionRecord>, StoreError> {
-        let q = sensorflow_lake::SessionQuery {
-            sensor_id: q.sensor_id.clone(),
-            active: q.active,
-            from_us: q.from_us,
-            to_us: q.to_us,
-            limit: q.limit,
-            offset: q.offset,
-        };
-        let rows = self.0.list(&q).map_err(|e| StoreError(e.to_string()))?;
-        Ok(rows.into_iter().map(session_record).collect())
-    }
-
-    fn get(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        Ok(self.0.get(id).map_err(|e| StoreError(e.to_string()))?.map(session_record))
-    }
-}
-
-fn session_record(v: sensorflow_lake::SessionView) -> SessionRecord {
-    SessionRecord {
-        session_id: v.session_id.into(),
-        sensor_id: v.sensor_id.into(),
-        start_us: v.start_us,
-        end_us: v.end_us,
-        last_seen_us: v.last_seen_us,
-        sample_count: v.sample_count,
-    }
 }

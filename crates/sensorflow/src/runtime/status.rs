@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
-use sensorflow_api::{ComponentStatus, ReadyStatus, SensorStatus, SessionsQuery, StatusSource};
+use sensorflow_api::{ComponentStatus, ReadyStatus, SensorStatus, StatusSource};
+use sensorflow_records::SessionsQuery;
 use std::net::SocketAddr;
 
 use sensorflow_ingest::{IngestObserver, IngestStats};

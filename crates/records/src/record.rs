@@ -176,12 +176,57 @@ pub enum SessionEndReason {
     Evicted,
 }
 
+impl SessionEndReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [SessionEndReason; 5] = [
+        SessionEndReason::Gap,
+        SessionEndReason::Idle,
+        SessionEndReason::DeviceRestart,
+        SessionEndReason::Shutdown,
+        SessionEndReason::Evicted,
+    ];
+
+    /// The serde name (`gap`, `idle`, `device_restart`, `shutdown`, `evicted`), also the sessions store's
+    /// `end_reason` column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEndReason::Gap => "gap",
+            SessionEndReason::Idle => "idle",
+            SessionEndReason::DeviceRestart => "device_restart",
+            SessionEndReason::Shutdown => "shutdown",
+            SessionEndReason::Evicted => "evicted",
+        }
+    }
+}
+
+impl std::str::FromStr for SessionEndReason {
+    type Err = UnknownEndReason;
+
+    /// The reason named by [`SessionEndReason::as_str`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SessionEndReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownEndReason(s.to_owned()))
+    }
+}
+
+/// A string that names no [`SessionEndReason`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown session end reason {0:?}")]
+pub struct UnknownEndReason(pub String);
+
 /// A session lifecycle event (`new-session-topic`, `/ws/session/{id}`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum SessionEvent {
-    Started { session: SessionRecord },
-    Ended { session: SessionRecord, reason: SessionEndReason },
+    Started {
+        session: SessionRecord,
+    },
+    Ended {
+        session: SessionRecord,
+        reason: SessionEndReason,
+    },
 }
 
 impl SessionEvent {
@@ -317,5 +362,21 @@ impl Outputs {
             && self.gaps.is_empty()
             && self.late.is_empty()
             && self.quarantine.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_reasons_are_named_by_their_serde_names_both_ways() {
+        for r in SessionEndReason::ALL {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+            assert_eq!(r.as_str().parse::<SessionEndReason>(), Ok(r));
+        }
+        assert!("later".parse::<SessionEndReason>().is_err());
     }
 }
