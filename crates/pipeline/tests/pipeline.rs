@@ -1,22 +1,13 @@
 //! The pipeline as a whole, with the bundled demo model and packets from the real encoder.
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is the failure report
 
-use std::sync::{Arc, OnceLock};
+mod common;
 
-use sensorflow_model::Model;
+use common::{NOW, P, T0, binary, encoded, model, motion};
 use sensorflow_pipeline::{Outputs, Pipeline, PipelineConfig, SessionEndReason, SessionEvent};
 use sensorflow_protocol::framing::BadReason;
-use sensorflow_protocol::imu::{PhysSample, RawSample, encode_packet};
+use sensorflow_protocol::imu::RawSample;
 use sensorflow_protocol::record::{IngestRecord, PayloadFormat};
-
-const P: u64 = 5_000;
-const T0: u64 = 1_700_000_000_000_000;
-const NOW: i64 = 1_700_000_100_000_000;
-
-fn model() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL.get_or_init(|| Arc::new(Model::demo().expect("demo model loads"))).clone()
-}
 
 fn pipeline() -> Pipeline {
     Pipeline::new(PipelineConfig::default(), model()).unwrap()
@@ -24,28 +15,16 @@ fn pipeline() -> Pipeline {
 
 /// `n` samples with motion whose strength depends on `seed`.
 fn samples(n: usize, seed: u32) -> Vec<RawSample> {
-    (0..n)
-        .map(|i| {
-            let t = (seed as f32 * 1000.0 + i as f32) * 0.005;
-            let a = (seed % 3) as f32 * 0.5;
-            RawSample::from_physical(&PhysSample {
-                acc: [0.3 * a * (12.0 * t).sin(), 0.1 * a * (6.0 * t).sin(), 1.0 + 0.25 * a * (12.0 * t + 0.5).sin()],
-                gyro: [40.0 * a * (12.0 * t + 1.0).sin(), 25.0 * a * (6.0 * t).sin(), 10.0 * a * (12.0 * t).sin()],
-                mag: [0.2, -0.1, 0.3],
-                temp_raw: 2500,
-            })
-        })
-        .collect()
+    motion(n, seed, 0.0)
 }
 
+/// A 64-sample packet with indices from `base`, starting `k` packet durations after `T0`.
 fn packet(base: u32, k: u64, seed: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_packet(base, T0 + k * 64 * P, &samples(64, seed), &mut out);
-    out
+    encoded(base, T0 + k * 64 * P, &samples(64, seed))
 }
 
 fn rec(sensor: &str, payload: Vec<u8>) -> IngestRecord {
-    IngestRecord { sensor_id: sensor.into(), format: PayloadFormat::Binary, ingest_us: NOW, payload: payload.into() }
+    binary(sensor, payload, NOW)
 }
 
 fn run(p: &mut Pipeline, records: &[IngestRecord]) -> Outputs {
@@ -180,9 +159,7 @@ fn new_session_starts_from_zero_model_state() {
     let first = run(&mut fresh, &[rec("a", packet(0, 0, 1))]);
     let mut p = pipeline();
     let far = 600_000_000 / (64 * P) + 10;
-    let mut moved = packet(0, 0, 2);
-    moved.clear();
-    encode_packet(64, T0 + far * 64 * P, &samples(64, 1), &mut moved);
+    let moved = encoded(64, T0 + far * 64 * P, &samples(64, 1));
     let out = run(&mut p, &[rec("a", packet(0, 0, 2)), rec("a", moved)]);
     let second = out.samples.iter().find(|c| c.sample_index[0] == 64).unwrap();
     assert_eq!(second.velocity_pred, first.samples[0].velocity_pred);
@@ -191,8 +168,7 @@ fn new_session_starts_from_zero_model_state() {
 #[test]
 fn device_restart_starts_a_new_session() {
     let mut p = pipeline();
-    let mut later = Vec::new();
-    encode_packet(0, T0 + 10 * 64 * P, &samples(64, 1), &mut later);
+    let later = encoded(0, T0 + 10 * 64 * P, &samples(64, 1));
     let out = run(&mut p, &[rec("a", packet(5000, 0, 1)), rec("a", later)]);
     assert_eq!(sample_count(&out, "a"), 128);
     assert!(out.session_events.iter().any(|e| matches!(e, SessionEvent::Ended { reason: SessionEndReason::DeviceRestart, .. })));

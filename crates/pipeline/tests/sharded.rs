@@ -2,38 +2,15 @@
 //! move between shard counts.
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is the failure report
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
 
-use sensorflow_model::Model;
+use common::{NOW, P, T0, binary, encoded, model, motion};
 use sensorflow_pipeline::{Outputs, Pipeline, PipelineConfig, SessionEvent, ShardedPipeline, shard_of};
-use sensorflow_protocol::imu::{PhysSample, RawSample, encode_packet};
-use sensorflow_protocol::record::{IngestRecord, PayloadFormat};
+use sensorflow_protocol::record::IngestRecord;
 
-const P: u64 = 5_000;
-const T0: u64 = 1_700_000_000_000_000;
-const NOW: i64 = 1_700_000_100_000_000;
 const SENSORS: usize = 40;
-
-fn model() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL.get_or_init(|| Arc::new(Model::demo().expect("demo model loads"))).clone()
-}
-
-fn samples(n: usize, seed: u32) -> Vec<RawSample> {
-    (0..n)
-        .map(|i| {
-            let t = (seed as f32 * 1000.0 + i as f32) * 0.005;
-            let a = (seed % 3) as f32 * 0.5;
-            RawSample::from_physical(&PhysSample {
-                acc: [0.3 * a * (12.0 * t).sin(), 0.1 * a * (6.0 * t).sin(), 1.0 + 0.25 * a * (12.0 * t + 0.5).sin()],
-                gyro: [40.0 * a * (12.0 * t + 1.0).sin(), 25.0 * a * (6.0 * t).sin(), 10.0 * a * (12.0 * t).sin()],
-                mag: [0.2, -0.1, 0.3],
-                temp_raw: 2500,
-            })
-        })
-        .collect()
-}
 
 /// `steps` steps, each with one 64-sample packet from every sensor.
 fn steps(steps: u64) -> Vec<Vec<IngestRecord>> {
@@ -41,9 +18,8 @@ fn steps(steps: u64) -> Vec<Vec<IngestRecord>> {
         .map(|k| {
             (0..SENSORS)
                 .map(|s| {
-                    let mut payload = Vec::new();
-                    encode_packet(64 * k as u32, T0 + k * 64 * P, &samples(64, (s as u32) * 7 + k as u32), &mut payload);
-                    IngestRecord { sensor_id: format!("sensor-{s:02}"), format: PayloadFormat::Binary, ingest_us: NOW, payload: payload.into() }
+                    let payload = encoded(64 * k as u32, T0 + k * 64 * P, &motion(64, (s as u32) * 7 + k as u32, 0.0));
+                    binary(&format!("sensor-{s:02}"), payload, NOW)
                 })
                 .collect()
         })

@@ -2,51 +2,23 @@
 //! with the bundled demo model and packets from the real encoder.
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is the failure report
 
-use std::sync::{Arc, OnceLock};
+mod common;
 
+use common::{NOW, P, SEC, T0, binary, encoded, model, motion};
 use proptest::prelude::*;
-use sensorflow_model::Model;
 use sensorflow_pipeline::{
     Outputs, Pipeline, PipelineConfig, PipelineError, PipelineSnapshot, SNAPSHOT_VERSION, SessionEvent, SnapshotError,
 };
-use sensorflow_protocol::imu::{PhysSample, RawSample, encode_packet};
-use sensorflow_protocol::record::{IngestRecord, PayloadFormat};
+use sensorflow_protocol::record::IngestRecord;
 
-const P: u64 = 5_000;
-const T0: u64 = 1_700_000_000_000_000;
-const NOW: i64 = 1_700_000_100_000_000;
-const SEC: i64 = 1_000_000;
-
-fn model() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL.get_or_init(|| Arc::new(Model::demo().expect("demo model loads"))).clone()
-}
-
-/// `n` samples with motion whose strength depends on `seed`.
-fn samples(n: usize, seed: u32) -> Vec<RawSample> {
-    (0..n)
-        .map(|i| {
-            let t = (seed as f32 * 1000.0 + i as f32) * 0.005;
-            let a = (seed % 3) as f32 * 0.5 + 0.25;
-            RawSample::from_physical(&PhysSample {
-                acc: [0.3 * a * (12.0 * t).sin(), 0.1 * a * (6.0 * t).sin(), 1.0 + 0.25 * a * (12.0 * t + 0.5).sin()],
-                gyro: [40.0 * a * (12.0 * t + 1.0).sin(), 25.0 * a * (6.0 * t).sin(), 10.0 * a * (12.0 * t).sin()],
-                mag: [0.2, -0.1, 0.3],
-                temp_raw: 2500,
-            })
-        })
-        .collect()
-}
-
-/// A 64-sample packet with indices from `base`, starting `k` packet durations after `T0`.
+/// A 64-sample packet with indices from `base`, starting `k` packet durations after `T0`; every
+/// sensor moves (no still seeds), the motion changing with `k`.
 fn packet(base: u32, k: u64, seed: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_packet(base, T0 + k * 64 * P, &samples(64, seed.wrapping_add(k as u32)), &mut out);
-    out
+    encoded(base, T0 + k * 64 * P, &motion(64, seed.wrapping_add(k as u32), 0.25))
 }
 
 fn rec(sensor: &str, payload: &[u8], ingest_us: i64) -> IngestRecord {
-    IngestRecord { sensor_id: sensor.into(), format: PayloadFormat::Binary, ingest_us, payload: payload.to_vec().into() }
+    binary(sensor, payload.to_vec(), ingest_us)
 }
 
 /// One call into the pipeline.
