@@ -18,7 +18,6 @@
 
 use std::fs;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{
@@ -26,68 +25,10 @@ use criterion::{
     measurement::WallTime,
 };
 use sensorflow_lake::{LakeConfig, LakeWriter, Table};
-use sensorflow_records::SampleChunk;
 
-const SENSORS: usize = 1000;
-/// Samples per chunk: one device packet.
-const CHUNK: usize = 64;
-const SAMPLE_US: i64 = 5000;
-/// 2024-03-10 01:00 UTC: far enough from midnight that no run crosses into the next partition.
-const T0_US: i64 = 1_710_028_800_000_000 + 3_600_000_000;
-
-/// One chunk per sensor with plausible IMU values; [`advance`] moves them to the next step.
-fn chunks() -> Vec<SampleChunk> {
-    (0..SENSORS)
-        .map(|s| {
-            let sensor: Arc<str> = format!("imu-{s:04}").into();
-            let session: Arc<str> = format!("{sensor}_{T0_US}").into();
-            let mut c = SampleChunk::with_capacity(sensor, session, CHUNK);
-            for i in 0..CHUNK {
-                let phase = (s * CHUNK + i) as f32 * 0.01;
-                c.sample_index.push(i as u32);
-                c.timestamp_us.push(T0_US + i as i64 * SAMPLE_US);
-                for (col, k) in [
-                    (&mut c.acc_x, 1.0),
-                    (&mut c.acc_y, 1.3),
-                    (&mut c.acc_z, 0.7),
-                    (&mut c.gyro_x, 2.1),
-                    (&mut c.gyro_y, 0.4),
-                    (&mut c.gyro_z, 1.9),
-                    (&mut c.mag_x, 0.2),
-                    (&mut c.mag_y, 0.3),
-                    (&mut c.mag_z, 0.5),
-                    (&mut c.accl_mag, 1.1),
-                    (&mut c.gyro_mag, 2.2),
-                    (&mut c.velocity_pred, 0.9),
-                    (&mut c.velocity_raw, 0.8),
-                    (&mut c.movement_prob, 0.05),
-                ] {
-                    col.push((phase * k).sin() * k);
-                }
-                c.temp_raw.push(2400 + (i % 7) as i16);
-                c.ingest_us.push(T0_US + 40_000);
-            }
-            c
-        })
-        .collect()
-}
-
-/// Rewrites every chunk's indices and timestamps as step `step` of its sensor's stream
-/// (values repeat, which is fine for timing: the compressor sees them far apart).
-fn advance(chunks: &mut [SampleChunk], step: u64) {
-    for c in chunks {
-        for (i, (idx, ts)) in c
-            .sample_index
-            .iter_mut()
-            .zip(&mut c.timestamp_us)
-            .enumerate()
-        {
-            let n = step as usize * CHUNK + i;
-            *idx = n as u32;
-            *ts = T0_US + n as i64 * SAMPLE_US;
-        }
-    }
-}
+#[path = "support/traffic.rs"]
+mod traffic;
+use traffic::{CHUNK, SENSORS, advance, chunks};
 
 /// Deletes the committed data files of the samples table, keeping the directories the writer
 /// created.

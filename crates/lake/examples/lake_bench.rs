@@ -4,15 +4,13 @@
 //! `cargo run --release -p sensorflow-lake --example lake_bench [-- SAMPLES [lz4|zstd|snappy|none]]`
 //! Prints ns/sample including the final flush (fsync + rename of every file).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use sensorflow_lake::{Compression, LakeConfig, LakeWriter, Table};
-use sensorflow_records::SampleChunk;
 
-const SENSORS: usize = 1000;
-const CHUNK: usize = 64;
-const SAMPLE_US: i64 = 5000;
+#[path = "../benches/support/traffic.rs"]
+mod traffic;
+use traffic::{CHUNK, SENSORS};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -36,57 +34,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // One reusable chunk per sensor with plausible IMU values; each round advances its indices
     // and timestamps (cheap compared with the write, and done outside the timed section).
-    let t0_us: i64 = 1_710_028_800_000_000 + 3_600_000_000;
-    let mut chunks: Vec<SampleChunk> = (0..SENSORS)
-        .map(|s| {
-            let sensor: Arc<str> = format!("imu-{s:04}").into();
-            let session: Arc<str> = format!("{sensor}_{t0_us}").into();
-            let mut c = SampleChunk::with_capacity(sensor, session, CHUNK);
-            for i in 0..CHUNK {
-                let phase = (s * CHUNK + i) as f32 * 0.01;
-                c.sample_index.push(i as u32);
-                c.timestamp_us.push(t0_us + i as i64 * SAMPLE_US);
-                for (col, k) in [
-                    (&mut c.acc_x, 1.0),
-                    (&mut c.acc_y, 1.3),
-                    (&mut c.acc_z, 0.7),
-                    (&mut c.gyro_x, 2.1),
-                    (&mut c.gyro_y, 0.4),
-                    (&mut c.gyro_z, 1.9),
-                    (&mut c.mag_x, 0.2),
-                    (&mut c.mag_y, 0.3),
-                    (&mut c.mag_z, 0.5),
-                    (&mut c.accl_mag, 1.1),
-                    (&mut c.gyro_mag, 2.2),
-                    (&mut c.velocity_pred, 0.9),
-                    (&mut c.velocity_raw, 0.8),
-                    (&mut c.movement_prob, 0.05),
-                ] {
-                    col.push((phase * k).sin() * k);
-                }
-                c.temp_raw.push(2400 + (i % 7) as i16);
-                c.ingest_us.push(t0_us + 40_000);
-            }
-            c
-        })
-        .collect();
+    let mut chunks = traffic::chunks();
 
     let rounds = total.div_ceil(SENSORS * CHUNK);
     let mut written = 0usize;
     let mut busy = std::time::Duration::ZERO;
     for round in 0..rounds {
-        let shift = round as i64 * CHUNK as i64 * SAMPLE_US;
-        for c in &mut chunks {
-            for (i, (idx, ts)) in c
-                .sample_index
-                .iter_mut()
-                .zip(&mut c.timestamp_us)
-                .enumerate()
-            {
-                *idx = (round * CHUNK + i) as u32;
-                *ts = t0_us + shift + i as i64 * SAMPLE_US;
-            }
-        }
+        traffic::advance(&mut chunks, round as u64);
         let start = Instant::now();
         lake.write_samples(&chunks)?;
         busy += start.elapsed();
