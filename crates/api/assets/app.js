@@ -449,7 +449,7 @@
 
   poll(async () => {
     try {
-      renderSensors(await getJSON('/sensors'));
+      renderSensors(await getJSON('/sensors?limit=1000'));
       setConnection(true);
     } catch (e) {
       setConnection(false);

@@ -39,7 +39,7 @@ pub use metrics::{ApiMetrics, WsKind};
 pub use openapi::ApiDoc;
 pub use rest::{
     ActiveFilter, DEFAULT_SESSIONS_LIMIT, Health, MAX_SESSIONS_LIMIT, PROMETHEUS_CONTENT_TYPE,
-    SessionsParams,
+    SensorsParams, SessionsParams,
 };
 pub use server::{ApiConfig, ApiState, router, serve};
 pub use status::{ComponentStatus, ReadyStatus, SensorStatus, StatusSource};

@@ -64,6 +64,12 @@ pub struct ApiMetrics {
     ws: [WsCounters; 5],
     /// Requests by (matched route, status code).
     http: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Open HTTP connections (WebSockets included until they close).
+    pub(crate) http_connections: AtomicI64,
+    /// HTTP connections closed at accept: `max_connections_per_ip` reached.
+    pub(crate) http_refused_per_ip: AtomicU64,
+    /// HTTP connections closed at accept: `max_connections` reached.
+    pub(crate) http_refused_total_cap: AtomicU64,
 }
 
 impl ApiMetrics {
@@ -194,6 +200,17 @@ impl ApiMetrics {
         let _ = writeln!(
             out,
             "# HELP sensorflow_http_requests_total HTTP requests by route and status.\n# TYPE sensorflow_http_requests_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sensorflow_http_connections Open HTTP connections.\n# TYPE sensorflow_http_connections gauge\nsensorflow_http_connections {}",
+            self.http_connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sensorflow_http_connections_refused_total HTTP connections closed at accept, by the limit reached.\n# TYPE sensorflow_http_connections_refused_total counter\nsensorflow_http_connections_refused_total{{reason=\"per_ip\"}} {}\nsensorflow_http_connections_refused_total{{reason=\"total\"}} {}",
+            self.http_refused_per_ip.load(Ordering::Relaxed),
+            self.http_refused_total_cap.load(Ordering::Relaxed)
         );
         for ((route, status), n) in self.http.lock().iter() {
             let route = route.replace('\\', "\\\\").replace('"', "\\\"");

@@ -116,13 +116,54 @@ pub(crate) async fn ready(State(state): State<ApiState>) -> Response {
     (code, Json(ready)).into_response()
 }
 
-/// Every sensor seen since start, sorted by id.
-#[utoipa::path(get, path = "/sensors", tag = "sensors",
-    responses((status = 200, description = "All sensors", body = [SensorStatus])))]
-pub(crate) async fn sensors(State(state): State<ApiState>) -> Json<Vec<SensorStatus>> {
+/// Default and largest page size of `GET /sensors`.
+const DEFAULT_SENSORS_LIMIT: usize = 100;
+const MAX_SENSORS_LIMIT: usize = 1000;
+
+/// Query parameters of `GET /sensors` (a page of the sensors sorted by id).
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct SensorsParams {
+    /// Maximum number of sensors, 1..=1000 (default 100).
+    pub limit: Option<usize>,
+    /// Number of sensors skipped (paging).
+    pub offset: Option<usize>,
+    /// Only sensors whose id starts with this.
+    pub prefix: Option<String>,
+}
+
+/// A page of the sensors seen since start, sorted by id. The `X-Total-Count` header holds the
+/// number of sensors matching `prefix` (all pages).
+#[utoipa::path(get, path = "/sensors", tag = "sensors", params(SensorsParams),
+    responses(
+        (status = 200, description = "One page of sensors; header X-Total-Count: all matching",
+            body = [SensorStatus],
+            headers(("X-Total-Count" = u64, description = "Sensors matching prefix, all pages"))),
+        (status = 400, description = "Invalid parameter", body = ErrorBody)))]
+pub(crate) async fn sensors(
+    State(state): State<ApiState>,
+    params: Result<Query<SensorsParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = params.limit.unwrap_or(DEFAULT_SENSORS_LIMIT);
+    if !(1..=MAX_SENSORS_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_SENSORS_LIMIT}, got {limit}"
+        )));
+    }
     let mut sensors = state.status.sensors();
+    if let Some(prefix) = params.prefix.as_deref() {
+        sensors.retain(|s| s.sensor_id.starts_with(prefix));
+    }
     sensors.sort_by(|a, b| a.sensor_id.cmp(&b.sensor_id));
-    Json(sensors)
+    let total = sensors.len();
+    let page: Vec<SensorStatus> = sensors
+        .into_iter()
+        .skip(params.offset.unwrap_or(0))
+        .take(limit)
+        .collect();
+    Ok(([("x-total-count", total.to_string())], Json(page)).into_response())
 }
 
 /// One sensor's status and counters.

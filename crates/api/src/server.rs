@@ -1,8 +1,9 @@
 //! Router, shared state and the server loop.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -26,6 +27,13 @@ pub struct ApiConfig {
     /// A WebSocket client whose socket write takes longer than this is closed (it stopped
     /// reading). Default 5 s.
     pub ws_send_timeout: Duration,
+    /// A connection that has not sent a request's complete header block this long after the
+    /// request began (or after connecting) is closed. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Open connections from one source IP; more are closed right after accept. Default 256.
+    pub max_connections_per_ip: usize,
+    /// Open connections in total; more are closed right after accept. Default 10 000.
+    pub max_connections: usize,
 }
 
 impl Default for ApiConfig {
@@ -33,6 +41,9 @@ impl Default for ApiConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
             ws_send_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 256,
+            max_connections: 10_000,
         }
     }
 }
@@ -135,17 +146,128 @@ async fn count_request(State(state): State<ApiState>, request: Request, next: Ne
 
 /// Serves the API on `listener` until `shutdown` completes, then stops accepting, closes the
 /// WebSocket feeds and waits for in-flight requests.
+///
+/// Not `axum::serve`: it has no header read timeout (a client sending half a request held its
+/// connection forever) and no connection limits. This is the same hyper-util connection
+/// builder with `header_read_timeout`, and an accept loop that closes connections beyond
+/// `max_connections_per_ip` / `max_connections` at once (counted on `/metrics`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
     let token = state.shutdown.clone();
+    let config = state.config.clone();
+    let metrics = Arc::clone(&state.metrics);
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            token.cancel();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(ConnectionCounts::default());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Typically EMFILE: back off instead of spinning on the error.
+                    tracing::warn!(error = %err, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let slot = match connections.acquire(peer.ip(), &config) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                let counter = match limit {
+                    Limit::PerIp => &metrics.http_refused_per_ip,
+                    Limit::Total => &metrics.http_refused_total_cap,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, ?limit, "http connection refused");
+                drop(stream);
+                continue;
+            }
+        };
+        metrics.http_connections.fetch_add(1, Ordering::Relaxed);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::trace!(%peer, error = %err, "http connection ended with an error");
+            }
+            metrics.http_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        });
+    }
+    drop(listener);
+    token.cancel();
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Which connection limit refused a connection.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    PerIp,
+    Total,
+}
+
+/// Open connections per source IP and in total. The map only holds IPs with an open
+/// connection, so it is bounded by `max_connections`.
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    inner: parking_lot::Mutex<(usize, std::collections::HashMap<IpAddr, usize>)>,
+}
+
+impl ConnectionCounts {
+    fn acquire(self: &Arc<Self>, ip: IpAddr, config: &ApiConfig) -> Result<Slot, Limit> {
+        let mut inner = self.inner.lock();
+        if inner.0 >= config.max_connections {
+            return Err(Limit::Total);
+        }
+        let per_ip = inner.1.entry(ip).or_default();
+        if *per_ip >= config.max_connections_per_ip {
+            return Err(Limit::PerIp);
+        }
+        *per_ip += 1;
+        inner.0 += 1;
+        Ok(Slot {
+            counts: Arc::clone(self),
+            ip,
         })
-        .await
+    }
+}
+
+/// One open connection's place in [`ConnectionCounts`]; released on drop.
+struct Slot {
+    counts: Arc<ConnectionCounts>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.counts.inner.lock();
+        inner.0 = inner.0.saturating_sub(1);
+        if let Some(n) = inner.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                inner.1.remove(&self.ip);
+            }
+        }
+    }
 }

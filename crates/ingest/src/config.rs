@@ -134,7 +134,28 @@ pub struct IngestConfig {
     pub connect_timeout: Duration,
     /// Upper bound on [`crate::IngestServer::stop`] waiting for in-flight appends. Default 30 s.
     pub shutdown_timeout: Duration,
+    /// Longest client id accepted; longer ones are refused in CONNACK (3.1.1: 0x02 identifier
+    /// rejected, 5.0: 0x85 client identifier not valid). Default 256.
+    pub max_client_id_bytes: usize,
+    /// Persistent sessions (clean session = false / session expiry > 0) kept at most; when a
+    /// new one would exceed it, the session detached longest ago is forgotten. Default 100 000.
+    pub max_persistent_sessions: usize,
+    /// Longest time a persistent session is kept after its client went away, whatever the
+    /// client asked for (MQTT 3.1.1 has no expiry at all). Default 7 days.
+    pub session_expiry_max: Duration,
+    /// Whether a client may connect with keep-alive 0 (no keep-alive) and stay connected
+    /// while silent forever. Default false: such clients get `idle_timeout` instead.
+    pub allow_keep_alive_zero: bool,
+    /// Idle limit of a connection whose client asked for keep-alive 0 (when
+    /// `allow_keep_alive_zero` is false): closed after this long without a packet. MQTT 5
+    /// clients are told in CONNACK (Server Keep Alive). Default 300 s.
+    pub idle_timeout: Duration,
 }
+
+/// Room above `max_message_bytes` for a PUBLISH's topic (at most 65 535 bytes), packet id and
+/// MQTT 5 properties, so that a payload a little over the limit is still read, discarded and
+/// counted `oversize` instead of closing the connection.
+pub const PACKET_OVERHEAD_BYTES: usize = 64 * 1024 + 1024;
 
 impl Default for IngestConfig {
     fn default() -> Self {
@@ -157,6 +178,11 @@ impl Default for IngestConfig {
             workers: 1,
             connect_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            max_client_id_bytes: 256,
+            max_persistent_sessions: 100_000,
+            session_expiry_max: Duration::from_secs(7 * 24 * 3600),
+            allow_keep_alive_zero: false,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -186,7 +212,30 @@ impl IngestConfig {
         if self.connect_timeout.as_secs() == 0 {
             return invalid("connect_timeout", "must be at least one second");
         }
+        if self.connect_timeout.as_secs() > u64::from(u16::MAX) {
+            return invalid("connect_timeout", "must be at most 65535 seconds");
+        }
+        if self.max_packet_bytes() > u32::MAX as usize >> 4 {
+            // The MQTT remaining length field tops out at 256 MiB.
+            return invalid("max_message_bytes", "must be below 256 MiB");
+        }
+        if self.max_client_id_bytes == 0 {
+            return invalid("max_client_id_bytes", "must be > 0");
+        }
+        if self.max_persistent_sessions == 0 {
+            return invalid("max_persistent_sessions", "must be > 0");
+        }
+        if self.idle_timeout.as_secs() == 0 || self.idle_timeout.as_secs() > u64::from(u16::MAX) {
+            return invalid("idle_timeout", "must be between 1 and 65535 seconds");
+        }
         Ok(())
+    }
+
+    /// Largest MQTT packet (remaining length) the codec accepts: `max_message_bytes` plus
+    /// [`PACKET_OVERHEAD_BYTES`]. A packet declaring more closes the connection before any of
+    /// its body is buffered; MQTT 5 clients are told in CONNACK (Maximum Packet Size).
+    pub fn max_packet_bytes(&self) -> usize {
+        self.max_message_bytes.saturating_add(PACKET_OVERHEAD_BYTES)
     }
 }
 

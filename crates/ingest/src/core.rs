@@ -77,11 +77,14 @@ impl Core {
         observer: Arc<dyn IngestObserver>,
     ) -> Self {
         Self {
+            sessions: SessionRegistry::new(
+                config.max_persistent_sessions,
+                config.session_expiry_max,
+            ),
             config,
             sink,
             observer,
             stats: Arc::default(),
-            sessions: SessionRegistry::default(),
             draining: AtomicBool::new(false),
             drain: watch::Sender::new(false),
             all_closed: Notify::new(),
@@ -160,6 +163,11 @@ impl Core {
         }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let attached = self.sessions.attach(&client_id, serial, clean, expiry);
+        if attached.evicted > 0 {
+            self.stats
+                .sessions_evicted
+                .fetch_add(attached.evicted, Ordering::Relaxed);
+        }
         let (closed_tx, closed_rx) = oneshot::channel();
         let conn = Conn {
             core: self.clone(),

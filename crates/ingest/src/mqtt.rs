@@ -64,13 +64,78 @@ impl TryFrom<ConnError> for v5::PublishAck {
     }
 }
 
-/// MQTT keep-alive: ntex-mqtt's idle timeout is 1.5 × the client's value; 0 disables it.
-fn v3_idle_timeout(keep_alive: u16) -> Seconds {
+/// MQTT keep-alive: ntex-mqtt's idle timeout is 1.5 × the client's value. A client asking
+/// for 0 (no keep-alive) would otherwise hold its connection and session forever while silent,
+/// so it gets the server's `idle_timeout` unless `allow_keep_alive_zero` is set.
+fn v3_idle_timeout(core: &Core, keep_alive: u16) -> Seconds {
     if keep_alive == 0 {
-        Seconds::ZERO
+        if core.config.allow_keep_alive_zero {
+            Seconds::ZERO
+        } else {
+            Seconds(idle_timeout_secs(core))
+        }
     } else {
         Seconds(keep_alive.saturating_add(keep_alive / 2))
     }
+}
+
+/// `idle_timeout` in whole seconds (validated to fit in 1..=65535).
+fn idle_timeout_secs(core: &Core) -> u16 {
+    u16::try_from(core.config.idle_timeout.as_secs())
+        .unwrap_or(u16::MAX)
+        .max(1)
+}
+
+/// True (and counted) when a client id is longer than `max_client_id_bytes`: such ids would be
+/// kept per connection and per persistent session, so their size is bounded.
+fn client_id_too_long(core: &Core, client_id: &ByteString) -> bool {
+    if client_id.len() <= core.config.max_client_id_bytes {
+        return false;
+    }
+    crate::stats::bump(&core.stats.client_id_too_long);
+    crate::stats::bump(&core.stats.connections_refused);
+    tracing::debug!(
+        len = client_id.len(),
+        max = core.config.max_client_id_bytes,
+        "mqtt connect refused: client id too long"
+    );
+    true
+}
+
+/// Counts connections the codec closed because a packet declared more than the maximum packet
+/// size (the packet's body is never read). The default control handling (close; MQTT 5:
+/// DISCONNECT 0x95 packet too large) stays as it is: this only observes.
+fn count_stop<E>(core: &Core, control: &ntex_mqtt::Control<E>) {
+    if let ntex_mqtt::Control::Stop(ntex_mqtt::Reason::Protocol(err)) = control {
+        count_protocol_error(core, err.get_ref());
+    }
+}
+
+pub(crate) fn count_protocol_error(core: &Core, err: &ntex_mqtt::MqttProtocolError) {
+    if let ntex_mqtt::MqttProtocolError::Decode(ntex_mqtt::error::DecodeError::MaxSizeExceeded {
+        size,
+        max_size,
+    }) = err
+    {
+        crate::stats::bump(&core.stats.packets_too_large);
+        tracing::debug!(size, max_size, "mqtt packet too large, connection closed");
+    }
+}
+
+pub(crate) async fn control_v3(
+    session: &v3::Session<Conn>,
+    control: ntex_mqtt::Control<ConnError>,
+) -> Result<Option<v3::codec::Encoded>, ConnError> {
+    count_stop(&session.core, &control);
+    Ok(None)
+}
+
+pub(crate) async fn control_v5(
+    session: &v5::Session<Conn>,
+    control: ntex_mqtt::Control<ConnError>,
+) -> Result<Option<v5::codec::Encoded>, ConnError> {
+    count_stop(&session.core, &control);
+    Ok(None)
 }
 
 fn client_id_or_generated(core: &Core, given: &ByteString) -> (Arc<str>, bool) {
@@ -93,7 +158,11 @@ pub(crate) async fn connect_v3(
         crate::stats::bump(&core.stats.connections_refused);
         return Ok(connect.identifier_rejected());
     }
+    if client_id_too_long(&core, &pkt.client_id) {
+        return Ok(connect.identifier_rejected());
+    }
     let (client_id, _) = client_id_or_generated(&core, &pkt.client_id);
+    // No expiry in 3.1.1: kept until `session_expiry_max` (the registry's bound).
     let expiry = if clean {
         Expiry::OnClose
     } else {
@@ -113,6 +182,7 @@ pub(crate) async fn connect_v3(
         "mqtt v3.1.1 connected"
     );
     let inflight = Rc::clone(&conn.inflight);
+    let core_for_idle = Arc::clone(&core);
     let (ack, session) = connect.ack_and_session(conn, attached.session_present);
     let sink = session.sink().clone();
     ntex::rt::spawn(closer(
@@ -122,7 +192,8 @@ pub(crate) async fn connect_v3(
         closed,
         move |_reason| sink.close(),
     ));
-    Ok(ack.idle_timeout(v3_idle_timeout(keep_alive)))
+    let idle = v3_idle_timeout(&core_for_idle, keep_alive);
+    Ok(ack.idle_timeout(idle))
 }
 
 pub(crate) async fn publish_v3(
@@ -170,6 +241,10 @@ pub(crate) async fn connect_v5(
     let pkt = connect.packet();
     let clean = pkt.clean_start;
     let expiry_secs = pkt.session_expiry_interval_secs;
+    let keep_alive = pkt.keep_alive;
+    if client_id_too_long(&core, &pkt.client_id) {
+        return Ok(connect.failed(v5::codec::ConnectAckReason::ClientIdentifierNotValid));
+    }
     let (client_id, assigned) = client_id_or_generated(&core, &pkt.client_id);
     let expiry = match expiry_secs {
         0 => Expiry::OnClose,
@@ -195,7 +270,9 @@ pub(crate) async fn connect_v5(
     );
     let assigned_id = assigned.then(|| ByteString::from(conn.client_id()));
     let inflight = Rc::clone(&conn.inflight);
-    let (ack, session) = connect.ack_and_session(conn);
+    let idle_secs = idle_timeout_secs(&core);
+    let allow_zero = core.config.allow_keep_alive_zero;
+    let (mut ack, session) = connect.ack_and_session(conn);
     let sink = session.sink().clone();
     ntex::rt::spawn(closer(
         core,
@@ -210,7 +287,25 @@ pub(crate) async fn connect_v5(
             sink.close_with_reason(v5::codec::Disconnect::new(code));
         },
     ));
+    let mut server_keep_alive = None;
+    if keep_alive == 0 {
+        if allow_zero {
+            // ntex-mqtt cannot switch its idle timer off for MQTT 5 (it defaults to 30 s for
+            // keep-alive 0); the longest it takes is about 18 hours.
+            ack = ack.keep_alive(u16::MAX);
+        } else {
+            // Closed after `idle_timeout` of silence; the client is told a Server Keep Alive
+            // of two thirds of it, so that a compliant client pings in time.
+            ack = ack.keep_alive(idle_secs);
+            server_keep_alive = Some((idle_secs / 3 * 2).max(1));
+        }
+    }
+    // ntex-mqtt advertises the codec's maximum packet size (`max_packet_bytes`) in CONNACK
+    // and keeps enforcing it after the handshake.
     Ok(ack.with(|p| {
+        if server_keep_alive.is_some() {
+            p.server_keepalive_sec = server_keep_alive;
+        }
         p.session_present = attached.session_present;
         p.assigned_client_id = assigned_id;
         // Honest capabilities: nothing is ever delivered to subscribers.

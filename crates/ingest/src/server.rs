@@ -222,7 +222,10 @@ fn build_server(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<
         .set_max_receive(config.receive_maximum)
         .set_max_receive_size(config.max_inflight_bytes)
         .set_connect_timeout(connect_timeout)
-        .set_handshake_timeout(connect_timeout);
+        .set_handshake_timeout(connect_timeout)
+        // Checked against each packet's fixed header before its body is buffered: without it
+        // a CONNECT or SUBSCRIBE declaring 256 MiB is buffered whole (validated to fit u32).
+        .set_max_size(u32::try_from(config.max_packet_bytes()).unwrap_or(u32::MAX));
     let shared_cfg: SharedCfg = SharedCfg::new("sensorflow-mqtt").add(mqtt_config).into();
     let workers = config.workers;
 
@@ -233,12 +236,14 @@ fn build_server(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<
         .listen("mqtt", listener, shared_cfg, async move |_| {
             let core3 = Arc::clone(&core);
             let core5 = Arc::clone(&core);
-            MqttServer::new()
+            let core_err = Arc::clone(&core);
+            let server = MqttServer::new()
                 .v3(
                     v3::MqttServer::new(async |session: &v3::Session<Conn>, publish| {
                         mqtt::publish_v3(session, publish).await
                     })
                     .protocol(mqtt::protocol_v3)
+                    .control(mqtt::control_v3)
                     .middleware(ReadGate)
                     .build(async move |connect| {
                         mqtt::connect_v3(Arc::clone(&core3), connect).await
@@ -249,11 +254,22 @@ fn build_server(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<
                         mqtt::publish_v5(session, publish).await
                     })
                     .protocol(mqtt::protocol_v5)
+                    .control(mqtt::control_v5)
                     .middleware(ReadGate)
                     .build(async move |connect| {
                         mqtt::connect_v5(Arc::clone(&core5), connect).await
                     }),
-                )
+                );
+            // A CONNECT that is too large fails the handshake, before any session exists
+            // for the control service to see it: counted here.
+            ntex::service::service(server).map_err(move |err| {
+                if let ntex_mqtt::MqttError::Connect(ntex_mqtt::MqttConnectError::Protocol(proto)) =
+                    &err
+                {
+                    mqtt::count_protocol_error(&core_err, proto);
+                }
+                err
+            })
         })?
         .run();
     Ok(server)

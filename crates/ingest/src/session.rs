@@ -13,10 +13,6 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-/// Sessions whose client was gone longer than this are forgotten even when they asked to
-/// persist forever (MQTT 3.1.1 has no expiry), bounding the registry.
-const MAX_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
-
 /// Lifetime of a session after its connection closes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Expiry {
@@ -43,15 +39,61 @@ pub(crate) struct Attached {
     pub(crate) session_present: bool,
     /// Notified when a newer connection takes this session over.
     pub(crate) kick: Arc<Notify>,
+    /// Persistent sessions of other clients forgotten to stay within `max_persistent`.
+    pub(crate) evicted: u64,
 }
 
 /// Client id -> session, shared by all worker threads.
-#[derive(Debug, Default)]
+///
+/// Bounded two ways: a session whose client was gone longer than `max_idle` is forgotten even
+/// when it asked to persist forever (MQTT 3.1.1 has no expiry), and at most `max_persistent`
+/// persistent sessions exist (a new one evicts the one detached longest ago). Attached
+/// sessions are bounded by `max_connections`.
+#[derive(Debug)]
 pub(crate) struct SessionRegistry {
     sessions: Mutex<HashMap<Arc<str>, Entry>>,
+    max_persistent: usize,
+    max_idle: Duration,
+}
+
+impl Default for SessionRegistry {
+    fn default() -> Self {
+        Self::new(100_000, Duration::from_secs(7 * 24 * 3600))
+    }
 }
 
 impl SessionRegistry {
+    pub(crate) fn new(max_persistent: usize, max_idle: Duration) -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            max_persistent,
+            max_idle,
+        }
+    }
+
+    /// Makes room for one more persistent session: drops expired ones, then, while at the cap,
+    /// the detached session that was left longest ago. Returns how many were evicted (not
+    /// counting expired ones). O(n) but only runs at the cap.
+    fn make_room(&self, sessions: &mut HashMap<Arc<str>, Entry>, now: Instant) -> u64 {
+        let persistent = |e: &Entry| e.expiry != Expiry::OnClose;
+        if sessions.values().filter(|e| persistent(e)).count() < self.max_persistent {
+            return 0;
+        }
+        sessions.retain(|_, e| e.attached.is_some() || !expired(e, now, self.max_idle));
+        let mut evicted = 0;
+        while sessions.values().filter(|e| persistent(e)).count() >= self.max_persistent {
+            let oldest = sessions
+                .iter()
+                .filter_map(|(id, e)| e.detached_at.map(|at| (at, id.clone())))
+                .min_by_key(|(at, _)| *at);
+            // Every persistent session is attached: those are bounded by max_connections.
+            let Some((_, id)) = oldest else { break };
+            sessions.remove(&id);
+            evicted += 1;
+        }
+        evicted
+    }
+
     /// Attaches connection `serial` to the session of `client_id`, taking it over from any
     /// connection still attached. `clean` discards existing state (clean session / clean start).
     pub(crate) fn attach(
@@ -70,9 +112,14 @@ impl SessionRegistry {
                     // [MQTT-3.1.4-2]: the server disconnects the existing client.
                     old.kick.notify_one();
                 }
-                !clean && old.expiry != Expiry::OnClose && !expired(old, now)
+                !clean && old.expiry != Expiry::OnClose && !expired(old, now, self.max_idle)
             }
             None => false,
+        };
+        let evicted = if expiry == Expiry::OnClose {
+            0
+        } else {
+            self.make_room(&mut sessions, now)
         };
         let kick = Arc::new(Notify::new());
         sessions.insert(
@@ -87,6 +134,7 @@ impl SessionRegistry {
         Attached {
             session_present,
             kick,
+            evicted,
         }
     }
 
@@ -107,7 +155,7 @@ impl SessionRegistry {
         }
         // Amortised cleanup so that clients that never come back do not accumulate.
         if sessions.len() > 1024 && serial.is_multiple_of(256) {
-            sessions.retain(|_, e| e.attached.is_some() || !expired(e, now));
+            sessions.retain(|_, e| e.attached.is_some() || !expired(e, now, self.max_idle));
         }
     }
 
@@ -118,14 +166,14 @@ impl SessionRegistry {
     }
 }
 
-fn expired(entry: &Entry, now: Instant) -> bool {
+fn expired(entry: &Entry, now: Instant, max_idle: Duration) -> bool {
     let Some(detached_at) = entry.detached_at else {
         return false;
     };
     let idle = now.saturating_duration_since(detached_at);
     match entry.expiry {
         Expiry::OnClose => true,
-        Expiry::After(d) => idle >= d.min(MAX_IDLE),
+        Expiry::After(d) => idle >= d.min(max_idle),
     }
 }
 
@@ -171,6 +219,32 @@ mod tests {
         assert_eq!(reg.len(), 1);
         reg.detach(&id("a"), 2);
         assert!(reg.attach(&id("a"), 3, false, keep).session_present);
+    }
+
+    #[test]
+    fn at_the_cap_the_session_detached_longest_ago_is_evicted() {
+        let reg = SessionRegistry::new(2, Duration::from_secs(3600));
+        let keep = Expiry::After(Duration::from_secs(3600));
+        reg.attach(&id("a"), 1, false, keep);
+        reg.detach(&id("a"), 1);
+        reg.attach(&id("b"), 2, false, keep);
+        reg.detach(&id("b"), 2);
+        assert_eq!(reg.attach(&id("c"), 3, false, keep).evicted, 1);
+        assert_eq!(reg.len(), 2);
+        // "a" left first and was forgotten; "b" survived.
+        assert!(reg.attach(&id("b"), 4, false, keep).session_present);
+        assert!(!reg.attach(&id("a"), 5, false, keep).session_present);
+    }
+
+    #[test]
+    fn max_idle_bounds_a_session_that_asked_to_live_forever() {
+        let reg = SessionRegistry::new(10, Duration::ZERO);
+        reg.attach(&id("a"), 1, false, Expiry::After(Duration::MAX));
+        reg.detach(&id("a"), 1);
+        assert!(
+            !reg.attach(&id("a"), 2, false, Expiry::After(Duration::MAX))
+                .session_present
+        );
     }
 
     #[test]

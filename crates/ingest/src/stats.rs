@@ -19,6 +19,9 @@ pub struct IngestStats {
     pub(crate) unknown_topic: AtomicU64,
     pub(crate) oversize: AtomicU64,
     pub(crate) dropped_on_shutdown: AtomicU64,
+    pub(crate) packets_too_large: AtomicU64,
+    pub(crate) client_id_too_long: AtomicU64,
+    pub(crate) sessions_evicted: AtomicU64,
 }
 
 /// Counter values at one instant. All counters are totals since start except
@@ -51,6 +54,14 @@ pub struct IngestStatsSnapshot {
     /// Publishes that arrived after `stop()` began and were not stored (QoS 1/2 ones are not
     /// acknowledged, so the client re-sends them after reconnecting).
     pub dropped_on_shutdown: u64,
+    /// Connections closed because a packet declared a remaining length above
+    /// `IngestConfig::max_packet_bytes` (refused from its fixed header, nothing buffered).
+    pub packets_too_large: u64,
+    /// CONNECTs refused because the client id was longer than `max_client_id_bytes` (also
+    /// counted in `connections_refused`).
+    pub client_id_too_long: u64,
+    /// Persistent sessions forgotten because `max_persistent_sessions` was reached.
+    pub sessions_evicted: u64,
 }
 
 impl IngestStats {
@@ -78,6 +89,9 @@ impl IngestStats {
             unknown_topic: self.unknown_topic.load(Relaxed),
             oversize: self.oversize.load(Relaxed),
             dropped_on_shutdown: self.dropped_on_shutdown.load(Relaxed),
+            packets_too_large: self.packets_too_large.load(Relaxed),
+            client_id_too_long: self.client_id_too_long.load(Relaxed),
+            sessions_evicted: self.sessions_evicted.load(Relaxed),
         }
     }
 }

@@ -42,6 +42,12 @@ pub(crate) struct MqttConfig {
     pub(crate) max_message_bytes: usize,
     pub(crate) receive_maximum: u16,
     pub(crate) max_connections: usize,
+    pub(crate) connect_timeout_secs: u64,
+    pub(crate) max_client_id_bytes: usize,
+    pub(crate) max_persistent_sessions: usize,
+    pub(crate) session_expiry_max_secs: u64,
+    pub(crate) allow_keep_alive_zero: bool,
+    pub(crate) idle_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -49,6 +55,9 @@ pub(crate) struct MqttConfig {
 pub(crate) struct HttpConfig {
     pub(crate) listen: SocketAddr,
     pub(crate) ws_buffer_messages: usize,
+    pub(crate) header_read_timeout_secs: u64,
+    pub(crate) max_connections_per_ip: usize,
+    pub(crate) max_connections: usize,
 }
 
 /// How appends are made durable before a QoS 1 publish is acknowledged.
@@ -141,6 +150,20 @@ impl Config {
         for (key, pattern) in [("mqtt.binary_topic", &self.mqtt.binary_topic), ("mqtt.json_topic", &self.mqtt.json_topic)] {
             if pattern.matches("{sensor_id}").count() != 1 {
                 problems.push(format!("{key}: must contain {{sensor_id}} exactly once, got {pattern:?}"));
+            }
+        }
+        for (key, value, min, max) in [
+            ("mqtt.connect_timeout_secs", self.mqtt.connect_timeout_secs, 1, 65_535),
+            ("mqtt.max_client_id_bytes", self.mqtt.max_client_id_bytes as u64, 1, 65_535),
+            ("mqtt.max_persistent_sessions", self.mqtt.max_persistent_sessions as u64, 1, u64::MAX),
+            ("mqtt.session_expiry_max_secs", self.mqtt.session_expiry_max_secs, 0, u64::MAX),
+            ("mqtt.idle_timeout_secs", self.mqtt.idle_timeout_secs, 1, 65_535),
+            ("http.header_read_timeout_secs", self.http.header_read_timeout_secs, 1, 3600),
+            ("http.max_connections_per_ip", self.http.max_connections_per_ip as u64, 1, u64::MAX),
+            ("http.max_connections", self.http.max_connections as u64, 1, u64::MAX),
+        ] {
+            if !(min..=max).contains(&value) {
+                problems.push(format!("{key}: must be between {min} and {max}, got {value}"));
             }
         }
         if self.runtime.batch_records == 0 {

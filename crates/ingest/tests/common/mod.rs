@@ -299,7 +299,7 @@ pub mod raw5 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    pub fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
         loop {
             let mut byte = (n % 128) as u8;
             n /= 128;
@@ -313,14 +313,14 @@ pub mod raw5 {
         }
     }
 
-    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![first];
         remaining_length(body.len(), &mut out);
         out.extend_from_slice(body);
         out
     }
 
-    fn string(s: &str, out: &mut Vec<u8>) {
+    pub fn string(s: &str, out: &mut Vec<u8>) {
         out.extend_from_slice(&(s.len() as u16).to_be_bytes());
         out.extend_from_slice(s.as_bytes());
     }

@@ -218,6 +218,12 @@ impl Embedded {
             max_message_bytes: config.mqtt.max_message_bytes,
             receive_maximum: config.mqtt.receive_maximum,
             max_connections: config.mqtt.max_connections,
+            connect_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
+            max_client_id_bytes: config.mqtt.max_client_id_bytes,
+            max_persistent_sessions: config.mqtt.max_persistent_sessions,
+            session_expiry_max: Duration::from_secs(config.mqtt.session_expiry_max_secs),
+            allow_keep_alive_zero: config.mqtt.allow_keep_alive_zero,
+            idle_timeout: Duration::from_secs(config.mqtt.idle_timeout_secs),
             ..IngestConfig::default()
         };
         let ingest = IngestServer::start(ingest_config, Arc::new(LogSink::spawn(log.clone())), status.clone())
@@ -233,7 +239,13 @@ impl Embedded {
         let http_addr = listener.local_addr()?;
         tracing::info!("http listening on {http_addr}");
         let (http_shutdown, mut shutdown_rx) = watch::channel(false);
-        let state = ApiState::new(hub, status, ApiConfig { listen: http_addr, ..ApiConfig::default() });
+        let state = ApiState::new(hub, status, ApiConfig {
+            listen: http_addr,
+            header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
+            max_connections_per_ip: config.http.max_connections_per_ip,
+            max_connections: config.http.max_connections,
+            ..ApiConfig::default()
+        });
         let http_task = tokio::spawn(sensorflow_api::serve(listener, state, async move {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         }));

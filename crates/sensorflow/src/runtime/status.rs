@@ -43,6 +43,8 @@ pub(crate) struct SharedStatus {
     components: RwLock<BTreeMap<String, ComponentStatus>>,
     /// Bad input rejected by ingest (unknown topic, oversize): sensor ("" if unknown) → reason → count.
     ingest_bad: Mutex<HashMap<String, BTreeMap<BadReason, u64>>>,
+    /// Bad input of sensors beyond [`MAX_INGEST_BAD_SENSORS`] tracked ids.
+    ingest_bad_untracked: AtomicU64,
     lake: Mutex<Option<LakeStats>>,
     corrupt_records: AtomicU64,
     /// Last checkpoint written: (epoch, log offset, snapshot bytes, ms it took the sink to
@@ -75,6 +77,7 @@ impl SharedStatus {
             pipeline: Mutex::new(PipelineStats::default()),
             components: RwLock::new(BTreeMap::new()),
             ingest_bad: Mutex::new(HashMap::new()),
+            ingest_bad_untracked: AtomicU64::new(0),
             lake: Mutex::new(None),
             corrupt_records: AtomicU64::new(0),
             checkpoint: Mutex::new(None),
@@ -179,6 +182,21 @@ impl SharedStatus {
                 }
             })
             .collect();
+        // Sensors whose every message ingest refused (e.g. all oversize) never reach the
+        // pipeline; list them too so their bad input is visible per sensor.
+        let known: std::collections::HashSet<String> = table.iter().map(|s| s.sensor_id.clone()).collect();
+        for (id, reasons) in ingest_bad.iter() {
+            if id.is_empty() || known.contains(id) {
+                continue;
+            }
+            let bad: BTreeMap<String, u64> = reasons.iter().map(|(r, n)| (r.as_str().to_owned(), *n)).collect();
+            table.push(SensorStatus {
+                sensor_id: id.clone(),
+                bad_total: bad.values().sum(),
+                bad,
+                ..SensorStatus::default()
+            });
+        }
         table.sort_by(|a, b| a.sensor_id.cmp(&b.sensor_id));
         previous.0 = Some(now);
         previous.1 = next_rates;
@@ -187,18 +205,36 @@ impl SharedStatus {
     }
 }
 
+/// Distinct sensor ids whose ingest-refused input is tracked per sensor.
+const MAX_INGEST_BAD_SENSORS: usize = 10_000;
+/// Longer sensor ids are not tracked per sensor (topics may be 64 KiB long).
+const MAX_TRACKED_ID_BYTES: usize = 256;
+
 impl SharedStatus {
     /// Counts a log record set aside as a dead letter (`stage_failed`) for its sensor.
     pub(crate) fn dead_letter(&self, sensor_id: &str) {
         self.dead_letters.fetch_add(1, Ordering::Relaxed);
-        *self.ingest_bad.lock().entry(sensor_id.to_owned()).or_default().entry(BadReason::StageFailed).or_default() += 1;
+        self.count_bad(Some(sensor_id), BadReason::StageFailed);
+    }
+
+    /// Counts input refused before or outside the pipeline per sensor ("" when unknown).
+    /// Bounded: sensor ids come from clients. Beyond the cap (or for absurd ids) the input is
+    /// counted in the aggregate `sensorflow_ingest_bad_input_untracked_total`.
+    fn count_bad(&self, sensor_id: Option<&str>, reason: BadReason) {
+        let mut bad = self.ingest_bad.lock();
+        let key = sensor_id.unwrap_or("");
+        if !key.is_empty() && !bad.contains_key(key) && (bad.len() >= MAX_INGEST_BAD_SENSORS || key.len() > MAX_TRACKED_ID_BYTES) {
+            self.ingest_bad_untracked.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *bad.entry(key.to_owned()).or_default().entry(reason).or_default() += 1;
     }
 }
 
 impl IngestObserver for SharedStatus {
     fn bad_input(&self, sensor_id: Option<&str>, reason: BadReason, detail: &str) {
         tracing::debug!(sensor_id, reason = reason.as_str(), detail, "bad input rejected by ingest");
-        *self.ingest_bad.lock().entry(sensor_id.unwrap_or("").to_owned()).or_default().entry(reason).or_default() += 1;
+        self.count_bad(sensor_id, reason);
     }
 }
 
@@ -262,6 +298,7 @@ impl StatusSource for SharedStatus {
                 sample(out, name, &[("sensor_id", &s.sensor_id)], get(s));
             }
         }
+        gauge_like(out, "sensorflow_ingest_bad_input_untracked_total", "counter", "Bad input of sensors not tracked per sensor (too many distinct ids, or an id too long).", self.ingest_bad_untracked.load(Ordering::Relaxed));
         let unknown = self.ingest_bad.lock().get("").cloned().unwrap_or_default();
         family(out, "sensorflow_ingest_rejected_total", "counter", "Messages rejected by ingest with no known sensor, by reason.");
         for (reason, n) in unknown {
@@ -321,6 +358,10 @@ impl StatusSource for SharedStatus {
             gauge_like(out, "sensorflow_mqtt_nacked_total", "counter", "MQTT 5 publishes answered with an error code.", i.nacked);
             gauge_like(out, "sensorflow_mqtt_sink_rejected_total", "counter", "Appends the log failed.", i.rejected_by_sink);
             gauge_like(out, "sensorflow_mqtt_dropped_on_shutdown_total", "counter", "Publishes refused while stopping.", i.dropped_on_shutdown);
+            gauge_like(out, "sensorflow_mqtt_packets_too_large_total", "counter", "Connections closed for a packet above the maximum packet size (never buffered).", i.packets_too_large);
+            gauge_like(out, "sensorflow_mqtt_client_id_too_long_total", "counter", "CONNECTs refused for a client id above mqtt.max_client_id_bytes.", i.client_id_too_long);
+            gauge_like(out, "sensorflow_mqtt_sessions_evicted_total", "counter", "Persistent sessions forgotten at mqtt.max_persistent_sessions.", i.sessions_evicted);
+            gauge_like(out, "sensorflow_mqtt_oversize_total", "counter", "Publishes above mqtt.max_message_bytes (read and discarded).", i.oversize);
         }
     }
 
