@@ -15,6 +15,9 @@
 //!   publisher through TCP flow control. A burst already in the read buffer may overshoot by
 //!   that buffer (measured: 15 read with a limit of 4 and 1 KiB messages). MQTT 5 clients are
 //!   told the limit in CONNACK (Receive Maximum) and ntex-mqtt disconnects those exceeding it.
+//! - No packet is buffered beyond `IngestConfig::max_packet_bytes` (`max_message_bytes` plus
+//!   room for topic and properties): a larger declared length closes the connection from the
+//!   fixed header, counted in `packets_too_large`.
 //! - Input that is not stored is never dropped silently: unknown topics and oversize payloads
 //!   are counted in [`IngestStats`] and reported to the [`IngestObserver`].
 //! - Ingest does not decode payloads and delivers nothing to subscribers.
@@ -36,7 +39,10 @@
 //! client connecting with clean session = false (v3) or a session expiry > 0 (v5) gets
 //! `session_present = true` when it reconnects. A second connection with the same client id
 //! takes the session over and the older connection is closed (v5: DISCONNECT 0x8E).
-//! Keep-alive is enforced by ntex-mqtt (1.5 × the client's interval). A connection held in
+//! Keep-alive is enforced by ntex-mqtt (1.5 × the client's interval); a client asking for
+//! keep-alive 0 gets `idle_timeout` unless `allow_keep_alive_zero` is set. Persistent sessions
+//! are capped (`max_persistent_sessions`, the one detached longest ago is evicted) and kept at
+//! most `session_expiry_max`; client ids are capped at `max_client_id_bytes`. A connection held in
 //! backpressure longer than that is closed by the keep-alive timer; its unacknowledged
 //! messages are re-sent by the client.
 //!

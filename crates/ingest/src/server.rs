@@ -223,6 +223,8 @@ fn build_server(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<
         .set_max_receive_size(config.max_inflight_bytes)
         .set_connect_timeout(connect_timeout)
         .set_handshake_timeout(connect_timeout)
+        // A silent client: the protocol version is read before CONNECT (default 5 s).
+        .protocol_version_timeout(connect_timeout)
         // Checked against each packet's fixed header before its body is buffered: without it
         // a CONNECT or SUBSCRIBE declaring 256 MiB is buffered whole (validated to fit u32).
         .set_max_size(u32::try_from(config.max_packet_bytes()).unwrap_or(u32::MAX));

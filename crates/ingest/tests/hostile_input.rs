@@ -261,3 +261,53 @@ async fn at_the_persistent_session_cap_the_longest_detached_session_is_evicted()
     assert_eq!(ack, vec![0, 0], "first, detached longest ago, was evicted");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_never_completes_is_closed_after_the_connect_timeout() {
+    let sink = FakeSink::open();
+    let config = IngestConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..local_config()
+    };
+    let (server, _) = start(config, &sink).await;
+    // A CONNECT of 40 bytes of which only the version part arrives (slow loris), and a
+    // connection that sends nothing at all.
+    let mut partial = vec![0x10, 40];
+    string("MQTT", &mut partial);
+    partial.extend_from_slice(&[4, 0x02]);
+    for head in [partial, Vec::new()] {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+        stream.write_all(&head).await.unwrap();
+        assert_closed_by_server(&mut stream).await;
+        let took = started.elapsed();
+        assert!(
+            (Duration::from_millis(1500)..Duration::from_millis(4000)).contains(&took),
+            "closed after {took:?}, expected about the 2 s connect timeout"
+        );
+    }
+    assert_eq!(server.stats().connections_total, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_keep_alive_zero_keeps_a_silent_v3_connection_past_the_idle_timeout() {
+    let sink = FakeSink::open();
+    let config = IngestConfig {
+        idle_timeout: Duration::from_secs(1),
+        allow_keep_alive_zero: true,
+        ..local_config()
+    };
+    let (server, _) = start(config, &sink).await;
+    let (mut stream, ack) = connect(server.local_addr(), 4, 0x02, 0, "silent").await;
+    assert_eq!(ack, vec![0, 0]);
+    // A bounded wait for something that must not happen: well past the 1 s idle timeout
+    // (which the test above shows closes such a connection when not allowed).
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_millis(2500), stream.read(&mut buf)).await;
+    assert!(
+        read.is_err(),
+        "the connection was closed or written to: {read:?}"
+    );
+    server.stop().await;
+}

@@ -210,6 +210,20 @@ const MAX_INGEST_BAD_SENSORS: usize = 10_000;
 /// Longer sensor ids are not tracked per sensor (topics may be 64 KiB long).
 const MAX_TRACKED_ID_BYTES: usize = 256;
 
+/// Counts bad input of `sensor_id` ("" when unknown); false if the id is not tracked. Bounded:
+/// sensor ids come from clients, so beyond [`MAX_INGEST_BAD_SENSORS`] ids (or for ids longer
+/// than [`MAX_TRACKED_ID_BYTES`]) the caller counts the input in an aggregate instead.
+fn record_bad(bad: &mut HashMap<String, BTreeMap<BadReason, u64>>, sensor_id: &str, reason: BadReason) -> bool {
+    if !sensor_id.is_empty()
+        && !bad.contains_key(sensor_id)
+        && (bad.len() >= MAX_INGEST_BAD_SENSORS || sensor_id.len() > MAX_TRACKED_ID_BYTES)
+    {
+        return false;
+    }
+    *bad.entry(sensor_id.to_owned()).or_default().entry(reason).or_default() += 1;
+    true
+}
+
 impl SharedStatus {
     /// Counts a log record set aside as a dead letter (`stage_failed`) for its sensor.
     pub(crate) fn dead_letter(&self, sensor_id: &str) {
@@ -217,17 +231,12 @@ impl SharedStatus {
         self.count_bad(Some(sensor_id), BadReason::StageFailed);
     }
 
-    /// Counts input refused before or outside the pipeline per sensor ("" when unknown).
-    /// Bounded: sensor ids come from clients. Beyond the cap (or for absurd ids) the input is
-    /// counted in the aggregate `sensorflow_ingest_bad_input_untracked_total`.
+    /// Counts input refused before or outside the pipeline per sensor, within the bound of
+    /// [`record_bad`]; beyond it in `sensorflow_ingest_bad_input_untracked_total`.
     fn count_bad(&self, sensor_id: Option<&str>, reason: BadReason) {
-        let mut bad = self.ingest_bad.lock();
-        let key = sensor_id.unwrap_or("");
-        if !key.is_empty() && !bad.contains_key(key) && (bad.len() >= MAX_INGEST_BAD_SENSORS || key.len() > MAX_TRACKED_ID_BYTES) {
+        if !record_bad(&mut self.ingest_bad.lock(), sensor_id.unwrap_or(""), reason) {
             self.ingest_bad_untracked.fetch_add(1, Ordering::Relaxed);
-            return;
         }
-        *bad.entry(key.to_owned()).or_default().entry(reason).or_default() += 1;
     }
 }
 
@@ -398,4 +407,29 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
 fn gauge_like(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     family(out, name, kind, help);
     let _ = writeln!(out, "{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_is_tracked_per_sensor_up_to_the_cap_and_known_ids_keep_counting() {
+        let mut bad = HashMap::new();
+        for i in 0..MAX_INGEST_BAD_SENSORS {
+            assert!(record_bad(&mut bad, &format!("s{i}"), BadReason::Oversize));
+        }
+        assert!(!record_bad(&mut bad, "one-too-many", BadReason::Oversize));
+        assert!(record_bad(&mut bad, "s0", BadReason::Oversize), "a tracked id keeps counting");
+        assert_eq!(bad["s0"][&BadReason::Oversize], 2);
+        assert!(!bad.contains_key("one-too-many"));
+        assert_eq!(bad.len(), MAX_INGEST_BAD_SENSORS);
+    }
+
+    #[test]
+    fn an_absurdly_long_sensor_id_is_not_tracked() {
+        let mut bad = HashMap::new();
+        assert!(!record_bad(&mut bad, &"x".repeat(MAX_TRACKED_ID_BYTES + 1), BadReason::Oversize));
+        assert!(record_bad(&mut bad, &"x".repeat(MAX_TRACKED_ID_BYTES), BadReason::Oversize));
+    }
 }
