@@ -147,7 +147,10 @@ def test_a_record_that_fails_a_stage_is_a_dead_letter_and_the_dataflow_moves_on(
         # One restart when the failing step held that record alone, two when it held others
         # too (one to narrow it down, one to set it aside); never more.
         assert 1 <= metric(text, "sensorflow_dataflow_restarts_total") <= 2
-        assert p.get("/sensors/poison").json()["bad"].get("stage_failed") == 1
+        # The sensor table is a snapshot refreshed twice a second.
+        wait_until(lambda: p.get("/sensors/poison").status_code == 200
+                   and p.get("/sensors/poison").json()["bad"].get("stage_failed") == 1,
+                   timeout=10, message="the dead letter counted for its sensor")
     finally:
         assert p.stop() == 0
     lake = tmp_path / "data" / "lake"
