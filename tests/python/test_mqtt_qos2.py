@@ -1,12 +1,12 @@
-"""MQTT 3.1.1 QoS 2 across a reconnect: a known defect, kept as a strict xfail.
+"""MQTT 3.1.1 QoS 2 across a reconnect between PUBREC and PUBCOMP (a regression test).
 
 A persistent-session client whose connection drops between PUBREC and PUBCOMP (a platform
 restart at that moment does it) must resend the PUBREL when it reconnects [MQTT-4.4.0-1], and
 the server must answer PUBCOMP even for a packet id it no longer knows [MQTT-4.3.3]. ntex-mqtt
-9.0.0's 3.1.1 dispatcher closes the connection instead, so the client reconnects, resends,
-is disconnected, forever. Later ntex-mqtt releases fix it but need Rust 1.97 (this toolchain
-is 1.95). Debian's mosquitto passes this test. When the dependency is upgraded the test
-starts passing and `strict` turns that into a failure: remove the marker then.
+9.0.0's 3.1.1 dispatcher closed the connection instead, so the client reconnected, resent, was
+disconnected, forever. The workspace now builds a vendored ntex-mqtt 9.0.0 carrying upstream's
+fix (vendor/ntex-mqtt/SENSORFLOW-PATCH.md); without it this test fails. Debian's mosquitto
+passes it too.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import socket
 import threading
 
 import paho.mqtt.client as mqtt
-import pytest
 
 from testkit import Platform, wait_until
 
@@ -90,7 +89,6 @@ class CuttingProxy:
         self.listener.close()
 
 
-@pytest.mark.xfail(strict=True, reason="ntex-mqtt 9.0.0 closes a 3.1.1 connection on a PUBREL it does not know")
 def test_qos2_publish_completes_after_a_reconnect_between_pubrec_and_pubcomp(tmp_path):
     platform = Platform(tmp_path)
     proxy = CuttingProxy((platform.mqtt_host, platform.mqtt_port))
