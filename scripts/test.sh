@@ -3,7 +3,7 @@
 # Debian packages (chromium for the dashboard test, build tools), a Python venv with the
 # test clients (paho-mqtt, pyarrow, DuckDB, onnxruntime), and playwright-core from npm.
 #
-#   scripts/test.sh            everything
+#   scripts/test.sh            everything (formatting and clippy first)
 #   scripts/test.sh --rust     only cargo tests (still sets up the venv: ONNX Runtime comes from it)
 #
 # Exit code: non-zero if any suite fails.
@@ -39,6 +39,15 @@ install_python() {
 install_node() {
     step "installing playwright-core (no browser download: Debian's chromium is used)"
     (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund --silent)
+}
+
+lint() {
+    # First, and cheap: formatting and clippy with warnings as errors, so style drift and lint
+    # regressions fail the suite like a failing test.
+    step "cargo fmt --check"
+    cargo fmt --all --check
+    step "cargo clippy (warnings are errors)"
+    cargo clippy --workspace --all-targets --locked --features sensorflow/failpoints -- -D warnings
 }
 
 rust_tests() {
@@ -93,6 +102,7 @@ install_system_packages
 install_python
 ORT_DYLIB_PATH=$(ls "$ROOT"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1* | head -n 1)
 export ORT_DYLIB_PATH
+lint
 rust_tests
 if [ "${1:-}" = "--rust" ]; then
     exit 0

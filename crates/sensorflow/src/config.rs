@@ -15,6 +15,10 @@ use serde::Deserialize;
 /// The documented defaults, embedded in the binary.
 pub(crate) const DEFAULT_TOML: &str = include_str!("../default.toml");
 
+/// Keys without a default (commented out in default.toml): absent means `None`.
+const OPTIONAL_KEYS: [(&str, &str); 4] =
+    [("pipeline", "movement_threshold"), ("model", "path"), ("model", "onnxruntime_library"), ("lake", "root")];
+
 /// Prefix of environment overrides: `SENSORFLOW_<SECTION>_<KEY>`.
 const ENV_PREFIX: &str = "SENSORFLOW_";
 
@@ -98,26 +102,56 @@ pub(crate) struct CheckpointConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ModelConfig {
-    /// Empty: the bundled demo model.
-    pub(crate) path: String,
-    /// "auto" (native for the contract's LSTM graphs, else onnxruntime when its library is
-    /// found, else tract), "native", "onnxruntime" or "tract".
-    pub(crate) engine: String,
-    /// ONNX Runtime shared library; empty: the `ORT_DYLIB_PATH` environment variable.
-    pub(crate) onnxruntime_library: String,
+    /// Where the ONNX model is (its sidecar beside it); `None`: the bundled demo model.
+    pub(crate) path: Option<String>,
+    pub(crate) engine: EngineChoice,
+    /// ONNX Runtime shared library; `None`: the `ORT_DYLIB_PATH` environment variable.
+    pub(crate) onnxruntime_library: Option<PathBuf>,
     /// ONNX Runtime threads inside one model call (each pipeline shard has its own session).
     pub(crate) intra_threads: usize,
+}
+
+/// `model.engine`: which inference engine runs the model.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum EngineChoice {
+    /// Native for the contract's LSTM graphs, else ONNX Runtime when its library is found,
+    /// else tract.
+    Auto,
+    Native,
+    Onnxruntime,
+    Tract,
+}
+
+/// `lake.compression`: the Parquet codec of the lake's files.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LakeCompression {
+    Lz4,
+    /// Level 1.
+    Zstd,
+    Snappy,
+}
+
+impl From<LakeCompression> for sensorflow_lake::Compression {
+    fn from(c: LakeCompression) -> Self {
+        match c {
+            LakeCompression::Lz4 => sensorflow_lake::Compression::Lz4,
+            LakeCompression::Zstd => sensorflow_lake::Compression::Zstd { level: 1 },
+            LakeCompression::Snappy => sensorflow_lake::Compression::Snappy,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LakeSettings {
-    /// Empty: `{data_dir}/lake`.
-    pub(crate) root: String,
+    /// `None`: `{data_dir}/lake`.
+    pub(crate) root: Option<PathBuf>,
     pub(crate) target_file_bytes: u64,
     pub(crate) max_file_age_secs: u64,
     pub(crate) row_group_rows: usize,
-    pub(crate) compression: String,
+    pub(crate) compression: LakeCompression,
     pub(crate) sync_every_bytes: u64,
     pub(crate) max_open_partitions: usize,
 }
@@ -175,17 +209,11 @@ impl Config {
         if self.checkpoint.keep == 0 {
             problems.push("checkpoint.keep: must be at least 1".into());
         }
-        if !["auto", "native", "onnxruntime", "tract"].contains(&self.model.engine.as_str()) {
-            problems.push(format!("model.engine: {:?} is not one of \"auto\", \"native\", \"onnxruntime\", \"tract\"", self.model.engine));
-        }
         if self.runtime.pipeline_threads == 0 || self.runtime.pipeline_threads > 64 {
             problems.push("runtime.pipeline_threads: must be 1 to 64".into());
         }
         if self.runtime.tick_ms == 0 {
             problems.push("runtime.tick_ms: must be at least 1".into());
-        }
-        if self.lake_compression().is_none() {
-            problems.push(format!("lake.compression: must be \"zstd\", \"snappy\" or \"lz4\", got {:?}", self.lake.compression));
         }
         if self.lake.max_open_partitions == 0 {
             problems.push("lake.max_open_partitions: must be at least 1".into());
@@ -207,24 +235,14 @@ impl Config {
             row_group_rows: self.lake.row_group_rows,
             sync_every_bytes: self.lake.sync_every_bytes,
             max_open_partitions: self.lake.max_open_partitions,
-            compression: self.lake_compression().unwrap_or_default(),
+            compression: self.lake.compression.into(),
             ..sensorflow_lake::LakeConfig::new(root)
-        }
-    }
-
-    /// `lake.compression` as a codec; `None` for a name `validate` rejects.
-    fn lake_compression(&self) -> Option<sensorflow_lake::Compression> {
-        match self.lake.compression.as_str() {
-            "lz4" => Some(sensorflow_lake::Compression::Lz4),
-            "zstd" => Some(sensorflow_lake::Compression::Zstd { level: 1 }),
-            "snappy" => Some(sensorflow_lake::Compression::Snappy),
-            _ => None,
         }
     }
 
     /// Root directory of the lake.
     pub(crate) fn lake_root(&self) -> PathBuf {
-        if self.lake.root.is_empty() { self.data_dir.join("lake") } else { PathBuf::from(&self.lake.root) }
+        self.lake.root.clone().unwrap_or_else(|| self.data_dir.join("lake"))
     }
 }
 
@@ -268,9 +286,12 @@ fn collect_paths(table: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<Ve
         }
         prefix.pop();
     }
-    // Keys documented but commented out in default.toml can be set from the environment too.
-    if prefix.as_slice() == ["pipeline"] {
-        out.push(vec!["pipeline".into(), "movement_threshold".into()]);
+    // Keys documented but commented out in default.toml (optional ones) can be set from the
+    // environment too.
+    for (section, key) in OPTIONAL_KEYS {
+        if prefix.as_slice() == [section] {
+            out.push(vec![section.into(), key.into()]);
+        }
     }
 }
 
@@ -355,12 +376,31 @@ mod tests {
             "{:#}",
             Config::load(
                 None,
-                env(&[("SENSORFLOW_MQTT_BINARY_TOPIC", "stream/x"), ("SENSORFLOW_LAKE_COMPRESSION", "brotli"), ("SENSORFLOW_PIPELINE_WINDOW_SECS", "0")]),
+                env(&[("SENSORFLOW_MQTT_BINARY_TOPIC", "stream/x"), ("SENSORFLOW_LAKE_MAX_OPEN_PARTITIONS", "0"), ("SENSORFLOW_PIPELINE_WINDOW_SECS", "0")]),
             )
             .unwrap_err()
         );
         assert!(err.contains("mqtt.binary_topic"), "{err}");
-        assert!(err.contains("lake.compression"), "{err}");
+        assert!(err.contains("lake.max_open_partitions"), "{err}");
         assert!(err.contains("pipeline.window_secs"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_enum_value_names_the_allowed_ones() {
+        let err = format!("{:#}", Config::load(None, env(&[("SENSORFLOW_LAKE_COMPRESSION", "brotli")])).unwrap_err());
+        assert!(err.contains("brotli") && err.contains("lz4") && err.contains("zstd"), "{err}");
+        let err = format!("{:#}", Config::load(None, env(&[("SENSORFLOW_MODEL_ENGINE", "cuda")])).unwrap_err());
+        assert!(err.contains("cuda") && err.contains("native"), "{err}");
+    }
+
+    #[test]
+    fn optional_paths_are_absent_by_default_and_settable_from_the_environment() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!((c.model.path.as_deref(), c.lake.root.as_deref()), (None, None));
+        assert_eq!(c.lake_root(), c.data_dir.join("lake"));
+        let c = Config::load(None, env(&[("SENSORFLOW_MODEL_PATH", "https://example.test/m.onnx"), ("SENSORFLOW_LAKE_ROOT", "/srv/lake")])).unwrap();
+        assert_eq!(c.model.path.as_deref(), Some("https://example.test/m.onnx"));
+        assert_eq!(c.lake_root(), PathBuf::from("/srv/lake"));
+        assert_eq!((c.model.engine, c.lake.compression), (EngineChoice::Auto, LakeCompression::Lz4));
     }
 }

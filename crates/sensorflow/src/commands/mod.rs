@@ -77,7 +77,7 @@ impl PlatformArgs {
             config.http.listen = a;
         }
         if let Some(m) = &self.model {
-            config.model.path = m.display().to_string();
+            config.model.path = Some(m.display().to_string());
         }
         Ok(config)
     }

@@ -41,7 +41,7 @@ use sensorflow_protocol::record::IngestRecord;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, DurabilityMode};
+use crate::config::{Config, DurabilityMode, EngineChoice};
 use status::SharedStatus;
 
 /// Results of one pipeline turn on their way to the sink thread.
@@ -279,18 +279,15 @@ impl Embedded {
 /// kernel (fastest, no library, but only for the contract's LSTM graphs), then ONNX Runtime
 /// when its library is found, then tract, which runs any graph.
 fn engines(config: &Config) -> anyhow::Result<Vec<Engine>> {
-    let library = match config.model.onnxruntime_library.as_str() {
-        "" => std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from),
-        path => Some(path.into()),
-    };
+    let library = config.model.onnxruntime_library.clone().or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from));
     let onnxruntime = |library: std::path::PathBuf| Engine::OnnxRuntime { library, intra_threads: config.model.intra_threads };
-    Ok(match (config.model.engine.as_str(), library) {
-        ("tract", _) => vec![Engine::Tract],
-        ("native", _) => vec![Engine::Native],
-        ("onnxruntime", Some(library)) => vec![onnxruntime(library)],
-        ("onnxruntime", None) => anyhow::bail!("model.engine = \"onnxruntime\" needs model.onnxruntime_library or ORT_DYLIB_PATH"),
-        (_, Some(library)) if library.exists() => vec![Engine::Native, onnxruntime(library), Engine::Tract],
-        _ => vec![Engine::Native, Engine::Tract],
+    Ok(match (config.model.engine, library) {
+        (EngineChoice::Tract, _) => vec![Engine::Tract],
+        (EngineChoice::Native, _) => vec![Engine::Native],
+        (EngineChoice::Onnxruntime, Some(library)) => vec![onnxruntime(library)],
+        (EngineChoice::Onnxruntime, None) => anyhow::bail!("model.engine = \"onnxruntime\" needs model.onnxruntime_library or ORT_DYLIB_PATH"),
+        (EngineChoice::Auto, Some(library)) if library.exists() => vec![Engine::Native, onnxruntime(library), Engine::Tract],
+        (EngineChoice::Auto, _) => vec![Engine::Native, Engine::Tract],
     })
 }
 
@@ -298,14 +295,13 @@ fn engines(config: &Config) -> anyhow::Result<Vec<Engine>> {
 /// the native engine's "not a graph I run" refusals fall through to the next engine; any
 /// other failure is the model's and is reported.
 pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
-    let name = if config.model.path.is_empty() { "bundled demo model" } else { config.model.path.as_str() };
+    let name = config.model.path.as_deref().unwrap_or("bundled demo model");
     let candidates = engines(config)?;
     let last = candidates.len() - 1;
     for (i, engine) in candidates.iter().enumerate() {
-        let loaded = if config.model.path.is_empty() {
-            Model::demo_with(engine)
-        } else {
-            Model::load_with(std::path::Path::new(&config.model.path), engine)
+        let loaded = match &config.model.path {
+            None => Model::demo_with(engine),
+            Some(path) => Model::load_with(std::path::Path::new(path), engine),
         };
         match loaded {
             Ok(model) => {
