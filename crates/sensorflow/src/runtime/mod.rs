@@ -17,6 +17,8 @@
 mod checkpoint;
 mod dataflow;
 mod dead_letter;
+mod engine;
+mod log_sink;
 mod pipeline_task;
 mod sink_queue;
 mod sink_task;
@@ -24,24 +26,21 @@ mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
-use sensorflow_ingest::{IngestConfig, IngestServer, IngestSink, SinkError, TopicPattern};
+use sensorflow_ingest::{IngestConfig, IngestServer, TopicPattern};
 use sensorflow_lake::SessionsStore;
-use sensorflow_log::{Admission, Durability, Log, LogConfig, LogError, Pending, Retention};
-use sensorflow_model::{Engine, Model, ModelError};
+use sensorflow_log::{Durability, Log, LogConfig, Retention};
 use sensorflow_pipeline::{GapRecord, LateRecord, QuarantineRecord, SampleChunk, SessionAggregate, SessionEvent, WindowRecord};
-use sensorflow_protocol::record::IngestRecord;
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
-use crate::config::{Config, DurabilityMode, EngineChoice};
+use crate::config::{Config, DurabilityMode};
+pub(crate) use engine::{load_model, load_models};
+use log_sink::LogSink;
 use status::SharedStatus;
 
 /// Results of one pipeline turn on their way to the sink thread.
@@ -67,83 +66,6 @@ pub(crate) enum SinkMsg {
 /// Wall clock in µs since the Unix epoch.
 pub(crate) fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
-}
-
-/// Ingest's sink: encodes each record and appends it to the log; the future resolves once the
-/// record is durable, which is when ingest sends the PUBACK.
-///
-/// Order matters (dedupe relies on a sensor's packets staying in order): ingest calls `append`
-/// in arrival order and polls the futures concurrently, so `append` fixes the record's place in
-/// the log before it returns. Normally the log has room and the record is admitted right there,
-/// on the ingest thread, and the future only waits for durability (the log writer wakes the
-/// ingest thread directly). Under backpressure the log has no room: the record is queued to a
-/// forwarder task that waits for room and admits records in queue order, and while anything is
-/// queued there later records queue behind it, so order holds across both paths. The queue is
-/// unbounded, but what can be in it is bounded by ingest's per-connection in-flight limit
-/// (`mqtt.receive_maximum`).
-struct LogSink {
-    log: Log,
-    /// Records handed to the forwarder and not yet admitted.
-    forwarding: Arc<AtomicUsize>,
-    tx: mpsc::UnboundedSender<(Bytes, oneshot::Sender<Result<Pending, SinkError>>)>,
-}
-
-impl LogSink {
-    fn spawn(log: Log) -> LogSink {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, oneshot::Sender<Result<Pending, SinkError>>)>();
-        let forwarding = Arc::new(AtomicUsize::new(0));
-        let (forwarder_log, count) = (log.clone(), forwarding.clone());
-        tokio::spawn(async move {
-            while let Some((payload, done)) = rx.recv().await {
-                let admitted = forwarder_log.admit(payload).await.map_err(unavailable);
-                // Admitted (or failed) before the count drops: a record that then takes the
-                // direct path lands behind this one.
-                count.fetch_sub(1, Ordering::AcqRel);
-                let _ = done.send(admitted);
-            }
-        });
-        LogSink { log, forwarding, tx }
-    }
-}
-
-fn unavailable(e: LogError) -> SinkError {
-    SinkError::Unavailable(e.to_string())
-}
-
-/// Waits until an admitted record is durable.
-async fn durable(pending: Pending) -> Result<(), SinkError> {
-    pending.await.map(|_| ()).map_err(unavailable)
-}
-
-impl IngestSink for LogSink {
-    fn append(&self, record: IngestRecord) -> BoxFuture<'static, Result<(), SinkError>> {
-        let mut buf = Vec::with_capacity(record.encoded_len());
-        if let Err(e) = record.try_encode(&mut buf) {
-            return futures::future::ready(Err(SinkError::Rejected(e.to_string()))).boxed();
-        }
-        let mut payload = Bytes::from(buf);
-        if self.forwarding.load(Ordering::Acquire) == 0 {
-            match self.log.try_admit(payload) {
-                Ok(Admission::Admitted(pending)) => return durable(pending).boxed(),
-                Ok(Admission::Full(back)) => payload = back,
-                Err(e) => return futures::future::ready(Err(unavailable(e))).boxed(),
-            }
-        }
-        let (done_tx, done_rx) = oneshot::channel();
-        self.forwarding.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send((payload, done_tx)).is_err() {
-            self.forwarding.fetch_sub(1, Ordering::AcqRel);
-            return futures::future::ready(Err(SinkError::Unavailable("the log is closed".into()))).boxed();
-        }
-        async move {
-            match done_rx.await {
-                Ok(Ok(pending)) => durable(pending).await,
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(SinkError::Unavailable("the log is closed".into())),
-            }
-        }
-        .boxed()
-    }
 }
 
 /// A running embedded platform.
@@ -273,57 +195,4 @@ impl Embedded {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// The engines to try for `model.engine`, best first. "auto" prefers the native fused LSTM
-/// kernel (fastest, no library, but only for the contract's LSTM graphs), then ONNX Runtime
-/// when its library is found, then tract, which runs any graph.
-fn engines(config: &Config) -> anyhow::Result<Vec<Engine>> {
-    let library = config.model.onnxruntime_library.clone().or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from));
-    let onnxruntime = |library: std::path::PathBuf| Engine::OnnxRuntime { library, intra_threads: config.model.intra_threads };
-    Ok(match (config.model.engine, library) {
-        (EngineChoice::Tract, _) => vec![Engine::Tract],
-        (EngineChoice::Native, _) => vec![Engine::Native],
-        (EngineChoice::Onnxruntime, Some(library)) => vec![onnxruntime(library)],
-        (EngineChoice::Onnxruntime, None) => anyhow::bail!("model.engine = \"onnxruntime\" needs model.onnxruntime_library or ORT_DYLIB_PATH"),
-        (EngineChoice::Auto, Some(library)) if library.exists() => vec![Engine::Native, onnxruntime(library), Engine::Tract],
-        (EngineChoice::Auto, _) => vec![Engine::Native, Engine::Tract],
-    })
-}
-
-/// Loads the configured model once, on the first engine of [`engines`] that accepts it. Only
-/// the native engine's "not a graph I run" refusals fall through to the next engine; any
-/// other failure is the model's and is reported.
-pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
-    let name = config.model.path.as_deref().unwrap_or("bundled demo model");
-    let candidates = engines(config)?;
-    let last = candidates.len() - 1;
-    for (i, engine) in candidates.iter().enumerate() {
-        let loaded = match &config.model.path {
-            None => Model::demo_with(engine),
-            Some(path) => Model::load_with(std::path::Path::new(path), engine),
-        };
-        match loaded {
-            Ok(model) => {
-                tracing::info!(model = name, engine = model.engine_name(), "model loaded");
-                return Ok(model);
-            }
-            Err(e @ (ModelError::UnsupportedGraph(_) | ModelError::NativeMismatch { .. })) if i < last => {
-                tracing::info!(model = name, error = %e, "the native engine does not run this model; trying the next engine");
-            }
-            Err(e) => return Err(e).with_context(|| format!("loading {name} on {}", engine.name())),
-        }
-    }
-    anyhow::bail!("no engine to load {name} on")
-}
-
-/// One model per pipeline shard: tract and native models are shared (their runs are
-/// concurrent), ONNX Runtime gets a session per shard (a session runs one call at a time).
-pub(crate) fn load_models(config: &Config) -> anyhow::Result<Vec<Arc<Model>>> {
-    let first = Arc::new(load_model(config)?);
-    let mut models = vec![first.clone()];
-    for _ in 1..config.runtime.pipeline_threads {
-        models.push(if first.engine_name() == "onnxruntime" { Arc::new(load_model(config)?) } else { first.clone() });
-    }
-    Ok(models)
 }
