@@ -276,7 +276,12 @@ impl LakeError {
     /// the same rows again fails the same way, so retrying cannot help (the caller should set
     /// the record that produced them aside).
     pub fn is_data_error(&self) -> bool {
-        matches!(self, LakeError::RaggedChunk { .. } | LakeError::TimestampOutOfRange { .. } | LakeError::Arrow(_))
+        matches!(
+            self,
+            LakeError::RaggedChunk { .. }
+                | LakeError::TimestampOutOfRange { .. }
+                | LakeError::Arrow(_)
+        )
     }
 }
 

@@ -648,7 +648,9 @@ impl QuarantineBuffer {
         self.detected_at_us.push(r.detected_at_us);
         self.sample_index.push(r.sample_index);
         self.timestamp_us.push(r.timestamp_us);
-        let values = [r.acc_x, r.acc_y, r.acc_z, r.gyro_x, r.gyro_y, r.gyro_z, r.mag_x, r.mag_y, r.mag_z];
+        let values = [
+            r.acc_x, r.acc_y, r.acc_z, r.gyro_x, r.gyro_y, r.gyro_z, r.mag_x, r.mag_y, r.mag_z,
+        ];
         for (col, v) in self.readings.iter_mut().zip(values) {
             col.push(v);
         }
@@ -680,7 +682,10 @@ impl RowBuffer for QuarantineBuffer {
     }
 
     fn take_batch(&mut self, capacity: usize) -> Result<RecordBatch, ArrowError> {
-        fn opt<T: arrow_array::types::ArrowPrimitiveType>(v: &mut Vec<Option<T::Native>>, capacity: usize) -> ArrayRef {
+        fn opt<T: arrow_array::types::ArrowPrimitiveType>(
+            v: &mut Vec<Option<T::Native>>,
+            capacity: usize,
+        ) -> ArrayRef {
             let values = std::mem::replace(v, Vec::with_capacity(capacity));
             Arc::new(values.into_iter().collect::<PrimitiveArray<T>>())
         }

@@ -214,7 +214,8 @@ fn samples_are_written_with_split_floats_delta_integers_and_dictionary_ids() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut lake = LakeWriter::open(config(dir.path())).unwrap();
-    lake.write_samples(&[chunk("imu-a", 0, MIDNIGHT_US, 64)]).unwrap();
+    lake.write_samples(&[chunk("imu-a", 0, MIDNIGHT_US, 64)])
+        .unwrap();
     lake.flush().unwrap();
     let files = data_files(dir.path(), Table::Samples);
     let reader = SerializedFileReader::new(fs::File::open(&files[0]).unwrap()).unwrap();
@@ -227,14 +228,25 @@ fn samples_are_written_with_split_floats_delta_integers_and_dictionary_ids() {
         column.encodings().collect::<Vec<_>>()
     };
     for float in ["acc_x", "gyro_mag", "velocity_pred", "velocity_raw"] {
-        assert!(encodings(float).contains(&Encoding::BYTE_STREAM_SPLIT), "{float}: {:?}", encodings(float));
+        assert!(
+            encodings(float).contains(&Encoding::BYTE_STREAM_SPLIT),
+            "{float}: {:?}",
+            encodings(float)
+        );
     }
     for int in ["sample_index", "timestamp_us", "temp_raw", "ingest_us"] {
-        assert!(encodings(int).contains(&Encoding::DELTA_BINARY_PACKED), "{int}: {:?}", encodings(int));
+        assert!(
+            encodings(int).contains(&Encoding::DELTA_BINARY_PACKED),
+            "{int}: {:?}",
+            encodings(int)
+        );
     }
     assert!(encodings("sensor_id").contains(&Encoding::RLE_DICTIONARY));
     // And the values read back intact through the Arrow reader.
-    assert_eq!(sorted(sample_rows(&read_files(&files))), expected_rows(&[chunk("imu-a", 0, MIDNIGHT_US, 64)], |_| true));
+    assert_eq!(
+        sorted(sample_rows(&read_files(&files))),
+        expected_rows(&[chunk("imu-a", 0, MIDNIGHT_US, 64)], |_| true)
+    );
 }
 
 #[test]
@@ -246,11 +258,18 @@ fn every_codec_is_recorded_in_the_footer_and_reads_back() {
     for (compression, codec) in [
         (Compression::Lz4, Codec::LZ4_RAW),
         (Compression::Snappy, Codec::SNAPPY),
-        (Compression::Zstd { level: 1 }, Codec::ZSTD(parquet::basic::ZstdLevel::try_new(1).unwrap())),
+        (
+            Compression::Zstd { level: 1 },
+            Codec::ZSTD(parquet::basic::ZstdLevel::try_new(1).unwrap()),
+        ),
         (Compression::Uncompressed, Codec::UNCOMPRESSED),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let mut lake = LakeWriter::open(LakeConfig { compression, ..config(dir.path()) }).unwrap();
+        let mut lake = LakeWriter::open(LakeConfig {
+            compression,
+            ..config(dir.path())
+        })
+        .unwrap();
         let chunks = consecutive_packets(8);
         lake.write_samples(&chunks).unwrap();
         lake.flush().unwrap();
@@ -266,7 +285,11 @@ fn every_codec_is_recorded_in_the_footer_and_reads_back() {
                 group.column(i).column_path()
             );
         }
-        assert_eq!(sorted(sample_rows(&read_files(&files))), expected_rows(&chunks, |_| true), "{compression:?}");
+        assert_eq!(
+            sorted(sample_rows(&read_files(&files))),
+            expected_rows(&chunks, |_| true),
+            "{compression:?}"
+        );
     }
 }
 
@@ -404,11 +427,17 @@ fn a_file_is_synced_in_steps_while_written_and_reads_back_intact() {
             sorted(sample_rows(&read_files(&files))),
             expected_rows(&chunks, |_| true)
         );
-        (fs::metadata(&files[0]).unwrap().len(), lake.stats().early_syncs)
+        (
+            fs::metadata(&files[0]).unwrap().len(),
+            lake.stats().early_syncs,
+        )
     };
     // 12,800 uncompressed rows: about 0.7 MB in one file.
     let (bytes, syncs) = run(64 * 1024);
-    assert!(bytes > 512 * 1024, "file of {bytes} bytes is too small to test");
+    assert!(
+        bytes > 512 * 1024,
+        "file of {bytes} bytes is too small to test"
+    );
     // At most one per 64 KiB; fewer when a step's sync is requested while the previous one
     // is still running in the background (the next covers both). The commit waits for the
     // sync in flight, so the first one always counts.
@@ -520,10 +549,16 @@ fn compaction_leaves_unfinished_epochs_alone_and_survives_recovery() {
         chunks.push(c);
     }
     lake.set_epoch(3);
-    assert_eq!(partition_dates(dir.path(), Table::Samples).unwrap(), vec![date(DAY2)]);
+    assert_eq!(
+        partition_dates(dir.path(), Table::Samples).unwrap(),
+        vec![date(DAY2)]
+    );
 
     let report = lake.compact(Table::Samples, date(DAY2), Some(2)).unwrap();
-    assert_eq!((report.input_files, report.rows, report.pending_files), (4, 4 * 64, 1));
+    assert_eq!(
+        (report.input_files, report.rows, report.pending_files),
+        (4, 4 * 64, 1)
+    );
     let out = report.output.unwrap();
     assert!(
         out.to_string_lossy().ends_with("-e0000000002.parquet"),
@@ -535,7 +570,10 @@ fn compaction_leaves_unfinished_epochs_alone_and_survives_recovery() {
     // A crash now recovers from checkpoint 2: epoch 3's file goes, the merged one stays.
     drop(lake);
     assert_eq!(remove_files_after_epoch(dir.path(), 2).unwrap(), 1);
-    let rows = sorted(sample_rows(&read_files(&data_files(dir.path(), Table::Samples))));
+    let rows = sorted(sample_rows(&read_files(&data_files(
+        dir.path(),
+        Table::Samples,
+    ))));
     assert_eq!(rows, expected_rows(&chunks[..4], |_| true));
 }
 
@@ -789,38 +827,73 @@ fn record_tables_round_trip_with_their_schemas() {
 #[test]
 fn files_of_epochs_after_a_checkpoint_are_removed_and_earlier_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let mut lake = sensorflow_lake::LakeWriter::open(sensorflow_lake::LakeConfig::new(dir.path())).unwrap();
+    let mut lake =
+        sensorflow_lake::LakeWriter::open(sensorflow_lake::LakeConfig::new(dir.path())).unwrap();
     let day = 1_700_000_000_000_000i64;
-    let gap = |i: u32| sensorflow_records::GapRecord { sensor_id: "s".into(), from_index: i, to_index: i + 1, missing: 1, detected_at_us: day };
+    let gap = |i: u32| sensorflow_records::GapRecord {
+        sensor_id: "s".into(),
+        from_index: i,
+        to_index: i + 1,
+        missing: 1,
+        detected_at_us: day,
+    };
     for epoch in 1..=3u64 {
         lake.set_epoch(epoch);
         lake.write_gaps(&[gap(epoch as u32)]).unwrap();
         lake.flush().unwrap();
     }
     let count = |root: &std::path::Path| -> usize {
-        std::fs::read_dir(root.join("gaps")).unwrap().flat_map(|p| std::fs::read_dir(p.unwrap().path()).unwrap()).filter(|f| f.as_ref().unwrap().file_name().to_string_lossy().ends_with(".parquet")).count()
+        std::fs::read_dir(root.join("gaps"))
+            .unwrap()
+            .flat_map(|p| std::fs::read_dir(p.unwrap().path()).unwrap())
+            .filter(|f| {
+                f.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".parquet")
+            })
+            .count()
     };
     assert_eq!(count(dir.path()), 3);
-    assert_eq!(sensorflow_lake::remove_files_after_epoch(dir.path(), 1).unwrap(), 2);
+    assert_eq!(
+        sensorflow_lake::remove_files_after_epoch(dir.path(), 1).unwrap(),
+        2
+    );
     assert_eq!(count(dir.path()), 1);
-    assert_eq!(sensorflow_lake::remove_files_after_epoch(dir.path(), 1).unwrap(), 0);
+    assert_eq!(
+        sensorflow_lake::remove_files_after_epoch(dir.path(), 1).unwrap(),
+        0
+    );
 }
 
 #[test]
 fn rows_spread_over_many_dates_keep_at_most_max_open_partitions_open() {
     let dir = tempfile::tempdir().unwrap();
-    let mut lake = LakeWriter::open(LakeConfig { max_open_partitions: 3, ..config(dir.path()) }).unwrap();
+    let mut lake = LakeWriter::open(LakeConfig {
+        max_open_partitions: 3,
+        ..config(dir.path())
+    })
+    .unwrap();
     // One sample on each of 40 days: a backlog of odd dates.
     let day = 86_400_000_000i64;
-    let chunks: Vec<SampleChunk> = (0..40).map(|d| chunk("s", d as u32, MIDNIGHT_US + d * day, 1)).collect();
+    let chunks: Vec<SampleChunk> = (0..40)
+        .map(|d| chunk("s", d as u32, MIDNIGHT_US + d * day, 1))
+        .collect();
     for c in &chunks {
         lake.write_samples(std::slice::from_ref(c)).unwrap();
         assert!(lake.stats().open_files <= 3);
     }
     assert_eq!(lake.stats().partitions_evicted, 37);
     lake.flush().unwrap();
-    assert_eq!(partition_dates(dir.path(), Table::Samples).unwrap().len(), 40);
-    let rows = sorted(sample_rows(&read_files(&data_files(dir.path(), Table::Samples))));
+    assert_eq!(
+        partition_dates(dir.path(), Table::Samples).unwrap().len(),
+        40
+    );
+    let rows = sorted(sample_rows(&read_files(&data_files(
+        dir.path(),
+        Table::Samples,
+    ))));
     assert_eq!(rows, sorted(expected_rows(&chunks, |_| true)));
 }
 
@@ -863,21 +936,43 @@ fn quarantined_records_keep_their_raw_values_and_land_on_their_receive_date() {
     lake.write_quarantine(&[sample, letter]).unwrap();
     lake.flush().unwrap();
     // An unrepresentable receive time is clamped rather than failing the write.
-    assert_eq!(partition_dates(dir.path(), Table::Quarantine).unwrap(), vec![date((1970, 1, 1)), date(DAY2)]);
+    assert_eq!(
+        partition_dates(dir.path(), Table::Quarantine).unwrap(),
+        vec![date((1970, 1, 1)), date(DAY2)]
+    );
     let batches = read_files(&data_files(dir.path(), Table::Quarantine));
     let mut rows = Vec::new();
     for b in &batches {
         assert_eq!(b.schema(), Table::Quarantine.schema());
         for i in 0..b.num_rows() {
-            let reason = b.column_by_name("reason").unwrap().as_string::<i32>().value(i).to_owned();
-            let ts = b.column_by_name("timestamp_us").unwrap().as_primitive::<UInt64Type>();
+            let reason = b
+                .column_by_name("reason")
+                .unwrap()
+                .as_string::<i32>()
+                .value(i)
+                .to_owned();
+            let ts = b
+                .column_by_name("timestamp_us")
+                .unwrap()
+                .as_primitive::<UInt64Type>();
             let payload = b.column_by_name("payload").unwrap().as_binary::<i32>();
-            rows.push((reason, ts.is_valid(i).then(|| ts.value(i)), payload.is_valid(i).then(|| payload.value(i).to_vec())));
+            rows.push((
+                reason,
+                ts.is_valid(i).then(|| ts.value(i)),
+                payload.is_valid(i).then(|| payload.value(i).to_vec()),
+            ));
         }
     }
     rows.sort();
-    assert_eq!(rows, vec![
-        ("stage_failed".to_owned(), None, Some(b"\x7c\x1e raw".to_vec())),
-        ("timestamp_out_of_range".to_owned(), Some(u64::MAX), None),
-    ]);
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "stage_failed".to_owned(),
+                None,
+                Some(b"\x7c\x1e raw".to_vec())
+            ),
+            ("timestamp_out_of_range".to_owned(), Some(u64::MAX), None),
+        ]
+    );
 }

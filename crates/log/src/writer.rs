@@ -431,7 +431,9 @@ impl Writer {
     /// readiness probe might never get that append (a readiness deadlock). A failed probe is
     /// not a write error (no append failed); it keeps `last_error` current and retries later.
     fn probe(&mut self) {
-        let result = self.finish_rollback().and_then(|()| self.write_probe_file());
+        let result = self
+            .finish_rollback()
+            .and_then(|()| self.write_probe_file());
         match result {
             Ok(()) => {
                 self.probe_at = None;

@@ -162,7 +162,10 @@ async fn batch_durability_groups_overlapping_appenders_into_one_sync_per_interva
     let elapsed = started.elapsed();
     let fsyncs = log.stats().fsyncs;
     let bound = (elapsed.as_millis() / INTERVAL.as_millis()) as u64 + 2;
-    assert!(fsyncs <= bound, "{fsyncs} syncs in {elapsed:?}: more than one per {INTERVAL:?}");
+    assert!(
+        fsyncs <= bound,
+        "{fsyncs} syncs in {elapsed:?}: more than one per {INTERVAL:?}"
+    );
     assert_eq!(log.end_offset(), 80);
 }
 
@@ -303,7 +306,12 @@ async fn trim_keeps_segments_needed_for_recovery_and_young_or_within_the_byte_bu
     for i in 0..55u64 {
         log.append(payload(i, 100)).await.unwrap();
     }
-    let names = |bases: &[u64]| bases.iter().map(|b| format!("{b:020}.log")).collect::<Vec<_>>();
+    let names = |bases: &[u64]| {
+        bases
+            .iter()
+            .map(|b| format!("{b:020}.log"))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(segment_files(dir.path()), names(&[0, 10, 20, 30, 40, 50]));
     let generous = Retention {
         max_age: Duration::from_secs(3600),
@@ -411,12 +419,17 @@ proptest! {
 }
 
 #[tokio::test]
-async fn records_admitted_in_sequence_are_appended_in_that_order_even_if_completions_are_awaited_out_of_order() {
+async fn records_admitted_in_sequence_are_appended_in_that_order_even_if_completions_are_awaited_out_of_order()
+ {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = sensorflow_log::Log::open(sensorflow_log::LogConfig::new(dir.path())).unwrap();
     let mut pendings = Vec::new();
     for i in 0..100u32 {
-        pendings.push(log.admit(bytes::Bytes::from(i.to_le_bytes().to_vec())).await.unwrap());
+        pendings.push(
+            log.admit(bytes::Bytes::from(i.to_le_bytes().to_vec()))
+                .await
+                .unwrap(),
+        );
     }
     // Await the completions backwards: the offsets still follow admission order.
     let mut offsets = Vec::new();
@@ -428,9 +441,14 @@ async fn records_admitted_in_sequence_are_appended_in_that_order_even_if_complet
     let mut reader = log.reader(0).unwrap();
     let mut out = Vec::new();
     while out.len() < 100 {
-        reader.read_batch(&mut out, 100, std::time::Duration::from_secs(5)).unwrap();
+        reader
+            .read_batch(&mut out, 100, std::time::Duration::from_secs(5))
+            .unwrap();
     }
-    let values: Vec<u32> = out.iter().map(|(_, b)| u32::from_le_bytes(b[..4].try_into().unwrap())).collect();
+    let values: Vec<u32> = out
+        .iter()
+        .map(|(_, b)| u32::from_le_bytes(b[..4].try_into().unwrap()))
+        .collect();
     assert_eq!(values, (0..100).collect::<Vec<u32>>());
     log.close().unwrap();
 }
@@ -453,7 +471,10 @@ async fn scan_reads_a_live_log_without_its_lock_and_stops_at_a_partial_tail() {
 
     // A record being written at the end of the active segment is not returned yet.
     let active = dir.path().join(format!("{:020}.log", 30));
-    let mut f = std::fs::OpenOptions::new().append(true).open(&active).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&active)
+        .unwrap();
     std::io::Write::write_all(&mut f, &[100, 0, 0, 0, 1, 2, 3]).unwrap();
     assert_eq!(sensorflow_log::scan(dir.path()).unwrap().count(), 35);
 

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sensorflow_log::{
-    CorruptReason, Durability, FaultInjector, FaultSwitch, IoOp, Log, LogConfig, LogError, WriteFault,
+    CorruptReason, Durability, FaultInjector, FaultSwitch, IoOp, Log, LogConfig, LogError,
+    WriteFault,
 };
 
 fn payload(i: u64) -> Bytes {
@@ -233,7 +234,11 @@ async fn failed_write_leaves_no_partial_record_and_the_log_recovers_when_cleared
         3,
         "offsets of failed appends are reused"
     );
-    assert_eq!(log.stats().last_error, None, "a successful write clears the error");
+    assert_eq!(
+        log.stats().last_error,
+        None,
+        "a successful write clears the error"
+    );
     assert_eq!(log.stats().write_errors, 2);
     assert_records(&log, 4);
     log.close().unwrap();
@@ -265,7 +270,10 @@ impl FaultInjector for CountingFaults {
 fn wait_for(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !done() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -283,14 +291,22 @@ async fn an_idle_log_clears_its_error_once_writing_works_again() {
     let attempts = faults.writes.load(Ordering::SeqCst);
 
     // While the disk stays full, the idle writer's probes fail and the error stays.
-    wait_for("the writer probed again", || faults.writes.load(Ordering::SeqCst) > attempts);
-    assert!(log.stats().last_error.is_some(), "a failed probe cleared the error");
+    wait_for("the writer probed again", || {
+        faults.writes.load(Ordering::SeqCst) > attempts
+    });
+    assert!(
+        log.stats().last_error.is_some(),
+        "a failed probe cleared the error"
+    );
     assert_eq!(log.stats().write_errors, 1, "a probe is not an append");
 
     // Space is freed; no append comes, and the error clears anyway.
     faults.switch.clear();
     wait_for("the error cleared", || log.stats().last_error.is_none());
-    assert!(!dir.path().join("write-probe.tmp").exists(), "the probe file was left behind");
+    assert!(
+        !dir.path().join("write-probe.tmp").exists(),
+        "the probe file was left behind"
+    );
     assert_eq!(log.append(payload(1)).await.unwrap(), 1);
     assert_records(&log, 2);
 }
@@ -471,11 +487,15 @@ async fn random_write_and_sync_failures_with_rolls_and_retention_lose_no_acknowl
         let faults = Arc::new(FaultSwitch::new());
         let mut cfg = config(dir.path());
         cfg.segment_bytes = 24 + 5 * (8 + payload(0).len() as u64);
-        cfg.durability = Durability::Batch { interval: Duration::from_millis(1) };
+        cfg.durability = Durability::Batch {
+            interval: Duration::from_millis(1),
+        };
         let (log, _) = Log::open_with_faults(cfg.clone(), faults.clone()).unwrap();
         let mut rng = seed;
         let mut next = || {
-            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             rng >> 33
         };
         let mut acked = std::collections::BTreeMap::new();
@@ -495,7 +515,10 @@ async fn random_write_and_sync_failures_with_rolls_and_retention_lose_no_acknowl
                 .collect();
             for a in appends {
                 if let (Ok(offset), p) = a.await.unwrap() {
-                    assert!(acked.insert(offset, p).is_none(), "seed {seed}: offset {offset} acknowledged twice");
+                    assert!(
+                        acked.insert(offset, p).is_none(),
+                        "seed {seed}: offset {offset} acknowledged twice"
+                    );
                 }
             }
             if next() % 4 == 0 {
@@ -504,7 +527,9 @@ async fn random_write_and_sync_failures_with_rolls_and_retention_lose_no_acknowl
             }
             let (start, end) = (log.start_offset(), log.end_offset());
             let from = start + next() % (end - start + 1);
-            let read = read_all(&log, from).unwrap_or_else(|e| panic!("seed {seed}: reading from {from} in {start}..{end}: {e}"));
+            let read = read_all(&log, from).unwrap_or_else(|e| {
+                panic!("seed {seed}: reading from {from} in {start}..{end}: {e}")
+            });
             let expected: Vec<_> = acked.range(from..).map(|(o, p)| (*o, p.clone())).collect();
             assert_eq!(read, expected, "seed {seed}: records from {from}");
         }
@@ -514,6 +539,10 @@ async fn random_write_and_sync_failures_with_rolls_and_retention_lose_no_acknowl
         let (log, _) = Log::open(cfg).unwrap();
         let start = log.start_offset();
         let expected: Vec<_> = acked.range(start..).map(|(o, p)| (*o, p.clone())).collect();
-        assert_eq!(read_all(&log, start).unwrap(), expected, "seed {seed}: after reopen");
+        assert_eq!(
+            read_all(&log, start).unwrap(),
+            expected,
+            "seed {seed}: after reopen"
+        );
     }
 }

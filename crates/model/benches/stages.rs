@@ -55,7 +55,13 @@ impl Batch {
 
     /// One [`Model::run`] over every sensor; the states written back feed the next call.
     fn run(&mut self, model: &Model) {
-        let mut seqs = SequenceMut::zip_all(&self.features, &mut self.h, &mut self.c, &mut self.velocity, &mut self.movement);
+        let mut seqs = SequenceMut::zip_all(
+            &self.features,
+            &mut self.h,
+            &mut self.c,
+            &mut self.velocity,
+            &mut self.movement,
+        );
         if let Err(e) = model.run(&mut seqs) {
             panic!("demo model run failed: {e}");
         }

@@ -126,7 +126,8 @@ fn measure(model: &Model, batch: usize, secs: f64) -> Result<(f64, f64), Box<dyn
     let mut velocity = vec![vec![0.0; STEPS]; batch];
     let mut movement = vec![vec![0.0; STEPS]; batch];
     let mut call = || {
-        let mut seqs = SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
+        let mut seqs =
+            SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
         model.run(&mut seqs)
     };
     call()?; // warms up: compiles tract's plan for this shape, ONNX Runtime's allocations

@@ -38,7 +38,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         let mut velocity = vec![vec![0.0; steps]; batch];
         let mut movement = vec![vec![0.0; steps]; batch];
         let mut call = || {
-            let mut seqs = SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
+            let mut seqs =
+                SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
             model.run(&mut seqs)
         };
         call()?; // compiles the plan for this shape

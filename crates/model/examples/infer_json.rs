@@ -100,7 +100,8 @@ fn run(model: &Model, input: &Input) -> Result<Output, Box<dyn Error>> {
             .map(|rows| vec![0.0; rows.len()])
             .collect();
         let mut movement = velocity.clone();
-        let mut seqs = SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
+        let mut seqs =
+            SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
         model.run(&mut seqs)?;
         drop(seqs);
         calls.push(CallOut {

@@ -94,13 +94,15 @@ impl<'a> SequenceMut<'a> {
             .iter()
             .zip(h.iter_mut().zip(c.iter_mut()))
             .zip(velocity.iter_mut().zip(movement_prob.iter_mut()))
-            .map(|((features, (h, c)), (velocity, movement_prob))| SequenceMut {
-                features,
-                h,
-                c,
-                velocity,
-                movement_prob,
-            })
+            .map(
+                |((features, (h, c)), (velocity, movement_prob))| SequenceMut {
+                    features,
+                    h,
+                    c,
+                    velocity,
+                    movement_prob,
+                },
+            )
             .collect()
     }
 }

@@ -1049,7 +1049,13 @@ impl<'a> Graph<'a> {
 /// load-time cross-check and the tests build their sequences this way).
 fn sequence_views(bufs: &mut [[Vec<f32>; 5]]) -> Vec<SequenceMut<'_>> {
     bufs.iter_mut()
-        .map(|[features, h, c, velocity, movement_prob]| SequenceMut { features, h, c, velocity, movement_prob })
+        .map(|[features, h, c, velocity, movement_prob]| SequenceMut {
+            features,
+            h,
+            c,
+            velocity,
+            movement_prob,
+        })
         .collect()
 }
 

@@ -25,7 +25,6 @@ static STATELESS_SIDECAR: &[u8] = include_bytes!("fixtures/stateless_lstm.json")
 /// Largest difference allowed between the native kernel and tract.
 const TOLERANCE: f32 = 1e-5;
 
-
 fn native() -> Model {
     Model::demo_with(&Engine::Native).unwrap()
 }

@@ -65,7 +65,6 @@ fn ort_engine(intra_threads: usize) -> Engine {
     }
 }
 
-
 fn assert_close(got: &Seq, tract: &Seq, what: &str) {
     common::assert_close("onnxruntime", got, tract, what, TOLERANCE, false);
 }

@@ -256,7 +256,8 @@ fn bench_infer(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, model: &Mod
     let mut movement = vec![vec![0.0; SAMPLES]; SENSORS];
     group.bench_function(name, |b| {
         b.iter(|| {
-            let mut seqs = SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
+            let mut seqs =
+                SequenceMut::zip_all(&features, &mut h, &mut c, &mut velocity, &mut movement);
             if let Err(e) = model.run(&mut seqs) {
                 panic!("model run failed: {e}");
             }

@@ -73,7 +73,10 @@ impl PipelineConfig {
         let mut errors = Vec::new();
         let mut positive = |key: &'static str, v: f64| {
             if !(v.is_finite() && v > 0.0) {
-                errors.push(ConfigError { key, message: format!("must be a positive number, got {v}") });
+                errors.push(ConfigError {
+                    key,
+                    message: format!("must be a positive number, got {v}"),
+                });
             }
         };
         positive("sample_rate_hz", self.sample_rate_hz);
@@ -81,7 +84,10 @@ impl PipelineConfig {
         positive("window_secs", self.window_secs);
         positive("aggregate_interval_secs", self.aggregate_interval_secs);
         positive("event_time_max_past_secs", self.event_time_max_past_secs);
-        positive("event_time_max_future_secs", self.event_time_max_future_secs);
+        positive(
+            "event_time_max_future_secs",
+            self.event_time_max_future_secs,
+        );
         positive("sensor_idle_evict_secs", self.sensor_idle_evict_secs);
         if !(self.allowed_lateness_secs.is_finite() && self.allowed_lateness_secs >= 0.0) {
             errors.push(ConfigError {
@@ -92,7 +98,10 @@ impl PipelineConfig {
         if let Some(t) = self.movement_threshold
             && !(0.0..=1.0).contains(&t)
         {
-            errors.push(ConfigError { key: "movement_threshold", message: format!("must be within 0..=1, got {t}") });
+            errors.push(ConfigError {
+                key: "movement_threshold",
+                message: format!("must be within 0..=1, got {t}"),
+            });
         }
         if self.sensor_idle_evict_secs < self.session_gap_secs {
             errors.push(ConfigError {
@@ -104,10 +113,16 @@ impl PipelineConfig {
             });
         }
         if self.max_sensors == 0 {
-            errors.push(ConfigError { key: "max_sensors", message: "must be at least 1".into() });
+            errors.push(ConfigError {
+                key: "max_sensors",
+                message: "must be at least 1".into(),
+            });
         }
         if self.max_samples_per_packet == 0 {
-            errors.push(ConfigError { key: "max_samples_per_packet", message: "must be at least 1".into() });
+            errors.push(ConfigError {
+                key: "max_samples_per_packet",
+                message: "must be at least 1".into(),
+            });
         }
         errors
     }
@@ -140,6 +155,9 @@ mod tests {
             ..PipelineConfig::default()
         };
         let keys: Vec<_> = c.validate().into_iter().map(|e| e.key).collect();
-        assert_eq!(keys, vec!["sample_rate_hz", "window_secs", "movement_threshold"]);
+        assert_eq!(
+            keys,
+            vec!["sample_rate_hz", "window_secs", "movement_threshold"]
+        );
     }
 }

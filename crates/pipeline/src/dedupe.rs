@@ -44,11 +44,17 @@ pub enum Verdict {
     /// Keep samples `skip..n` of the packet. `skip > 0` when the packet starts with samples
     /// that were already processed (counted as duplicates). `gap` is set when samples were
     /// missing before this packet: `(from_index, to_index_exclusive)`.
-    Accept { skip: usize, gap: Option<(u32, u32)> },
+    Accept {
+        skip: usize,
+        gap: Option<(u32, u32)>,
+    },
     /// A packet that arrived after later ones: keep the samples at these positions of the
     /// packet (ascending, disjoint), `filled` of which were in reported gaps and the rest past
     /// everything seen. Samples outside them were already processed.
-    Reordered { keep: Vec<Range<usize>>, filled: usize },
+    Reordered {
+        keep: Vec<Range<usize>>,
+        filled: usize,
+    },
     /// Every sample of the packet was already processed.
     Duplicate,
     /// The device restarted: accept the whole packet as the start of a new index space.
@@ -84,8 +90,17 @@ pub struct SequenceTracker {
 
 impl SequenceTracker {
     /// A tracker in the state a version 2 snapshot recorded, which had no jumps.
-    pub(crate) fn from_v2(next_index: Option<u64>, last_timestamp_us: i64, open_gaps: VecDeque<(u64, u64)>) -> Self {
-        Self { next_index, last_timestamp_us, open_gaps, jumps: VecDeque::new() }
+    pub(crate) fn from_v2(
+        next_index: Option<u64>,
+        last_timestamp_us: i64,
+        open_gaps: VecDeque<(u64, u64)>,
+    ) -> Self {
+        Self {
+            next_index,
+            last_timestamp_us,
+            open_gaps,
+            jumps: VecDeque::new(),
+        }
     }
 
     /// Classifies a packet of `n` samples starting at index `base` and device time
@@ -103,13 +118,20 @@ impl SequenceTracker {
     pub fn classify(&mut self, base: u32, n: usize, timestamp_us: i64, period_us: i64) -> Verdict {
         let base64 = u64::from(base);
         let end = base64 + n as u64;
-        let span = i64::try_from(n.saturating_sub(1)).unwrap_or(i64::MAX).saturating_mul(period_us);
+        let span = i64::try_from(n.saturating_sub(1))
+            .unwrap_or(i64::MAX)
+            .saturating_mul(period_us);
         let last_ts = timestamp_us.saturating_add(span);
         let Some(next) = self.next_index else {
             self.accept(end, last_ts, n);
             return Verdict::Accept { skip: 0, gap: None };
         };
-        if n > 0 && self.jumps.iter().any(|j| j.from == base64 && j.timestamp_us == timestamp_us && end <= j.to) {
+        if n > 0
+            && self
+                .jumps
+                .iter()
+                .any(|j| j.from == base64 && j.timestamp_us == timestamp_us && end <= j.to)
+        {
             return Verdict::Duplicate;
         }
         if base64 >= next {
@@ -117,7 +139,11 @@ impl SequenceTracker {
                 if let Some(i) = self.jumps.iter().position(|j| j.to == base64) {
                     // The stream continues a jump: it really moved there. Report the gap
                     // before the jump now.
-                    let jump = self.jumps.remove(i).unwrap_or(Jump { from: base64, to: base64, timestamp_us });
+                    let jump = self.jumps.remove(i).unwrap_or(Jump {
+                        from: base64,
+                        to: base64,
+                        timestamp_us,
+                    });
                     let gap = (jump.from > next).then(|| {
                         self.open_gap(next, jump.from);
                         (next as u32, jump.from as u32)
@@ -129,7 +155,11 @@ impl SequenceTracker {
                     if self.jumps.len() == MAX_JUMPS {
                         self.jumps.pop_front();
                     }
-                    self.jumps.push_back(Jump { from: base64, to: end, timestamp_us });
+                    self.jumps.push_back(Jump {
+                        from: base64,
+                        to: end,
+                        timestamp_us,
+                    });
                     return Verdict::Jump;
                 }
             }
@@ -162,7 +192,10 @@ impl SequenceTracker {
             keep.push((next - base64) as usize..n);
             self.accept(end, last_ts, n);
         }
-        Verdict::Reordered { keep, filled: filled_samples }
+        Verdict::Reordered {
+            keep,
+            filled: filled_samples,
+        }
     }
 
     /// Whether the device time of a packet starting at `base`, past the expected `next`, moved
@@ -245,8 +278,14 @@ mod tests {
     #[test]
     fn consecutive_packets_are_accepted_without_gaps() {
         let mut t = SequenceTracker::default();
-        assert_eq!(t.classify(100, 64, 1_000_000, P), Verdict::Accept { skip: 0, gap: None });
-        assert_eq!(t.classify(164, 64, 1_000_000 + 64 * P, P), Verdict::Accept { skip: 0, gap: None });
+        assert_eq!(
+            t.classify(100, 64, 1_000_000, P),
+            Verdict::Accept { skip: 0, gap: None }
+        );
+        assert_eq!(
+            t.classify(164, 64, 1_000_000 + 64 * P, P),
+            Verdict::Accept { skip: 0, gap: None }
+        );
         assert_eq!(t.next_index(), Some(228));
     }
 
@@ -256,7 +295,10 @@ mod tests {
         t.classify(0, 64, 1_000_000, P);
         t.classify(64, 64, 1_000_000 + 64 * P, P);
         assert_eq!(t.classify(0, 64, 1_000_000, P), Verdict::Duplicate);
-        assert_eq!(t.classify(64, 64, 1_000_000 + 64 * P, P), Verdict::Duplicate);
+        assert_eq!(
+            t.classify(64, 64, 1_000_000 + 64 * P, P),
+            Verdict::Duplicate
+        );
     }
 
     #[test]
@@ -264,14 +306,26 @@ mod tests {
         let mut t = SequenceTracker::default();
         t.classify(0, 64, 0, P);
         let v = t.classify(192, 64, 192 * P, P);
-        assert_eq!(v, Verdict::Accept { skip: 0, gap: Some((64, 192)) });
+        assert_eq!(
+            v,
+            Verdict::Accept {
+                skip: 0,
+                gap: Some((64, 192))
+            }
+        );
     }
 
     #[test]
     fn partly_overlapping_packet_keeps_only_new_samples() {
         let mut t = SequenceTracker::default();
         t.classify(0, 64, 0, P);
-        assert_eq!(t.classify(32, 64, 32 * P, P), Verdict::Accept { skip: 32, gap: None });
+        assert_eq!(
+            t.classify(32, 64, 32 * P, P),
+            Verdict::Accept {
+                skip: 32,
+                gap: None
+            }
+        );
         assert_eq!(t.next_index(), Some(96));
     }
 
@@ -281,7 +335,10 @@ mod tests {
         t.classify(5_000, 64, 10_000_000, P);
         assert_eq!(t.classify(0, 64, 20_000_000, P), Verdict::Restart);
         assert_eq!(t.next_index(), Some(64));
-        assert_eq!(t.classify(64, 64, 20_000_000 + 64 * P, P), Verdict::Accept { skip: 0, gap: None });
+        assert_eq!(
+            t.classify(64, 64, 20_000_000 + 64 * P, P),
+            Verdict::Accept { skip: 0, gap: None }
+        );
     }
 
     #[test]
@@ -297,9 +354,21 @@ mod tests {
     fn a_late_packet_fills_its_gap_and_is_a_duplicate_after_that() {
         let mut t = SequenceTracker::default();
         t.classify(0, 64, 0, P);
-        assert_eq!(t.classify(128, 64, 128 * P, P), Verdict::Accept { skip: 0, gap: Some((64, 128)) });
+        assert_eq!(
+            t.classify(128, 64, 128 * P, P),
+            Verdict::Accept {
+                skip: 0,
+                gap: Some((64, 128))
+            }
+        );
         // The packet in between arrives last: never processed, so it is kept.
-        assert_eq!(t.classify(64, 64, 64 * P, P), Verdict::Reordered { keep: vec![0..64], filled: 64 });
+        assert_eq!(
+            t.classify(64, 64, 64 * P, P),
+            Verdict::Reordered {
+                keep: vec![0..64],
+                filled: 64
+            }
+        );
         assert_eq!(t.open_gaps().count(), 0);
         assert_eq!(t.next_index(), Some(192));
         // Its redelivery, and the others', are duplicates again.
@@ -312,11 +381,29 @@ mod tests {
         let mut t = SequenceTracker::default();
         t.classify(0, 64, 0, P);
         t.classify(256, 64, 256 * P, P);
-        assert_eq!(t.classify(128, 64, 128 * P, P), Verdict::Reordered { keep: vec![0..64], filled: 64 });
-        assert_eq!(t.open_gaps().collect::<Vec<_>>(), vec![(64, 128), (192, 256)]);
+        assert_eq!(
+            t.classify(128, 64, 128 * P, P),
+            Verdict::Reordered {
+                keep: vec![0..64],
+                filled: 64
+            }
+        );
+        assert_eq!(
+            t.open_gaps().collect::<Vec<_>>(),
+            vec![(64, 128), (192, 256)]
+        );
         // A packet straddling processed samples keeps only what is still missing.
-        assert_eq!(t.classify(96, 64, 96 * P, P), Verdict::Reordered { keep: vec![0..32], filled: 32 });
-        assert_eq!(t.open_gaps().collect::<Vec<_>>(), vec![(64, 96), (192, 256)]);
+        assert_eq!(
+            t.classify(96, 64, 96 * P, P),
+            Verdict::Reordered {
+                keep: vec![0..32],
+                filled: 32
+            }
+        );
+        assert_eq!(
+            t.open_gaps().collect::<Vec<_>>(),
+            vec![(64, 96), (192, 256)]
+        );
     }
 
     #[test]
@@ -326,7 +413,13 @@ mod tests {
         t.classify(96, 32, 96 * P, P);
         // 64..96 missing, 96..128 processed, 128..160 new.
         let v = t.classify(64, 96, 64 * P, P);
-        assert_eq!(v, Verdict::Reordered { keep: vec![0..32, 64..96], filled: 32 });
+        assert_eq!(
+            v,
+            Verdict::Reordered {
+                keep: vec![0..32, 64..96],
+                filled: 32
+            }
+        );
         assert_eq!(t.next_index(), Some(160));
         assert_eq!(t.open_gaps().count(), 0);
     }
@@ -340,7 +433,10 @@ mod tests {
         assert_eq!(t.open_gaps().count(), 0);
         t.classify(64, 192, 20_000_000 + 64 * P, P);
         // The old index space's missing packet: not a gap of the new one.
-        assert_eq!(t.classify(64, 64, 10_000_000 + 64 * P, P), Verdict::Duplicate);
+        assert_eq!(
+            t.classify(64, 64, 10_000_000 + 64 * P, P),
+            Verdict::Duplicate
+        );
     }
 
     #[test]
@@ -350,18 +446,33 @@ mod tests {
         // Every other sample lost: MAX_OPEN_GAPS + 1 gaps of one sample each.
         for k in 1..=MAX_OPEN_GAPS as u32 + 1 {
             let v = t.classify(2 * k, 1, i64::from(2 * k) * P, P);
-            assert_eq!(v, Verdict::Accept { skip: 0, gap: Some((2 * k - 1, 2 * k)) });
+            assert_eq!(
+                v,
+                Verdict::Accept {
+                    skip: 0,
+                    gap: Some((2 * k - 1, 2 * k))
+                }
+            );
         }
         assert_eq!(t.open_gaps().count(), MAX_OPEN_GAPS);
         // The first gap was given up; the second is still open.
         assert_eq!(t.classify(1, 1, P, P), Verdict::Duplicate);
-        assert_eq!(t.classify(3, 1, 3 * P, P), Verdict::Reordered { keep: vec![0..1], filled: 1 });
+        assert_eq!(
+            t.classify(3, 1, 3 * P, P),
+            Verdict::Reordered {
+                keep: vec![0..1],
+                filled: 1
+            }
+        );
     }
 
     #[test]
     fn index_space_beyond_u32_does_not_overflow() {
         let mut t = SequenceTracker::default();
-        assert_eq!(t.classify(u32::MAX - 10, 64, 0, P), Verdict::Accept { skip: 0, gap: None });
+        assert_eq!(
+            t.classify(u32::MAX - 10, 64, 0, P),
+            Verdict::Accept { skip: 0, gap: None }
+        );
         assert_eq!(t.next_index(), Some(u64::from(u32::MAX) - 10 + 64));
     }
 }

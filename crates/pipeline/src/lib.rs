@@ -75,12 +75,20 @@ pub enum PipelineError {
     #[error("model feature column {0:?} is not one the pipeline computes")]
     UnknownFeature(String),
     /// The snapshot was written in a format this build does not read.
-    #[error("snapshot format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "snapshot format version {found} is not supported (this build reads version {supported})"
+    )]
     SnapshotVersion { found: u32, supported: u32 },
     /// A sensor's recurrent state in the snapshot does not fit the model: it was taken with a
     /// model of another shape.
-    #[error("snapshot model state of sensor {sensor_id:?} has {found} values, the model needs {expected}")]
-    ModelStateMismatch { sensor_id: String, expected: usize, found: usize },
+    #[error(
+        "snapshot model state of sensor {sensor_id:?} has {found} values, the model needs {expected}"
+    )]
+    ModelStateMismatch {
+        sensor_id: String,
+        expected: usize,
+        found: usize,
+    },
     /// The snapshot holds the same sensor twice (e.g. two partitions' snapshots merged badly).
     #[error("snapshot holds sensor {0:?} more than once")]
     DuplicateSensor(String),
@@ -227,7 +235,9 @@ impl Pipeline {
         let mut features = Vec::with_capacity(sidecar.feature_cols.len());
         let mut scaler = Vec::with_capacity(sidecar.feature_cols.len());
         for name in &sidecar.feature_cols {
-            features.push(Feature::parse(name).ok_or_else(|| PipelineError::UnknownFeature(name.clone()))?);
+            features.push(
+                Feature::parse(name).ok_or_else(|| PipelineError::UnknownFeature(name.clone()))?,
+            );
             // The sidecar was validated at load: every feature has a mean and a positive std.
             let mean = sidecar.scaler.mean.get(name).copied().unwrap_or(0.0);
             let std = sidecar.scaler.std.get(name).copied().unwrap_or(1.0);
@@ -240,7 +250,9 @@ impl Pipeline {
             window_us: PipelineConfig::secs_to_us(config.window_secs),
             lateness_us: PipelineConfig::secs_to_us(config.allowed_lateness_secs),
             aggregate_us: PipelineConfig::secs_to_us(config.aggregate_interval_secs),
-            threshold: config.movement_threshold.unwrap_or(sidecar.movement_threshold),
+            threshold: config
+                .movement_threshold
+                .unwrap_or(sidecar.movement_threshold),
             max_past_us: PipelineConfig::secs_to_us(config.event_time_max_past_secs),
             max_future_us: PipelineConfig::secs_to_us(config.event_time_max_future_secs),
             evict_idle_us: PipelineConfig::secs_to_us(config.sensor_idle_evict_secs),
@@ -261,7 +273,12 @@ impl Pipeline {
 
     /// Processes ingest records in log order; `now_us` is the processing time (µs since the
     /// epoch) used for idle detection. Everything produced is appended to `out`.
-    pub fn process<'a>(&mut self, records: impl IntoIterator<Item = IngestRecordRef<'a>>, now_us: i64, out: &mut Outputs) {
+    pub fn process<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = IngestRecordRef<'a>>,
+        now_us: i64,
+        out: &mut Outputs,
+    ) {
         for record in records {
             self.stats.records += 1;
             self.ingest(record, now_us, out);
@@ -284,17 +301,24 @@ impl Pipeline {
             };
             if now_us.saturating_sub(session.last_seen_proc_us) >= ctx.gap_us {
                 end_session(&ctx, state, SessionEndReason::Idle, now_us, out);
-                state.windows.emit_all(&state.id, ctx.window_us, &mut out.windows);
+                state
+                    .windows
+                    .emit_all(&state.id, ctx.window_us, &mut out.windows);
             } else if now_us.saturating_sub(session.last_emit_us) >= ctx.aggregate_us {
                 session.last_emit_us = now_us;
-                out.aggregates.push(session.aggregate(&state.id, now_us, ctx.dt_s));
+                out.aggregates
+                    .push(session.aggregate(&state.id, now_us, ctx.dt_s));
             }
         }
         if idle > 0 {
             let evict: Vec<bool> = self
                 .sensors
                 .iter()
-                .map(|s| s.session.is_none() && now_us.saturating_sub(s.counters.last_seen_us.unwrap_or(i64::MIN)) >= ctx.evict_idle_us)
+                .map(|s| {
+                    s.session.is_none()
+                        && now_us.saturating_sub(s.counters.last_seen_us.unwrap_or(i64::MIN))
+                            >= ctx.evict_idle_us
+                })
                 .collect();
             self.remove_sensors(&evict, now_us, SessionEndReason::Idle, out);
         }
@@ -310,7 +334,9 @@ impl Pipeline {
             if state.session.is_some() {
                 end_session(&ctx, state, SessionEndReason::Shutdown, now_us, out);
             }
-            state.windows.emit_all(&state.id, ctx.window_us, &mut out.windows);
+            state
+                .windows
+                .emit_all(&state.id, ctx.window_us, &mut out.windows);
         }
     }
 
@@ -344,7 +370,10 @@ impl Pipeline {
                 let id: SensorId = Arc::from(record.sensor_id);
                 let state = SensorState {
                     id,
-                    framing: FrameDecoder::new(self.config.max_framing_buffer_bytes, self.config.max_samples_per_packet),
+                    framing: FrameDecoder::new(
+                        self.config.max_framing_buffer_bytes,
+                        self.config.max_samples_per_packet,
+                    ),
                     seq: SequenceTracker::default(),
                     session: None,
                     windows: SensorWindows::default(),
@@ -375,12 +404,38 @@ impl Pipeline {
                             (p.base_sample_number(), p.timestamp_us())
                         }
                     };
-                    accept_packet(&self.ctx, &self.model, &self.features, &self.scaler, &mut self.stats, state, base, ts, phys, record.ingest_us, now_us, out);
+                    accept_packet(
+                        &self.ctx,
+                        &self.model,
+                        &self.features,
+                        &self.scaler,
+                        &mut self.stats,
+                        state,
+                        base,
+                        ts,
+                        phys,
+                        record.ingest_us,
+                        now_us,
+                        out,
+                    );
                 }
             }
             PayloadFormat::Json => match parse_json_packet(record.payload) {
                 Ok(packet) => {
-                    accept_packet(&self.ctx, &self.model, &self.features, &self.scaler, &mut self.stats, state, packet.base_sample_number, packet.timestamp_us, &packet.samples, record.ingest_us, now_us, out);
+                    accept_packet(
+                        &self.ctx,
+                        &self.model,
+                        &self.features,
+                        &self.scaler,
+                        &mut self.stats,
+                        state,
+                        packet.base_sample_number,
+                        packet.timestamp_us,
+                        &packet.samples,
+                        record.ingest_us,
+                        now_us,
+                        out,
+                    );
                 }
                 Err(_) => state.counters.count_bad(BadReason::InvalidJson),
             },
@@ -396,8 +451,12 @@ impl Pipeline {
             return;
         }
         // (last heard, position): ties go by position, so the choice is deterministic.
-        let mut order: Vec<(i64, usize)> =
-            self.sensors.iter().enumerate().map(|(i, s)| (s.counters.last_seen_us.unwrap_or(i64::MIN), i)).collect();
+        let mut order: Vec<(i64, usize)> = self
+            .sensors
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.counters.last_seen_us.unwrap_or(i64::MIN), i))
+            .collect();
         order.select_nth_unstable(count - 1);
         let mut evict = vec![false; self.sensors.len()];
         for &(_, i) in &order[..count] {
@@ -409,18 +468,35 @@ impl Pipeline {
     /// Drops the sensors flagged in `evict` (one flag per position in `sensors`): their
     /// pending samples are inferred, their sessions end with `reason` and their windows are
     /// emitted first, so nothing they accepted is lost. The others keep their order.
-    fn remove_sensors(&mut self, evict: &[bool], now_us: i64, reason: SessionEndReason, out: &mut Outputs) {
+    fn remove_sensors(
+        &mut self,
+        evict: &[bool],
+        now_us: i64,
+        reason: SessionEndReason,
+        out: &mut Outputs,
+    ) {
         let ctx = self.ctx;
         for (state, _) in self.sensors.iter_mut().zip(evict).filter(|(_, e)| **e) {
-            flush_sensor(&ctx, &self.model, &self.features, &self.scaler, &mut self.stats, state, out);
+            flush_sensor(
+                &ctx,
+                &self.model,
+                &self.features,
+                &self.scaler,
+                &mut self.stats,
+                state,
+                out,
+            );
             if state.session.is_some() {
                 end_session(&ctx, state, reason, now_us, out);
             }
-            state.windows.emit_all(&state.id, ctx.window_us, &mut out.windows);
+            state
+                .windows
+                .emit_all(&state.id, ctx.window_us, &mut out.windows);
             self.stats.sensors_evicted += 1;
         }
         let mut flags = evict.iter();
-        self.sensors.retain(|_| !flags.next().copied().unwrap_or(false));
+        self.sensors
+            .retain(|_| !flags.next().copied().unwrap_or(false));
         self.index.clear();
         for (i, s) in self.sensors.iter().enumerate() {
             self.index.insert(s.id.clone(), i);
@@ -437,11 +513,24 @@ impl Pipeline {
 
     /// Phase two: one batched model call over every sensor with pending samples.
     fn infer_dirty(&mut self, out: &mut Outputs) {
-        let mut states: Vec<&mut SensorState> = self.sensors.iter_mut().filter(|s| s.pending.is_some()).collect();
+        let mut states: Vec<&mut SensorState> = self
+            .sensors
+            .iter_mut()
+            .filter(|s| s.pending.is_some())
+            .collect();
         if states.is_empty() {
             return;
         }
-        infer(&self.ctx, &self.model, &self.features, &self.scaler, &mut self.stats, &mut self.scratch, &mut states, out);
+        infer(
+            &self.ctx,
+            &self.model,
+            &self.features,
+            &self.scaler,
+            &mut self.stats,
+            &mut self.scratch,
+            &mut states,
+            out,
+        );
     }
 }
 
@@ -470,7 +559,16 @@ fn accept_packet(
     // Event-time plausibility first: no stage after this point sees a time it cannot handle.
     let Some(ts0) = plausible_start(ctx, timestamp_us, n, ingest_us) else {
         stats.samples_quarantined += n as u64;
-        quarantine_packet(ctx, state, base, timestamp_us, samples, ingest_us, now_us, out);
+        quarantine_packet(
+            ctx,
+            state,
+            base,
+            timestamp_us,
+            samples,
+            ingest_us,
+            now_us,
+            out,
+        );
         return;
     };
     // The positions of the packet's samples to keep: one run, or a late packet's pieces.
@@ -486,12 +584,21 @@ fn accept_packet(
                 let missing = u64::from(to.wrapping_sub(from));
                 state.counters.gaps += 1;
                 state.counters.missing_samples += missing;
-                out.gaps.push(GapRecord { sensor_id: state.id.clone(), from_index: from, to_index: to, missing, detected_at_us: now_us });
+                out.gaps.push(GapRecord {
+                    sensor_id: state.id.clone(),
+                    from_index: from,
+                    to_index: to,
+                    missing,
+                    detected_at_us: now_us,
+                });
             }
             run = skip..n;
             std::slice::from_ref(&run)
         }
-        Verdict::Reordered { keep: ranges, filled } => {
+        Verdict::Reordered {
+            keep: ranges,
+            filled,
+        } => {
             state.counters.reordered_samples += filled as u64;
             pieces = ranges;
             &pieces
@@ -513,7 +620,9 @@ fn accept_packet(
     };
     let kept: usize = keep.iter().map(ExactSizeIterator::len).sum();
     state.counters.duplicates += (n - kept) as u64;
-    let Some(first) = keep.first().map(|r| r.start) else { return };
+    let Some(first) = keep.first().map(|r| r.start) else {
+        return;
+    };
     let first_ts = sample_time(ts0, first, ctx.period_us);
     if let Some(session) = &state.session
         && first_ts.saturating_sub(session.last_event_us) > ctx.gap_us
@@ -523,16 +632,24 @@ fn accept_packet(
     }
     if state.session.is_none() {
         let session = ActiveSession::start(&state.id, first_ts, now_us);
-        out.session_events.push(SessionEvent::Started { session: session.record(&state.id, None) });
+        out.session_events.push(SessionEvent::Started {
+            session: session.record(&state.id, None),
+        });
         state.counters.sessions_started += 1;
         state.session = Some(session);
         state.h.fill(0.0);
         state.c.fill(0.0);
     }
-    let Some(session) = state.session.as_mut() else { return };
+    let Some(session) = state.session.as_mut() else {
+        return;
+    };
     let chunk = match &mut state.pending {
         Some(chunk) => chunk,
-        None => state.pending.insert(SampleChunk::with_capacity(state.id.clone(), session.id.clone(), kept)),
+        None => state.pending.insert(SampleChunk::with_capacity(
+            state.id.clone(),
+            session.id.clone(),
+            kept,
+        )),
     };
     let mut last_ts = first_ts;
     for i in keep.iter().flat_map(Clone::clone) {
@@ -557,7 +674,11 @@ fn accept_packet(
         chunk.accl_mag.push(accl_mag);
         chunk.gyro_mag.push(gyro_mag);
         chunk.ingest_us.push(ingest_us);
-        if let Added::Late { watermark_us } = state.windows.add(ts, accl_mag, gyro_mag, ctx.window_us, ctx.lateness_us) {
+        if let Added::Late { watermark_us } =
+            state
+                .windows
+                .add(ts, accl_mag, gyro_mag, ctx.window_us, ctx.lateness_us)
+        {
             state.counters.late += 1;
             out.late.push(LateRecord {
                 sensor_id: state.id.clone(),
@@ -571,14 +692,33 @@ fn accept_packet(
     session.last_event_us = session.last_event_us.max(last_ts);
     session.last_seen_proc_us = now_us;
     session.sample_count += kept as u64;
-    state.windows.emit_ready(&state.id, ctx.window_us, ctx.lateness_us, &mut out.windows);
+    state
+        .windows
+        .emit_ready(&state.id, ctx.window_us, ctx.lateness_us, &mut out.windows);
 }
 
 /// Infers and emits one sensor's pending samples now (before its session ends).
-fn flush_sensor(ctx: &Ctx, model: &Model, features: &[Feature], scaler: &[(f32, f32)], stats: &mut PipelineStats, state: &mut SensorState, out: &mut Outputs) {
+fn flush_sensor(
+    ctx: &Ctx,
+    model: &Model,
+    features: &[Feature],
+    scaler: &[(f32, f32)],
+    stats: &mut PipelineStats,
+    state: &mut SensorState,
+    out: &mut Outputs,
+) {
     if state.pending.is_some() {
         let mut scratch = Scratch::default();
-        infer(ctx, model, features, scaler, stats, &mut scratch, &mut [state], out);
+        infer(
+            ctx,
+            model,
+            features,
+            scaler,
+            stats,
+            &mut scratch,
+            &mut [state],
+            out,
+        );
     }
 }
 
@@ -597,13 +737,18 @@ fn infer(
 ) {
     let nf = features.len();
     let sl = model.state_len();
-    let total: usize = states.iter().map(|s| s.pending.as_ref().map_or(0, SampleChunk::len)).sum();
+    let total: usize = states
+        .iter()
+        .map(|s| s.pending.as_ref().map_or(0, SampleChunk::len))
+        .sum();
     scratch.features.clear();
     scratch.features.reserve(total * nf);
     scratch.h.clear();
     scratch.c.clear();
     for state in states.iter() {
-        let Some(chunk) = &state.pending else { continue };
+        let Some(chunk) = &state.pending else {
+            continue;
+        };
         for i in 0..chunk.len() {
             for (f, &(mean, std)) in features.iter().zip(scaler) {
                 scratch.features.push((f.value(chunk, i) - mean) / std);
@@ -619,17 +764,29 @@ fn infer(
 
     {
         let mut seqs = Vec::with_capacity(states.len());
-        let (mut feats, mut hs, mut cs) = (&scratch.features[..], &mut scratch.h[..], &mut scratch.c[..]);
+        let (mut feats, mut hs, mut cs) = (
+            &scratch.features[..],
+            &mut scratch.h[..],
+            &mut scratch.c[..],
+        );
         let (mut vel, mut prob) = (&mut scratch.velocity[..], &mut scratch.prob[..]);
         for state in states.iter() {
-            let Some(chunk) = &state.pending else { continue };
+            let Some(chunk) = &state.pending else {
+                continue;
+            };
             let t = chunk.len();
             let (f, rest_f) = feats.split_at(t * nf);
             let (h, rest_h) = std::mem::take(&mut hs).split_at_mut(sl);
             let (c, rest_c) = std::mem::take(&mut cs).split_at_mut(sl);
             let (v, rest_v) = std::mem::take(&mut vel).split_at_mut(t);
             let (p, rest_p) = std::mem::take(&mut prob).split_at_mut(t);
-            seqs.push(SequenceMut { features: f, h, c, velocity: v, movement_prob: p });
+            seqs.push(SequenceMut {
+                features: f,
+                h,
+                c,
+                velocity: v,
+                movement_prob: p,
+            });
             (feats, hs, cs, vel, prob) = (rest_f, rest_h, rest_c, rest_v, rest_p);
         }
         stats.model_calls += 1;
@@ -646,14 +803,27 @@ fn infer(
     let mut offset = 0;
     let mut state_offset = 0;
     for state in states.iter_mut() {
-        let Some(mut chunk) = state.pending.take() else { continue };
+        let Some(mut chunk) = state.pending.take() else {
+            continue;
+        };
         let t = chunk.len();
-        let (vel, prob) = (&scratch.velocity[offset..offset + t], &scratch.prob[offset..offset + t]);
+        let (vel, prob) = (
+            &scratch.velocity[offset..offset + t],
+            &scratch.prob[offset..offset + t],
+        );
         chunk.velocity_raw.extend_from_slice(vel);
-        chunk.velocity_pred.extend(vel.iter().zip(prob).map(|(&v, &p)| masked_velocity(v, p, ctx.threshold)));
+        chunk.velocity_pred.extend(
+            vel.iter()
+                .zip(prob)
+                .map(|(&v, &p)| masked_velocity(v, p, ctx.threshold)),
+        );
         chunk.movement_prob.extend_from_slice(prob);
-        state.h.copy_from_slice(&scratch.h[state_offset..state_offset + sl]);
-        state.c.copy_from_slice(&scratch.c[state_offset..state_offset + sl]);
+        state
+            .h
+            .copy_from_slice(&scratch.h[state_offset..state_offset + sl]);
+        state
+            .c
+            .copy_from_slice(&scratch.c[state_offset..state_offset + sl]);
         if let Some(session) = state.session.as_mut() {
             // Over the masked velocity (DESIGN stage 6); the accumulator applies the same
             // threshold for moving time, so this equals accumulating the raw output.
@@ -669,15 +839,31 @@ fn infer(
 }
 
 /// Ends `state`'s active session: final aggregate, then the ended event.
-fn end_session(ctx: &Ctx, state: &mut SensorState, reason: SessionEndReason, now_us: i64, out: &mut Outputs) {
-    let Some(session) = state.session.take() else { return };
-    out.aggregates.push(session.aggregate(&state.id, now_us, ctx.dt_s));
-    out.session_events.push(SessionEvent::Ended { session: session.record(&state.id, Some(session.last_event_us)), reason });
+fn end_session(
+    ctx: &Ctx,
+    state: &mut SensorState,
+    reason: SessionEndReason,
+    now_us: i64,
+    out: &mut Outputs,
+) {
+    let Some(session) = state.session.take() else {
+        return;
+    };
+    out.aggregates
+        .push(session.aggregate(&state.id, now_us, ctx.dt_s));
+    out.session_events.push(SessionEvent::Ended {
+        session: session.record(&state.id, Some(session.last_event_us)),
+        reason,
+    });
 }
 
 /// Time of sample `i` of a packet starting at `ts0`, saturating.
 fn sample_time(ts0: i64, i: usize, period_us: i64) -> i64 {
-    ts0.saturating_add(i64::try_from(i).unwrap_or(i64::MAX).saturating_mul(period_us))
+    ts0.saturating_add(
+        i64::try_from(i)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(period_us),
+    )
 }
 
 /// The packet's start time as `i64` if every one of its `n` samples lies within the
@@ -688,7 +874,9 @@ fn plausible_start(ctx: &Ctx, timestamp_us: u64, n: usize, ingest_us: i64) -> Op
     let last = first + i128::try_from(n.saturating_sub(1)).ok()? * i128::from(ctx.period_us);
     let lo = i128::from(ingest_us) - i128::from(ctx.max_past_us);
     let hi = (i128::from(ingest_us) + i128::from(ctx.max_future_us)).min(i128::from(i64::MAX));
-    (first >= lo && last <= hi).then(|| i64::try_from(first).ok()).flatten()
+    (first >= lo && last <= hi)
+        .then(|| i64::try_from(first).ok())
+        .flatten()
 }
 
 /// Sends a packet with implausible event times to the quarantine table, one row per sample
@@ -743,7 +931,11 @@ fn quarantine_packet(
 /// threshold. A NaN probability (failed model call) keeps the NaN velocity, so the failure stays
 /// visible rather than reading as "not moving".
 fn masked_velocity(velocity: f32, movement_prob: f32, threshold: f32) -> f32 {
-    if movement_prob < threshold { 0.0 } else { velocity }
+    if movement_prob < threshold {
+        0.0
+    } else {
+        velocity
+    }
 }
 
 fn norm(v: [f32; 3]) -> f32 {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{SessionAggregate, SessionId, SensorId, SessionRecord};
+use crate::record::{SensorId, SessionAggregate, SessionId, SessionRecord};
 
 /// An active session of one sensor and its running aggregates.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,7 +83,12 @@ impl ActiveSession {
     }
 
     /// The current aggregate, stamped `emitted_at_us`.
-    pub fn aggregate(&self, sensor_id: &SensorId, emitted_at_us: i64, dt_s: f64) -> SessionAggregate {
+    pub fn aggregate(
+        &self,
+        sensor_id: &SensorId,
+        emitted_at_us: i64,
+        dt_s: f64,
+    ) -> SessionAggregate {
         let moving_time_s = self.agg.moving_samples as f64 * dt_s;
         SessionAggregate {
             session_id: self.id.clone(),
@@ -91,7 +96,11 @@ impl ActiveSession {
             emitted_at_us,
             max_velocity: self.agg.max_velocity,
             distance_m: self.agg.distance_m,
-            mean_velocity: if moving_time_s > 0.0 { self.agg.distance_m / moving_time_s } else { 0.0 },
+            mean_velocity: if moving_time_s > 0.0 {
+                self.agg.distance_m / moving_time_s
+            } else {
+                0.0
+            },
             moving_time_s,
             sample_count: self.sample_count,
             duration_s: self.last_event_us.saturating_sub(self.start_us) as f64 / 1e6 + dt_s,

@@ -22,7 +22,10 @@ use std::sync::Arc;
 use sensorflow_model::Model;
 use sensorflow_protocol::IngestRecordRef;
 
-use crate::{Outputs, Pipeline, PipelineConfig, PipelineError, PipelineSnapshot, PipelineStats, SNAPSHOT_VERSION, SensorView};
+use crate::{
+    Outputs, Pipeline, PipelineConfig, PipelineError, PipelineSnapshot, PipelineStats,
+    SNAPSHOT_VERSION, SensorView,
+};
 
 /// The shard a sensor belongs to among `shards`.
 #[must_use]
@@ -41,27 +44,46 @@ impl ShardedPipeline {
     /// One empty pipeline per model in `models` (at least one model is required).
     pub fn new(config: PipelineConfig, models: &[Arc<Model>]) -> Result<Self, PipelineError> {
         if models.is_empty() {
-            return Err(PipelineError::Config("a sharded pipeline needs at least one shard".into()));
+            return Err(PipelineError::Config(
+                "a sharded pipeline needs at least one shard".into(),
+            ));
         }
-        let shards = models.iter().map(|m| Pipeline::new(config.clone(), m.clone())).collect::<Result<Vec<_>, _>>()?;
+        let shards = models
+            .iter()
+            .map(|m| Pipeline::new(config.clone(), m.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self::from_shards(shards))
     }
 
     /// Splits `snapshot` by sensor over one pipeline per model in `models`. Pipeline-wide
     /// counters go to shard 0, so [`stats`](Self::stats) continues from the snapshot's totals.
-    pub fn restore(config: PipelineConfig, models: &[Arc<Model>], snapshot: PipelineSnapshot) -> Result<Self, PipelineError> {
+    pub fn restore(
+        config: PipelineConfig,
+        models: &[Arc<Model>],
+        snapshot: PipelineSnapshot,
+    ) -> Result<Self, PipelineError> {
         if models.is_empty() {
-            return Err(PipelineError::Config("a sharded pipeline needs at least one shard".into()));
+            return Err(PipelineError::Config(
+                "a sharded pipeline needs at least one shard".into(),
+            ));
         }
         let n = models.len();
         let mut parts: Vec<PipelineSnapshot> = (0..n)
-            .map(|_| PipelineSnapshot { version: snapshot.version, stats: PipelineStats::default(), sensors: Vec::new() })
+            .map(|_| PipelineSnapshot {
+                version: snapshot.version,
+                stats: PipelineStats::default(),
+                sensors: Vec::new(),
+            })
             .collect();
         parts[0].stats = snapshot.stats;
         for sensor in snapshot.sensors {
             parts[shard_of(&sensor.sensor_id, n)].sensors.push(sensor);
         }
-        let shards = parts.into_iter().zip(models).map(|(part, m)| Pipeline::restore(config.clone(), m.clone(), part)).collect::<Result<Vec<_>, _>>()?;
+        let shards = parts
+            .into_iter()
+            .zip(models)
+            .map(|(part, m)| Pipeline::restore(config.clone(), m.clone(), part))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self::from_shards(shards))
     }
 
@@ -78,7 +100,12 @@ impl ShardedPipeline {
 
     /// Processes records in log order, the shards in parallel; appends everything produced to
     /// `out` (see [`Pipeline::process`]).
-    pub fn process<'a>(&mut self, records: impl IntoIterator<Item = IngestRecordRef<'a>>, now_us: i64, out: &mut Outputs) {
+    pub fn process<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = IngestRecordRef<'a>>,
+        now_us: i64,
+        out: &mut Outputs,
+    ) {
         let n = self.shards.len();
         if n == 1 {
             self.shards[0].process(records, now_us, out);
@@ -89,7 +116,12 @@ impl ShardedPipeline {
             parts[shard_of(record.sensor_id, n)].push(record);
         }
         std::thread::scope(|scope| {
-            let mut jobs = self.shards.iter_mut().zip(self.outs.iter_mut()).zip(parts).filter(|(_, part)| !part.is_empty());
+            let mut jobs = self
+                .shards
+                .iter_mut()
+                .zip(self.outs.iter_mut())
+                .zip(parts)
+                .filter(|(_, part)| !part.is_empty());
             let own = jobs.next();
             for ((shard, shard_out), part) in jobs {
                 scope.spawn(move || shard.process(part, now_us, shard_out));
@@ -138,7 +170,11 @@ impl ShardedPipeline {
     /// One snapshot of all shards, as a single pipeline's (see the module docs).
     #[must_use]
     pub fn snapshot(&self) -> PipelineSnapshot {
-        let mut merged = PipelineSnapshot { version: SNAPSHOT_VERSION, stats: self.stats(), sensors: Vec::new() };
+        let mut merged = PipelineSnapshot {
+            version: SNAPSHOT_VERSION,
+            stats: self.stats(),
+            sensors: Vec::new(),
+        };
         for shard in &self.shards {
             merged.sensors.extend(shard.snapshot().sensors);
         }

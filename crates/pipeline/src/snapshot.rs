@@ -48,7 +48,9 @@ use serde::{Deserialize, Serialize};
 use crate::dedupe::SequenceTracker;
 use crate::session::ActiveSession;
 use crate::window::SensorWindows;
-use crate::{Pipeline, PipelineConfig, PipelineError, PipelineStats, SensorCounters, SensorId, SensorState};
+use crate::{
+    Pipeline, PipelineConfig, PipelineError, PipelineStats, SensorCounters, SensorId, SensorState,
+};
 
 /// The snapshot format this build writes. It reads this one and versions 1 and 2 (see [`v1`],
 /// [`v2`]).
@@ -101,7 +103,9 @@ pub struct SensorSnapshot {
 pub enum SnapshotError {
     /// The bytes announce a format version this build does not read (typically written by a
     /// newer build).
-    #[error("snapshot format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "snapshot format version {found} is not supported (this build reads version {supported})"
+    )]
     UnsupportedVersion { found: u32, supported: u32 },
     /// The bytes are not a snapshot (truncated, corrupt, or not a snapshot at all).
     #[error("malformed snapshot: {0}")]
@@ -126,18 +130,28 @@ impl PipelineSnapshot {
     /// Never panics, whatever the bytes. A successful decode does not prove the content is
     /// consistent: [`Pipeline::restore`] checks it against the model.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let (found, _) = postcard::take_from_bytes::<u32>(bytes).map_err(SnapshotError::Malformed)?;
+        let (found, _) =
+            postcard::take_from_bytes::<u32>(bytes).map_err(SnapshotError::Malformed)?;
         let (snapshot, rest) = match found {
-            SNAPSHOT_VERSION => postcard::take_from_bytes::<Self>(bytes).map_err(SnapshotError::Malformed)?,
+            SNAPSHOT_VERSION => {
+                postcard::take_from_bytes::<Self>(bytes).map_err(SnapshotError::Malformed)?
+            }
             2 => {
-                let (old, rest) = postcard::take_from_bytes::<v2::PipelineSnapshot>(bytes).map_err(SnapshotError::Malformed)?;
+                let (old, rest) = postcard::take_from_bytes::<v2::PipelineSnapshot>(bytes)
+                    .map_err(SnapshotError::Malformed)?;
                 (old.into(), rest)
             }
             1 => {
-                let (old, rest) = postcard::take_from_bytes::<v1::PipelineSnapshot>(bytes).map_err(SnapshotError::Malformed)?;
+                let (old, rest) = postcard::take_from_bytes::<v1::PipelineSnapshot>(bytes)
+                    .map_err(SnapshotError::Malformed)?;
                 (v2::PipelineSnapshot::from(old).into(), rest)
             }
-            _ => return Err(SnapshotError::UnsupportedVersion { found, supported: SNAPSHOT_VERSION }),
+            _ => {
+                return Err(SnapshotError::UnsupportedVersion {
+                    found,
+                    supported: SNAPSHOT_VERSION,
+                });
+            }
         };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
@@ -161,7 +175,11 @@ impl Pipeline {
             .sensors
             .iter()
             .map(|s| {
-                assert!(s.pending.is_none(), "snapshot of sensor {:?} taken in the middle of a step", s.id);
+                assert!(
+                    s.pending.is_none(),
+                    "snapshot of sensor {:?} taken in the middle of a step",
+                    s.id
+                );
                 SensorSnapshot {
                     sensor_id: s.id.clone(),
                     framing_pending: s.framing.pending().to_vec(),
@@ -174,7 +192,11 @@ impl Pipeline {
                 }
             })
             .collect();
-        PipelineSnapshot { version: SNAPSHOT_VERSION, stats: self.stats.clone(), sensors }
+        PipelineSnapshot {
+            version: SNAPSHOT_VERSION,
+            stats: self.stats.clone(),
+            sensors,
+        }
     }
 
     /// Builds a pipeline that continues from `snapshot`, running with `config` and `model`.
@@ -187,18 +209,35 @@ impl Pipeline {
     ///
     /// The framing buffers are restored under `config`'s bounds; the other state is taken as it
     /// is, so a changed window size or session gap applies to what is open at the cut as well.
-    pub fn restore(config: PipelineConfig, model: Arc<Model>, snapshot: PipelineSnapshot) -> Result<Pipeline, PipelineError> {
+    pub fn restore(
+        config: PipelineConfig,
+        model: Arc<Model>,
+        snapshot: PipelineSnapshot,
+    ) -> Result<Pipeline, PipelineError> {
         if snapshot.version != SNAPSHOT_VERSION {
-            return Err(PipelineError::SnapshotVersion { found: snapshot.version, supported: SNAPSHOT_VERSION });
+            return Err(PipelineError::SnapshotVersion {
+                found: snapshot.version,
+                supported: SNAPSHOT_VERSION,
+            });
         }
         let mut pipeline = Pipeline::new(config, model)?;
         let state_len = pipeline.model.state_len();
-        let (max_buffer, max_samples) = (pipeline.config.max_framing_buffer_bytes, pipeline.config.max_samples_per_packet);
+        let (max_buffer, max_samples) = (
+            pipeline.config.max_framing_buffer_bytes,
+            pipeline.config.max_samples_per_packet,
+        );
         pipeline.sensors.reserve(snapshot.sensors.len());
         pipeline.index = HashMap::with_capacity(snapshot.sensors.len());
         for s in snapshot.sensors {
-            if let Some(found) = [s.h.len(), s.c.len()].into_iter().find(|&len| len != state_len) {
-                return Err(PipelineError::ModelStateMismatch { sensor_id: s.sensor_id.to_string(), expected: state_len, found });
+            if let Some(found) = [s.h.len(), s.c.len()]
+                .into_iter()
+                .find(|&len| len != state_len)
+            {
+                return Err(PipelineError::ModelStateMismatch {
+                    sensor_id: s.sensor_id.to_string(),
+                    expected: state_len,
+                    found,
+                });
             }
             if pipeline.index.contains_key(&s.sensor_id) {
                 return Err(PipelineError::DuplicateSensor(s.sensor_id.to_string()));
@@ -293,7 +332,11 @@ pub mod v2 {
 
     impl From<PipelineSnapshot> for super::PipelineSnapshot {
         fn from(old: PipelineSnapshot) -> Self {
-            let sensors = old.sensors.into_iter().map(super::SensorSnapshot::from).collect();
+            let sensors = old
+                .sensors
+                .into_iter()
+                .map(super::SensorSnapshot::from)
+                .collect();
             let s = old.stats;
             let stats = PipelineStats {
                 records: s.records,
@@ -303,7 +346,11 @@ pub mod v2 {
                 sensors_evicted: 0,
                 samples_quarantined: 0,
             };
-            Self { version: super::SNAPSHOT_VERSION, stats, sensors }
+            Self {
+                version: super::SNAPSHOT_VERSION,
+                stats,
+                sensors,
+            }
         }
     }
 
@@ -352,9 +399,9 @@ pub mod v1 {
     use sensorflow_protocol::framing::BadReason;
     use serde::Deserialize;
 
+    use crate::SensorId;
     use crate::session::ActiveSession;
     use crate::window::SensorWindows;
-    use crate::SensorId;
 
     /// [`super::PipelineSnapshot`] as version 1 wrote it.
     #[derive(Debug, Deserialize)]
@@ -403,8 +450,16 @@ pub mod v1 {
 
     impl From<PipelineSnapshot> for super::v2::PipelineSnapshot {
         fn from(old: PipelineSnapshot) -> Self {
-            let sensors = old.sensors.into_iter().map(super::v2::SensorSnapshot::from).collect();
-            Self { version: 2, stats: old.stats, sensors }
+            let sensors = old
+                .sensors
+                .into_iter()
+                .map(super::v2::SensorSnapshot::from)
+                .collect();
+            Self {
+                version: 2,
+                stats: old.stats,
+                sensors,
+            }
         }
     }
 

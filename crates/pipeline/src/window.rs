@@ -33,7 +33,12 @@ struct Moments {
 
 impl Default for Moments {
     fn default() -> Self {
-        Self { sum: 0.0, sum_sq: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY }
+        Self {
+            sum: 0.0,
+            sum_sq: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
     }
 }
 
@@ -77,14 +82,24 @@ pub struct SensorWindows {
 impl SensorWindows {
     /// The current watermark: max event time minus `lateness_us` (`i64::MIN` before any sample).
     pub fn watermark(&self, lateness_us: i64) -> i64 {
-        self.max_event_us.map_or(i64::MIN, |m| m.saturating_sub(lateness_us))
+        self.max_event_us
+            .map_or(i64::MIN, |m| m.saturating_sub(lateness_us))
     }
 
     /// Adds one sample at event time `ts` with its two magnitudes.
-    pub fn add(&mut self, ts: i64, accl_mag: f32, gyro_mag: f32, size_us: i64, lateness_us: i64) -> Added {
+    pub fn add(
+        &mut self,
+        ts: i64,
+        accl_mag: f32,
+        gyro_mag: f32,
+        size_us: i64,
+        lateness_us: i64,
+    ) -> Added {
         let start = window_start(ts, size_us);
         if self.max_event_us.is_some() && start.saturating_add(size_us) <= self.emitted_until_us {
-            return Added::Late { watermark_us: self.watermark(lateness_us) };
+            return Added::Late {
+                watermark_us: self.watermark(lateness_us),
+            };
         }
         self.max_event_us = Some(self.max_event_us.map_or(ts, |m| m.max(ts)));
         let pos = self.open.iter().position(|w| w.start_us >= start);
@@ -107,7 +122,13 @@ impl SensorWindows {
     }
 
     /// Emits every window whose end is at or before the watermark.
-    pub fn emit_ready(&mut self, sensor_id: &Arc<str>, size_us: i64, lateness_us: i64, out: &mut Vec<WindowRecord>) {
+    pub fn emit_ready(
+        &mut self,
+        sensor_id: &Arc<str>,
+        size_us: i64,
+        lateness_us: i64,
+        out: &mut Vec<WindowRecord>,
+    ) {
         self.emit_until(self.watermark(lateness_us), sensor_id, size_us, out);
     }
 
@@ -116,12 +137,20 @@ impl SensorWindows {
         self.emit_until(i64::MAX, sensor_id, size_us, out);
     }
 
-    fn emit_until(&mut self, until_us: i64, sensor_id: &Arc<str>, size_us: i64, out: &mut Vec<WindowRecord>) {
+    fn emit_until(
+        &mut self,
+        until_us: i64,
+        sensor_id: &Arc<str>,
+        size_us: i64,
+        out: &mut Vec<WindowRecord>,
+    ) {
         while let Some(w) = self.open.front() {
             if w.start_us.saturating_add(size_us) > until_us {
                 break;
             }
-            let Some(w) = self.open.pop_front() else { break };
+            let Some(w) = self.open.pop_front() else {
+                break;
+            };
             let end = w.start_us.saturating_add(size_us);
             self.emitted_until_us = self.emitted_until_us.max(end);
             out.push(w.into_record(sensor_id.clone(), size_us));
@@ -147,7 +176,12 @@ fn window_start(ts: i64, size_us: i64) -> i64 {
 
 impl OpenWindow {
     fn new(start_us: i64) -> Self {
-        Self { start_us, count: 0, accl: Moments::default(), gyro: Moments::default() }
+        Self {
+            start_us,
+            count: 0,
+            accl: Moments::default(),
+            gyro: Moments::default(),
+        }
     }
 
     fn into_record(self, sensor_id: Arc<str>, size_us: i64) -> WindowRecord {
@@ -222,9 +256,19 @@ mod tests {
         w.add(5 * SEC, 1.0, 1.0, SEC, LATE);
         w.emit_ready(&id(), SEC, LATE, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(w.add(200, 1.0, 1.0, SEC, LATE), Added::Late { watermark_us: 3 * SEC });
+        assert_eq!(
+            w.add(200, 1.0, 1.0, SEC, LATE),
+            Added::Late {
+                watermark_us: 3 * SEC
+            }
+        );
         // A window that never had samples but lies below the watermark is closed too.
-        assert_eq!(w.add(SEC + 1, 1.0, 1.0, SEC, LATE), Added::Late { watermark_us: 3 * SEC });
+        assert_eq!(
+            w.add(SEC + 1, 1.0, 1.0, SEC, LATE),
+            Added::Late {
+                watermark_us: 3 * SEC
+            }
+        );
         // Within allowed lateness is fine.
         assert_eq!(w.add(3 * SEC + 1, 1.0, 1.0, SEC, LATE), Added::InWindow);
     }
@@ -248,7 +292,10 @@ mod tests {
         w.add(SEC + 10, 1.0, 0.0, SEC, LATE);
         w.add(10, 3.0, 0.0, SEC, LATE);
         w.emit_all(&id(), SEC, &mut out);
-        assert_eq!(out.iter().map(|r| r.window_start_us).collect::<Vec<_>>(), vec![0, SEC]);
+        assert_eq!(
+            out.iter().map(|r| r.window_start_us).collect::<Vec<_>>(),
+            vec![0, SEC]
+        );
         assert_eq!(out[0].accl_mag_max, 3.0);
     }
 }

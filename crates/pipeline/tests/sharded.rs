@@ -7,7 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{NOW, P, T0, binary, encoded, model, motion};
-use sensorflow_pipeline::{Outputs, Pipeline, PipelineConfig, SessionEvent, ShardedPipeline, shard_of};
+use sensorflow_pipeline::{
+    Outputs, Pipeline, PipelineConfig, SessionEvent, ShardedPipeline, shard_of,
+};
 use sensorflow_protocol::record::IngestRecord;
 
 const SENSORS: usize = 40;
@@ -18,7 +20,11 @@ fn steps(steps: u64) -> Vec<Vec<IngestRecord>> {
         .map(|k| {
             (0..SENSORS)
                 .map(|s| {
-                    let payload = encoded(64 * k as u32, T0 + k * 64 * P, &motion(64, (s as u32) * 7 + k as u32, 0.0));
+                    let payload = encoded(
+                        64 * k as u32,
+                        T0 + k * 64 * P,
+                        &motion(64, (s as u32) * 7 + k as u32, 0.0),
+                    );
                     binary(&format!("sensor-{s:02}"), payload, NOW)
                 })
                 .collect()
@@ -34,11 +40,19 @@ fn digest(out: &Outputs) -> Digest {
     let mut d = Digest::new();
     for c in &out.samples {
         let e = d.entry(c.sensor_id.to_string()).or_default();
-        e.0.extend(c.sample_index.iter().zip(&c.velocity_pred).zip(&c.movement_prob).map(|((i, v), m)| (*i, *v, *m)));
+        e.0.extend(
+            c.sample_index
+                .iter()
+                .zip(&c.velocity_pred)
+                .zip(&c.movement_prob)
+                .map(|((i, v), m)| (*i, *v, *m)),
+        );
     }
     for ev in &out.session_events {
         let id = match ev {
-            SessionEvent::Started { session } | SessionEvent::Ended { session, .. } => session.sensor_id.to_string(),
+            SessionEvent::Started { session } | SessionEvent::Ended { session, .. } => {
+                session.sensor_id.to_string()
+            }
         };
         d.entry(id).or_default().1 += 1;
     }
@@ -55,7 +69,10 @@ fn assert_same(a: &Digest, b: &Digest) {
         assert_eq!((sa.len(), ea, wa), (sb.len(), eb, wb), "{sensor}");
         for (x, y) in sa.iter().zip(sb) {
             assert_eq!(x.0, y.0, "{sensor}");
-            assert!((x.1 - y.1).abs() <= 1e-5 && (x.2 - y.2).abs() <= 1e-5, "{sensor}: {x:?} vs {y:?}");
+            assert!(
+                (x.1 - y.1).abs() <= 1e-5 && (x.2 - y.2).abs() <= 1e-5,
+                "{sensor}: {x:?} vs {y:?}"
+            );
         }
     }
 }
@@ -86,7 +103,8 @@ fn sharded_outputs_equal_a_single_pipelines_per_sensor() {
     let all = steps(4);
     let expected = single_run(&all);
     for shards in [2, 3] {
-        let mut p = ShardedPipeline::new(PipelineConfig::default(), &vec![model(); shards]).unwrap();
+        let mut p =
+            ShardedPipeline::new(PipelineConfig::default(), &vec![model(); shards]).unwrap();
         let mut out = Outputs::default();
         for step in &all {
             p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);
@@ -103,7 +121,8 @@ fn a_checkpoint_restores_under_another_shard_count() {
     let all = steps(6);
     let expected = single_run(&all);
     for (before, after) in [(2, 1), (1, 3), (3, 2)] {
-        let mut p = ShardedPipeline::new(PipelineConfig::default(), &vec![model(); before]).unwrap();
+        let mut p =
+            ShardedPipeline::new(PipelineConfig::default(), &vec![model(); before]).unwrap();
         let mut out = Outputs::default();
         for step in &all[..3] {
             p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);
@@ -111,7 +130,9 @@ fn a_checkpoint_restores_under_another_shard_count() {
         let bytes = p.snapshot().encode();
         drop(p);
         let snapshot = sensorflow_pipeline::PipelineSnapshot::decode(&bytes).unwrap();
-        let mut p = ShardedPipeline::restore(PipelineConfig::default(), &vec![model(); after], snapshot).unwrap();
+        let mut p =
+            ShardedPipeline::restore(PipelineConfig::default(), &vec![model(); after], snapshot)
+                .unwrap();
         assert_eq!(p.stats().records, (3 * SENSORS) as u64);
         for step in &all[3..] {
             p.process(step.iter().map(IngestRecord::as_ref), NOW, &mut out);

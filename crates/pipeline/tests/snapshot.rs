@@ -7,14 +7,19 @@ mod common;
 use common::{NOW, P, SEC, T0, binary, encoded, model, motion};
 use proptest::prelude::*;
 use sensorflow_pipeline::{
-    Outputs, Pipeline, PipelineConfig, PipelineError, PipelineSnapshot, SNAPSHOT_VERSION, SessionEvent, SnapshotError,
+    Outputs, Pipeline, PipelineConfig, PipelineError, PipelineSnapshot, SNAPSHOT_VERSION,
+    SessionEvent, SnapshotError,
 };
 use sensorflow_protocol::record::IngestRecord;
 
 /// A 64-sample packet with indices from `base`, starting `k` packet durations after `T0`; every
 /// sensor moves (no still seeds), the motion changing with `k`.
 fn packet(base: u32, k: u64, seed: u32) -> Vec<u8> {
-    encoded(base, T0 + k * 64 * P, &motion(64, seed.wrapping_add(k as u32), 0.25))
+    encoded(
+        base,
+        T0 + k * 64 * P,
+        &motion(64, seed.wrapping_add(k as u32), 0.25),
+    )
 }
 
 fn rec(sensor: &str, payload: &[u8], ingest_us: i64) -> IngestRecord {
@@ -32,7 +37,9 @@ enum Step {
 fn play(p: &mut Pipeline, steps: &[Step], out: &mut Outputs) {
     for step in steps {
         match step {
-            Step::Process(records, now) => p.process(records.iter().map(IngestRecord::as_ref), *now, out),
+            Step::Process(records, now) => {
+                p.process(records.iter().map(IngestRecord::as_ref), *now, out)
+            }
             Step::Tick(now) => p.on_tick(*now, out),
         }
     }
@@ -66,7 +73,12 @@ fn run(config: &PipelineConfig, steps: &[Step], cut: usize, restore: bool, close
     let final_state = p.snapshot().encode();
     p.close_all(close_us, &mut after_cut);
     append(&mut out, after_cut.clone());
-    Run { out, after_cut, at_cut, final_state }
+    Run {
+        out,
+        after_cut,
+        at_cut,
+        final_state,
+    }
 }
 
 fn append(out: &mut Outputs, more: Outputs) {
@@ -79,13 +91,20 @@ fn append(out: &mut Outputs, more: Outputs) {
 }
 
 fn velocities(out: &Outputs) -> Vec<u32> {
-    out.samples.iter().flat_map(|c| c.velocity_pred.iter().map(|v| v.to_bits())).collect()
+    out.samples
+        .iter()
+        .flat_map(|c| c.velocity_pred.iter().map(|v| v.to_bits()))
+        .collect()
 }
 
 /// Asserts the interrupted and the uninterrupted run agree on everything.
 fn assert_same(straight: &Run, restored: &Run) {
     // Bit-for-bit predictions first: the clearest message if inference diverged.
-    assert_eq!(velocities(&straight.out), velocities(&restored.out), "velocity_pred differs");
+    assert_eq!(
+        velocities(&straight.out),
+        velocities(&restored.out),
+        "velocity_pred differs"
+    );
     assert_eq!(straight.out.samples, restored.out.samples);
     assert_eq!(straight.out.windows, restored.out.windows);
     assert_eq!(straight.out.session_events, restored.out.session_events);
@@ -93,7 +112,10 @@ fn assert_same(straight: &Run, restored: &Run) {
     assert_eq!(straight.out.gaps, restored.out.gaps);
     assert_eq!(straight.out.late, restored.out.late);
     assert_eq!(straight.out, restored.out);
-    assert!(straight.final_state == restored.final_state, "final states differ");
+    assert!(
+        straight.final_state == restored.final_state,
+        "final states differ"
+    );
 }
 
 /// Three sensors; the cut falls with a packet of `a` half received, windows and sessions open,
@@ -103,10 +125,17 @@ fn scenario() -> (Vec<Step>, usize) {
     let mut before = Vec::new();
     for k in 0..5u64 {
         let now = NOW + k as i64 * 300_000;
-        let recs = ["a", "b", "c"].iter().enumerate().map(|(s, id)| rec(id, &packet(64 * k as u32, k, s as u32), now)).collect();
+        let recs = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(s, id)| rec(id, &packet(64 * k as u32, k, s as u32), now))
+            .collect();
         before.push(Step::Process(recs, now));
     }
-    before.push(Step::Process(vec![rec("a", &split[..700], NOW + 1_500_000)], NOW + 1_500_000));
+    before.push(Step::Process(
+        vec![rec("a", &split[..700], NOW + 1_500_000)],
+        NOW + 1_500_000,
+    ));
     before.push(Step::Tick(NOW + 1_600_000));
     let cut = before.len();
 
@@ -115,14 +144,21 @@ fn scenario() -> (Vec<Step>, usize) {
     steps.push(Step::Tick(NOW + 1_700_000));
     let now = NOW + 1_800_000;
     steps.push(Step::Process(
-        vec![rec("a", &split[700..], now), rec("a", &packet(64, 1, 1), now), rec("b", &packet(5 * 64, 5, 1), now)],
+        vec![
+            rec("a", &split[700..], now),
+            rec("a", &packet(64, 1, 1), now),
+            rec("b", &packet(5 * 64, 5, 1), now),
+        ],
         now,
     ));
     // Aggregates are due 2 s after the sessions started.
     steps.push(Step::Tick(NOW + 2_100_000));
     for k in 6..14u64 {
         let now = NOW + k as i64 * 300_000;
-        let mut recs = vec![rec("a", &packet(64 * k as u32, k, 0), now), rec("b", &packet(64 * k as u32, k, 1), now)];
+        let mut recs = vec![
+            rec("a", &packet(64 * k as u32, k, 0), now),
+            rec("b", &packet(64 * k as u32, k, 1), now),
+        ];
         if k >= 9 {
             // `c` was silent for packets 5..9: a gap of 256 samples.
             recs.push(rec("c", &packet(64 * k as u32, k, 2), now));
@@ -144,20 +180,76 @@ fn restored_pipeline_continues_exactly_like_the_original() {
 
     // The cut really carries every kind of state.
     let snap = &restored.at_cut;
-    assert_eq!(snap.sensors.iter().map(|s| &*s.sensor_id).collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(
+        snap.sensors
+            .iter()
+            .map(|s| &*s.sensor_id)
+            .collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
     let a = &snap.sensors[0];
-    assert_eq!(a.framing_pending.len(), 700, "half a packet is buffered at the cut");
+    assert_eq!(
+        a.framing_pending.len(),
+        700,
+        "half a packet is buffered at the cut"
+    );
     assert!(a.session.is_some() && a.windows.open_count() > 0);
     assert!(a.h.iter().any(|&x| x != 0.0), "model state is mid-sequence");
     let after = &restored.after_cut;
-    assert!(after.samples.iter().any(|c| &*c.sensor_id == "a" && c.sample_index[0] == 5 * 64), "split packet completed");
-    assert_eq!(after.session_events.iter().filter(|e| matches!(e, SessionEvent::Started { .. })).count(), 0, "sessions carried over");
-    assert!(after.aggregates.iter().any(|g| g.emitted_at_us == NOW + 2_100_000 && g.sample_count == 5 * 64), "tick aggregate after restore");
-    assert!(after.windows.iter().any(|w| w.window_start_us < (T0 + 5 * 64 * P) as i64), "a window open at the cut is emitted after it");
-    assert_eq!((after.gaps.len(), after.gaps[0].from_index, after.gaps[0].missing), (1, 5 * 64, 4 * 64));
+    assert!(
+        after
+            .samples
+            .iter()
+            .any(|c| &*c.sensor_id == "a" && c.sample_index[0] == 5 * 64),
+        "split packet completed"
+    );
+    assert_eq!(
+        after
+            .session_events
+            .iter()
+            .filter(|e| matches!(e, SessionEvent::Started { .. }))
+            .count(),
+        0,
+        "sessions carried over"
+    );
+    assert!(
+        after
+            .aggregates
+            .iter()
+            .any(|g| g.emitted_at_us == NOW + 2_100_000 && g.sample_count == 5 * 64),
+        "tick aggregate after restore"
+    );
+    assert!(
+        after
+            .windows
+            .iter()
+            .any(|w| w.window_start_us < (T0 + 5 * 64 * P) as i64),
+        "a window open at the cut is emitted after it"
+    );
+    assert_eq!(
+        (
+            after.gaps.len(),
+            after.gaps[0].from_index,
+            after.gaps[0].missing
+        ),
+        (1, 5 * 64, 4 * 64)
+    );
     let final_state = PipelineSnapshot::decode(&restored.final_state).unwrap();
-    assert_eq!(final_state.sensors[0].counters.duplicates, 64, "redelivered packet dropped after restore");
-    assert_eq!(final_state.stats.records, steps.iter().map(|s| if let Step::Process(r, _) = s { r.len() as u64 } else { 0 }).sum::<u64>());
+    assert_eq!(
+        final_state.sensors[0].counters.duplicates, 64,
+        "redelivered packet dropped after restore"
+    );
+    assert_eq!(
+        final_state.stats.records,
+        steps
+            .iter()
+            .map(|s| if let Step::Process(r, _) = s {
+                r.len() as u64
+            } else {
+                0
+            })
+            .sum::<u64>()
+    );
 }
 
 #[test]
@@ -173,7 +265,11 @@ fn snapshot_of_a_new_pipeline_restores_to_an_equivalent_one() {
 /// A pipeline that has seen one packet of sensor `a`.
 fn snapshot_with_one_sensor() -> PipelineSnapshot {
     let mut p = Pipeline::new(PipelineConfig::default(), model()).unwrap();
-    play(&mut p, &[Step::Process(vec![rec("a", &packet(0, 0, 1), NOW)], NOW)], &mut Outputs::default());
+    play(
+        &mut p,
+        &[Step::Process(vec![rec("a", &packet(0, 0, 1), NOW)], NOW)],
+        &mut Outputs::default(),
+    );
     p.snapshot()
 }
 
@@ -182,7 +278,9 @@ fn model_state_of_another_length_is_rejected() {
     let mut snap = snapshot_with_one_sensor();
     assert_eq!(snap.sensors[0].h.len(), model().state_len());
     snap.sensors[0].c.truncate(3);
-    let err = Pipeline::restore(PipelineConfig::default(), model(), snap).err().unwrap();
+    let err = Pipeline::restore(PipelineConfig::default(), model(), snap)
+        .err()
+        .unwrap();
     assert!(
         matches!(&err, PipelineError::ModelStateMismatch { sensor_id, expected: 64, found: 3 } if sensor_id == "a"),
         "{err:?}"
@@ -193,8 +291,13 @@ fn model_state_of_another_length_is_rejected() {
 fn sensor_appearing_twice_is_rejected() {
     let mut snap = snapshot_with_one_sensor();
     snap.sensors.push(snap.sensors[0].clone());
-    let err = Pipeline::restore(PipelineConfig::default(), model(), snap).err().unwrap();
-    assert!(matches!(&err, PipelineError::DuplicateSensor(id) if id == "a"), "{err:?}");
+    let err = Pipeline::restore(PipelineConfig::default(), model(), snap)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, PipelineError::DuplicateSensor(id) if id == "a"),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -209,13 +312,23 @@ fn a_version_1_checkpoint_restores_and_continues_like_the_original() {
 
     let migrated = PipelineSnapshot::decode(bytes).unwrap();
     assert_eq!(migrated.version, SNAPSHOT_VERSION);
-    assert_eq!(migrated, straight.at_cut, "migrates to the state this version takes at the same cut");
+    assert_eq!(
+        migrated, straight.at_cut,
+        "migrates to the state this version takes at the same cut"
+    );
     let mut p = Pipeline::restore(config, model(), migrated).unwrap();
     let mut after = Outputs::default();
     play(&mut p, &steps[cut..], &mut after);
-    assert!(p.snapshot().encode() == straight.final_state, "final states differ");
+    assert!(
+        p.snapshot().encode() == straight.final_state,
+        "final states differ"
+    );
     p.close_all(close, &mut after);
-    assert_eq!(velocities(&after), velocities(&straight.after_cut), "velocity_pred differs");
+    assert_eq!(
+        velocities(&after),
+        velocities(&straight.after_cut),
+        "velocity_pred differs"
+    );
     assert_eq!(after, straight.after_cut);
 }
 
@@ -225,23 +338,51 @@ fn newer_format_version_is_rejected_by_decode_and_restore() {
     assert_eq!(snap.version, SNAPSHOT_VERSION);
     snap.version = SNAPSHOT_VERSION + 1;
     let err = PipelineSnapshot::decode(&snap.encode()).unwrap_err();
-    assert!(matches!(err, SnapshotError::UnsupportedVersion { found, supported: SNAPSHOT_VERSION } if found == SNAPSHOT_VERSION + 1), "{err:?}");
-    let err = Pipeline::restore(PipelineConfig::default(), model(), snap).err().unwrap();
-    assert!(matches!(err, PipelineError::SnapshotVersion { supported: SNAPSHOT_VERSION, .. }), "{err:?}");
+    assert!(
+        matches!(err, SnapshotError::UnsupportedVersion { found, supported: SNAPSHOT_VERSION } if found == SNAPSHOT_VERSION + 1),
+        "{err:?}"
+    );
+    let err = Pipeline::restore(PipelineConfig::default(), model(), snap)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            PipelineError::SnapshotVersion {
+                supported: SNAPSHOT_VERSION,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn garbage_truncated_and_padded_bytes_are_errors() {
-    for garbage in [&b""[..], b"\xff\xff\xff\xff\xff\xff", b"hello, snapshot", &[1, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]] {
+    for garbage in [
+        &b""[..],
+        b"\xff\xff\xff\xff\xff\xff",
+        b"hello, snapshot",
+        &[1, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f],
+    ] {
         assert!(PipelineSnapshot::decode(garbage).is_err(), "{garbage:?}");
     }
     let bytes = snapshot_with_one_sensor().encode();
     for len in 0..bytes.len() {
-        assert!(matches!(PipelineSnapshot::decode(&bytes[..len]), Err(SnapshotError::Malformed(_))), "prefix of {len} bytes");
+        assert!(
+            matches!(
+                PipelineSnapshot::decode(&bytes[..len]),
+                Err(SnapshotError::Malformed(_))
+            ),
+            "prefix of {len} bytes"
+        );
     }
     let mut padded = bytes.clone();
     padded.push(0);
-    assert!(matches!(PipelineSnapshot::decode(&padded), Err(SnapshotError::TrailingBytes(1))));
+    assert!(matches!(
+        PipelineSnapshot::decode(&padded),
+        Err(SnapshotError::TrailingBytes(1))
+    ));
     assert_eq!(PipelineSnapshot::decode(&bytes).unwrap().encode(), bytes);
 }
 
@@ -252,15 +393,27 @@ fn snapshot_size_for_a_thousand_sensors_mid_session() {
     let ids: Vec<String> = (0..1000).map(|i| format!("imu-{i:04}")).collect();
     for k in 0..3u64 {
         let now = NOW + k as i64 * 320_000;
-        let recs = ids.iter().enumerate().map(|(i, id)| rec(id, &packet(64 * k as u32, k, i as u32), now)).collect();
+        let recs = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| rec(id, &packet(64 * k as u32, k, i as u32), now))
+            .collect();
         play(&mut p, &[Step::Process(recs, now)], &mut out);
     }
     let mid = NOW + SEC;
     // Every sensor has half of its next packet buffered: the worst case between packets.
-    let recs = ids.iter().enumerate().map(|(i, id)| rec(id, &packet(192, 3, i as u32)[..650], mid)).collect();
+    let recs = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| rec(id, &packet(192, 3, i as u32)[..650], mid))
+        .collect();
     play(&mut p, &[Step::Process(recs, mid)], &mut out);
     let snap = p.snapshot();
-    assert!(snap.sensors.iter().all(|s| s.session.is_some() && s.framing_pending.len() == 650));
+    assert!(
+        snap.sensors
+            .iter()
+            .all(|s| s.session.is_some() && s.framing_pending.len() == 650)
+    );
     let bytes = snap.encode();
     let without_framing = bytes.len() - 1000 * 650;
     println!(
@@ -270,7 +423,11 @@ fn snapshot_size_for_a_thousand_sensors_mid_session() {
         without_framing / 1000
     );
     // h and c are 2 x 64 f32 = 512 bytes; the rest (ids, session, windows, counters) is small.
-    assert!(without_framing / 1000 < 1024, "{} bytes per sensor", without_framing / 1000);
+    assert!(
+        without_framing / 1000 < 1024,
+        "{} bytes per sensor",
+        without_framing / 1000
+    );
     let back = PipelineSnapshot::decode(&bytes).unwrap();
     assert_eq!(back.encode(), bytes);
 }
@@ -311,7 +468,13 @@ fn build_steps(sensors: usize, ops: &[(usize, Op)], step_len: usize) -> Vec<Step
         k: u64,
         last: Option<Vec<u8>>,
     }
-    let mut state: Vec<Sensor> = (0..sensors).map(|_| Sensor { base: 0, k: 0, last: None }).collect();
+    let mut state: Vec<Sensor> = (0..sensors)
+        .map(|_| Sensor {
+            base: 0,
+            k: 0,
+            last: None,
+        })
+        .collect();
     let mut steps = Vec::new();
     let mut current = Vec::new();
     let mut now = NOW;

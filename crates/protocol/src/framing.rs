@@ -50,8 +50,8 @@ use std::mem;
 
 use crate::crc16::crc16_arc;
 use crate::imu::{
-    self, CRC_BYTES, HEADER_BYTES, HEADER_ID, IMU_RAW_COMBO_V3, MAX_SAMPLES_PER_PACKET, MIN_FRAME_BYTES,
-    PAYLOAD_FIXED_BYTES, PREFIX_BYTES, PacketError, PacketView, SAMPLE_BYTES,
+    self, CRC_BYTES, HEADER_BYTES, HEADER_ID, IMU_RAW_COMBO_V3, MAX_SAMPLES_PER_PACKET,
+    MIN_FRAME_BYTES, PAYLOAD_FIXED_BYTES, PREFIX_BYTES, PacketError, PacketView, SAMPLE_BYTES,
 };
 
 /// Default bound of a decoder's buffer.
@@ -67,7 +67,9 @@ pub const DEFAULT_MAX_SAMPLES_PER_PACKET: u16 = 1024;
 /// via `From<PacketError>`). The decoder itself
 /// counts a header with inconsistent lengths as garbage: it cannot tell one from a stray
 /// `0x7C 0x1E` in noise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum BadReason {
     /// A complete frame whose CRC does not match.
     BadCrc,
@@ -217,7 +219,9 @@ impl FrameDecoder {
     pub fn new(max_buffer_bytes: usize, max_samples_per_packet: u16) -> Self {
         let max_buffer_bytes = max_buffer_bytes.max(MIN_FRAME_BYTES);
         let fits = (max_buffer_bytes - MIN_FRAME_BYTES) / SAMPLE_BYTES;
-        let cap = u16::try_from(fits).unwrap_or(u16::MAX).min(MAX_SAMPLES_PER_PACKET);
+        let cap = u16::try_from(fits)
+            .unwrap_or(u16::MAX)
+            .min(MAX_SAMPLES_PER_PACKET);
         FrameDecoder {
             buf: Vec::new(),
             start: 0,
@@ -313,17 +317,29 @@ impl FrameDecoder {
                     return Some(self.take_garbage());
                 }
                 let bytes = mem::take(&mut self.overflowed);
-                return Some(Frame::Bad { reason: BadReason::Overflow, bytes });
+                return Some(Frame::Bad {
+                    reason: BadReason::Overflow,
+                    bytes,
+                });
             }
             if self.garbage >= self.max_buffer_bytes {
                 return Some(self.take_garbage());
             }
             let in_shadow = self.shadow > 0;
             let pending_len = self.buf.len() - self.start;
-            match scan(&self.buf[self.start..], self.max_samples, self.max_buffer_bytes, !in_shadow) {
+            match scan(
+                &self.buf[self.start..],
+                self.max_samples,
+                self.max_buffer_bytes,
+                !in_shadow,
+            ) {
                 Scan::Empty => {
                     // The run may go on in the next message; only the end of the stream closes it.
-                    return if at_end && self.garbage > 0 { Some(self.take_garbage()) } else { None };
+                    return if at_end && self.garbage > 0 {
+                        Some(self.take_garbage())
+                    } else {
+                        None
+                    };
                 }
                 Scan::Garbage(n) => self.skip(n),
                 Scan::NeedType if at_end => self.skip(1),
@@ -339,7 +355,10 @@ impl FrameDecoder {
                         self.skip(1);
                     } else {
                         self.open_bad_span(pending_len);
-                        return Some(Frame::Bad { reason: BadReason::Truncated, bytes: pending_len });
+                        return Some(Frame::Bad {
+                            reason: BadReason::Truncated,
+                            bytes: pending_len,
+                        });
                     }
                 }
                 Scan::Imu(frame_len) => {
@@ -358,7 +377,10 @@ impl FrameDecoder {
                         Err(_) if in_shadow => self.skip(1),
                         Err(e) => {
                             self.open_bad_span(frame_len);
-                            return Some(Frame::Bad { reason: e.into(), bytes: frame_len });
+                            return Some(Frame::Bad {
+                                reason: e.into(),
+                                bytes: frame_len,
+                            });
                         }
                     }
                 }
@@ -367,7 +389,10 @@ impl FrameDecoder {
                         return Some(self.take_garbage());
                     }
                     self.open_bad_span(frame_len);
-                    return Some(Frame::Bad { reason: BadReason::UnknownType, bytes: frame_len });
+                    return Some(Frame::Bad {
+                        reason: BadReason::UnknownType,
+                        bytes: frame_len,
+                    });
                 }
             }
         }
@@ -389,7 +414,10 @@ impl FrameDecoder {
     }
 
     fn take_garbage(&mut self) -> Frame<'static> {
-        Frame::Bad { reason: BadReason::Garbage, bytes: mem::take(&mut self.garbage) }
+        Frame::Bad {
+            reason: BadReason::Garbage,
+            bytes: mem::take(&mut self.garbage),
+        }
     }
 }
 
@@ -399,7 +427,10 @@ fn scan(pending: &[u8], max_samples: u16, max_frame: usize, look_for_unknown: bo
         return Scan::Empty;
     };
     if first != HEADER_ID {
-        let run = pending.iter().position(|&b| b == HEADER_ID).unwrap_or(pending.len());
+        let run = pending
+            .iter()
+            .position(|&b| b == HEADER_ID)
+            .unwrap_or(pending.len());
         return Scan::Garbage(run);
     }
     let Some(&ty) = pending.get(1) else {
@@ -429,7 +460,11 @@ fn scan(pending: &[u8], max_samples: u16, max_frame: usize, look_for_unknown: bo
         return Scan::Garbage(1);
     }
     let frame_len = HEADER_BYTES + declared + CRC_BYTES;
-    if pending.len() < frame_len { Scan::ImuIncomplete } else { Scan::Imu(frame_len) }
+    if pending.len() < frame_len {
+        Scan::ImuIncomplete
+    } else {
+        Scan::Imu(frame_len)
+    }
 }
 
 /// Length of the frame a non-IMU header at the start of `pending` describes, if that frame is
@@ -488,8 +523,13 @@ mod tests {
     }
 
     fn packet(base: u32, n: usize) -> Vec<u8> {
-        let samples: Vec<RawSample> =
-            (0..n).map(|i| RawSample { acc: [i as i16, 1, 2], temp: 25, ..RawSample::default() }).collect();
+        let samples: Vec<RawSample> = (0..n)
+            .map(|i| RawSample {
+                acc: [i as i16, 1, 2],
+                temp: 25,
+                ..RawSample::default()
+            })
+            .collect();
         let mut out = Vec::new();
         encode_packet(base, u64::from(base) * 5_000, &samples, &mut out);
         out
@@ -500,7 +540,10 @@ mod tests {
         let mut stream = packet(1, 3);
         stream.extend(packet(4, 64));
         let chunks: Vec<&[u8]> = stream.chunks(1).collect();
-        assert_eq!(decode(&mut FrameDecoder::default(), &chunks), [Ev::P(1), Ev::P(4)]);
+        assert_eq!(
+            decode(&mut FrameDecoder::default(), &chunks),
+            [Ev::P(1), Ev::P(4)]
+        );
     }
 
     #[test]
@@ -516,7 +559,15 @@ mod tests {
         let b = packet(2, 1);
         let chunks: [&[u8]; 5] = [b"hello world", &a, b"ab", b"c\x7c", &b];
         let got = decode(&mut FrameDecoder::default(), &chunks);
-        assert_eq!(got, [Ev::Bad(BadReason::Garbage, 11), Ev::P(1), Ev::Bad(BadReason::Garbage, 4), Ev::P(2)]);
+        assert_eq!(
+            got,
+            [
+                Ev::Bad(BadReason::Garbage, 11),
+                Ev::P(1),
+                Ev::Bad(BadReason::Garbage, 4),
+                Ev::P(2)
+            ]
+        );
     }
 
     #[test]
@@ -526,7 +577,11 @@ mod tests {
         d.push(&packet(1, 1));
         d.push(b"xyz\x7c");
         drain(&mut d, &mut out);
-        assert_eq!(out, [Ev::P(1)], "the run may continue, so it is not reported yet");
+        assert_eq!(
+            out,
+            [Ev::P(1)],
+            "the run may continue, so it is not reported yet"
+        );
         assert_eq!(d.pending(), b"\x7c");
         finish(&mut d, &mut out);
         assert_eq!(out, [Ev::P(1), Ev::Bad(BadReason::Garbage, 4)]);
@@ -577,7 +632,10 @@ mod tests {
         bad[last] ^= 0x55;
         let stream = [packet(1, 4), bad.clone(), packet(3, 4)].concat();
         let got = decode(&mut FrameDecoder::default(), &[&stream]);
-        assert_eq!(got, [Ev::P(1), Ev::Bad(BadReason::BadCrc, bad.len()), Ev::P(3)]);
+        assert_eq!(
+            got,
+            [Ev::P(1), Ev::Bad(BadReason::BadCrc, bad.len()), Ev::P(3)]
+        );
     }
 
     #[test]
@@ -627,7 +685,10 @@ mod tests {
 
     #[test]
     fn header_byte_followed_by_another_type_without_a_valid_frame_is_garbage() {
-        let got = decode(&mut FrameDecoder::default(), &[&[0x7C, 0x2A, 0, 0, 9, 9, 9], &packet(5, 1)]);
+        let got = decode(
+            &mut FrameDecoder::default(),
+            &[&[0x7C, 0x2A, 0, 0, 9, 9, 9], &packet(5, 1)],
+        );
         assert_eq!(got, [Ev::Bad(BadReason::Garbage, 7), Ev::P(5)]);
     }
 
@@ -640,7 +701,14 @@ mod tests {
         assert_eq!(d.pending().len(), 100);
         let mut out = Vec::new();
         drain(&mut d, &mut out);
-        assert_eq!(out, [Ev::Bad(BadReason::Overflow, 40), Ev::Bad(BadReason::Garbage, 60), Ev::P(8)]);
+        assert_eq!(
+            out,
+            [
+                Ev::Bad(BadReason::Overflow, 40),
+                Ev::Bad(BadReason::Garbage, 60),
+                Ev::P(8)
+            ]
+        );
     }
 
     #[test]
@@ -651,14 +719,26 @@ mod tests {
             d.push(&[0u8; 40]);
             drain(&mut d, &mut out);
         }
-        assert_eq!(out, [Ev::Bad(BadReason::Garbage, 80), Ev::Bad(BadReason::Garbage, 80)]);
+        assert_eq!(
+            out,
+            [
+                Ev::Bad(BadReason::Garbage, 80),
+                Ev::Bad(BadReason::Garbage, 80)
+            ]
+        );
     }
 
     #[test]
     fn sample_limit_is_lowered_to_what_the_buffer_can_hold() {
         assert_eq!(FrameDecoder::new(100, 1024).max_samples_per_packet(), 4);
-        assert_eq!(FrameDecoder::new(0, 1024).max_buffer_bytes(), MIN_FRAME_BYTES);
-        assert_eq!(FrameDecoder::new(usize::MAX, u16::MAX).max_samples_per_packet(), MAX_SAMPLES_PER_PACKET);
+        assert_eq!(
+            FrameDecoder::new(0, 1024).max_buffer_bytes(),
+            MIN_FRAME_BYTES
+        );
+        assert_eq!(
+            FrameDecoder::new(usize::MAX, u16::MAX).max_samples_per_packet(),
+            MAX_SAMPLES_PER_PACKET
+        );
         assert_eq!(FrameDecoder::default().max_samples_per_packet(), 1024);
     }
 
@@ -668,7 +748,11 @@ mod tests {
         let mut d = FrameDecoder::default();
         d.push(&p[..50]);
         assert!(d.next_frame().is_none());
-        let mut restored = FrameDecoder::restore(d.pending(), DEFAULT_MAX_BUFFER_BYTES, DEFAULT_MAX_SAMPLES_PER_PACKET);
+        let mut restored = FrameDecoder::restore(
+            d.pending(),
+            DEFAULT_MAX_BUFFER_BYTES,
+            DEFAULT_MAX_SAMPLES_PER_PACKET,
+        );
         let got = decode(&mut restored, &[&p[50..]]);
         assert_eq!(got, [Ev::P(42)]);
     }
@@ -692,10 +776,21 @@ mod tests {
 
     #[test]
     fn bad_reason_labels_are_distinct_snake_case() {
-        let labels: std::collections::BTreeSet<_> = BadReason::ALL.iter().map(BadReason::as_str).collect();
+        let labels: std::collections::BTreeSet<_> =
+            BadReason::ALL.iter().map(BadReason::as_str).collect();
         assert_eq!(labels.len(), BadReason::ALL.len());
-        assert!(labels.iter().all(|l| l.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
+        assert!(
+            labels
+                .iter()
+                .all(|l| l.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        );
         assert_eq!(BadReason::BadCrc.to_string(), "bad_crc");
-        assert_eq!(BadReason::from(PacketError::BadCrc { expected: 1, actual: 2 }), BadReason::BadCrc);
+        assert_eq!(
+            BadReason::from(PacketError::BadCrc {
+                expected: 1,
+                actual: 2
+            }),
+            BadReason::BadCrc
+        );
     }
 }

@@ -52,7 +52,8 @@ pub const PREFIX_BYTES: usize = HEADER_BYTES + PAYLOAD_FIXED_BYTES;
 /// Size of a packet without samples, the smallest possible frame.
 pub const MIN_FRAME_BYTES: usize = PREFIX_BYTES + CRC_BYTES;
 /// Most samples a packet can carry: the payload length `14 + 20·n` must fit in a u16.
-pub const MAX_SAMPLES_PER_PACKET: u16 = ((u16::MAX as usize - PAYLOAD_FIXED_BYTES) / SAMPLE_BYTES) as u16;
+pub const MAX_SAMPLES_PER_PACKET: u16 =
+    ((u16::MAX as usize - PAYLOAD_FIXED_BYTES) / SAMPLE_BYTES) as u16;
 
 /// Size of a whole frame (header, payload and CRC) carrying `samples` samples.
 #[must_use]
@@ -164,7 +165,9 @@ pub enum PacketError {
     #[error("unknown packet type {0:#04x}")]
     UnknownType(u8),
     /// The payload length field disagrees with the sample count (`L != 14 + 20·n`).
-    #[error("bad length: payload length {declared} does not fit {samples} samples (expected 14 + 20*n)")]
+    #[error(
+        "bad length: payload length {declared} does not fit {samples} samples (expected 14 + 20*n)"
+    )]
     BadLength {
         /// Payload length L from the header.
         declared: u16,
@@ -208,7 +211,9 @@ impl<'a> PacketView<'a> {
 
     /// Wraps a slice that [`verify`] accepted and that is cut to exactly the frame.
     pub(crate) fn from_verified(frame: &'a [u8]) -> PacketView<'a> {
-        let sample_area = frame.get(PREFIX_BYTES..frame.len().saturating_sub(CRC_BYTES)).unwrap_or_default();
+        let sample_area = frame
+            .get(PREFIX_BYTES..frame.len().saturating_sub(CRC_BYTES))
+            .unwrap_or_default();
         let (samples, rest) = sample_area.as_chunks::<SAMPLE_BYTES>();
         debug_assert!(rest.is_empty(), "verify() guarantees whole samples");
         PacketView { frame, samples }
@@ -253,7 +258,9 @@ impl<'a> PacketView<'a> {
 
     /// Decodes the samples in order.
     pub fn samples(&self) -> Samples<'a> {
-        Samples { inner: self.samples.iter() }
+        Samples {
+            inner: self.samples.iter(),
+        }
     }
 
     /// Size of the whole frame in bytes: `4 + L + 2`.
@@ -329,7 +336,12 @@ impl std::iter::FusedIterator for Samples<'_> {}
 ///
 /// If `samples.len() > MAX_SAMPLES_PER_PACKET` (3276); use [`try_encode_packet`] when the
 /// count is not known to be small.
-pub fn encode_packet(base_sample_number: u32, timestamp_us: u64, samples: &[RawSample], out: &mut Vec<u8>) {
+pub fn encode_packet(
+    base_sample_number: u32,
+    timestamp_us: u64,
+    samples: &[RawSample],
+    out: &mut Vec<u8>,
+) {
     if let Err(e) = try_encode_packet(base_sample_number, timestamp_us, samples, out) {
         panic!("encode_packet: {e}");
     }
@@ -369,7 +381,12 @@ pub fn try_encode_packet(
 /// Checks the frame at the start of `frame` (see [`PacketView::parse`]) and returns its length.
 pub(crate) fn verify(frame: &[u8]) -> Result<usize, PacketError> {
     match frame.first() {
-        None => return Err(PacketError::Truncated { needed: MIN_FRAME_BYTES, got: 0 }),
+        None => {
+            return Err(PacketError::Truncated {
+                needed: MIN_FRAME_BYTES,
+                got: 0,
+            });
+        }
         Some(&b) if b != HEADER_ID => return Err(PacketError::BadHeader),
         Some(_) => {}
     }
@@ -385,7 +402,10 @@ pub(crate) fn verify(frame: &[u8]) -> Result<usize, PacketError> {
         } else {
             MIN_FRAME_BYTES
         };
-        return Err(PacketError::Truncated { needed: needed.max(MIN_FRAME_BYTES), got: frame.len() });
+        return Err(PacketError::Truncated {
+            needed: needed.max(MIN_FRAME_BYTES),
+            got: frame.len(),
+        });
     }
     let declared = u16_le(frame, 2);
     let samples = u16_le(frame, 16);
@@ -395,7 +415,10 @@ pub(crate) fn verify(frame: &[u8]) -> Result<usize, PacketError> {
     let crc_at = HEADER_BYTES + usize::from(declared);
     let frame_len = crc_at + CRC_BYTES;
     if frame.len() < frame_len {
-        return Err(PacketError::Truncated { needed: frame_len, got: frame.len() });
+        return Err(PacketError::Truncated {
+            needed: frame_len,
+            got: frame.len(),
+        });
     }
     let expected = crc16_arc(&frame[..crc_at]);
     let actual = u16_le(frame, crc_at);
@@ -437,8 +460,18 @@ mod tests {
 
     fn known_samples() -> [RawSample; 2] {
         [
-            RawSample { acc: [258, -2, 1000], gyro: [0x1234, i16::MIN, i16::MAX], mag: [258, -2, 1711], temp: 2571 },
-            RawSample { acc: [2049, 0, 0], gyro: [0; 3], mag: [2049, 0, 0], temp: 25 },
+            RawSample {
+                acc: [258, -2, 1000],
+                gyro: [0x1234, i16::MIN, i16::MAX],
+                mag: [258, -2, 1711],
+                temp: 2571,
+            },
+            RawSample {
+                acc: [2049, 0, 0],
+                gyro: [0; 3],
+                mag: [2049, 0, 0],
+                temp: 25,
+            },
         ]
     }
 
@@ -461,7 +494,12 @@ mod tests {
     #[test]
     fn encoder_reproduces_the_hand_built_packet_byte_for_byte() {
         let mut out = vec![0xAA]; // encode appends, never overwrites
-        encode_packet(0x0102_0304, 0x0011_2233_4455_6677, &known_samples(), &mut out);
+        encode_packet(
+            0x0102_0304,
+            0x0011_2233_4455_6677,
+            &known_samples(),
+            &mut out,
+        );
         assert_eq!(out[0], 0xAA);
         assert_eq!(&out[1..], &KNOWN[..]);
     }
@@ -488,23 +526,59 @@ mod tests {
 
     #[test]
     fn parse_reports_each_kind_of_damage() {
-        assert_eq!(PacketView::parse(&[]), Err(PacketError::Truncated { needed: 20, got: 0 }));
-        assert_eq!(PacketView::parse(&[0x7D, 0x1E]), Err(PacketError::BadHeader));
-        assert_eq!(PacketView::parse(&[0x7C, 0x1F, 0, 0]), Err(PacketError::UnknownType(0x1F)));
-        assert_eq!(PacketView::parse(&KNOWN[..10]), Err(PacketError::Truncated { needed: 60, got: 10 }));
-        assert_eq!(PacketView::parse(&KNOWN[..59]), Err(PacketError::Truncated { needed: 60, got: 59 }));
+        assert_eq!(
+            PacketView::parse(&[]),
+            Err(PacketError::Truncated { needed: 20, got: 0 })
+        );
+        assert_eq!(
+            PacketView::parse(&[0x7D, 0x1E]),
+            Err(PacketError::BadHeader)
+        );
+        assert_eq!(
+            PacketView::parse(&[0x7C, 0x1F, 0, 0]),
+            Err(PacketError::UnknownType(0x1F))
+        );
+        assert_eq!(
+            PacketView::parse(&KNOWN[..10]),
+            Err(PacketError::Truncated {
+                needed: 60,
+                got: 10
+            })
+        );
+        assert_eq!(
+            PacketView::parse(&KNOWN[..59]),
+            Err(PacketError::Truncated {
+                needed: 60,
+                got: 59
+            })
+        );
 
         let mut bad_len = KNOWN;
         bad_len[16] = 3; // n = 3 but L still says 2 samples
-        assert_eq!(PacketView::parse(&bad_len), Err(PacketError::BadLength { declared: 54, samples: 3 }));
+        assert_eq!(
+            PacketView::parse(&bad_len),
+            Err(PacketError::BadLength {
+                declared: 54,
+                samples: 3
+            })
+        );
 
         let mut bad_crc = KNOWN;
         bad_crc[30] ^= 0x01;
-        assert!(matches!(PacketView::parse(&bad_crc), Err(PacketError::BadCrc { actual: 0x287E, .. })));
+        assert!(matches!(
+            PacketView::parse(&bad_crc),
+            Err(PacketError::BadCrc { actual: 0x287E, .. })
+        ));
 
         let mut bad_crc_field = KNOWN;
         bad_crc_field[59] = 0x29;
-        assert_eq!(PacketView::parse(&bad_crc_field), Err(PacketError::BadCrc { expected: 0x287E, actual: 0x297E }));
+        assert_eq!(
+            PacketView::parse(&bad_crc_field),
+            Err(PacketError::BadCrc {
+                expected: 0x287E,
+                actual: 0x297E
+            })
+        );
     }
 
     #[test]
@@ -523,13 +597,22 @@ mod tests {
 
         let too_many = vec![RawSample::default(); usize::from(MAX_SAMPLES_PER_PACKET) + 1];
         let mut out = Vec::new();
-        assert_eq!(try_encode_packet(0, 0, &too_many, &mut out), Err(PacketError::TooManySamples));
+        assert_eq!(
+            try_encode_packet(0, 0, &too_many, &mut out),
+            Err(PacketError::TooManySamples)
+        );
         assert!(out.is_empty());
     }
 
     #[test]
     fn physical_units_use_the_sensor_scales() {
-        let p = RawSample { acc: [1000, -1000, 0], gyro: [100, 0, -1], mag: [1711, -1711, 0], temp: -40 }.to_physical();
+        let p = RawSample {
+            acc: [1000, -1000, 0],
+            gyro: [100, 0, -1],
+            mag: [1711, -1711, 0],
+            temp: -40,
+        }
+        .to_physical();
         assert!((p.acc[0] - 0.488).abs() < 1e-6 && (p.acc[1] + 0.488).abs() < 1e-6);
         assert!((p.gyro[0] - 14.0).abs() < 1e-5 && (p.gyro[2] + 0.14).abs() < 1e-6);
         assert!((p.mag[0] - 1.0).abs() < 1e-6 && (p.mag[1] + 1.0).abs() < 1e-6);

@@ -110,19 +110,32 @@ impl WireSample {
             ("mag.y", self.mag.y),
             ("mag.z", self.mag.z),
         ];
-        fields.into_iter().find(|(_, v)| !v.is_finite()).map(|(name, _)| name)
+        fields
+            .into_iter()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(name, _)| name)
     }
 }
 
 impl From<WireSample> for PhysSample {
     fn from(s: WireSample) -> Self {
-        PhysSample { acc: s.acc.into(), gyro: s.gyro.into(), mag: s.mag.into(), temp_raw: s.temp_raw }
+        PhysSample {
+            acc: s.acc.into(),
+            gyro: s.gyro.into(),
+            mag: s.mag.into(),
+            temp_raw: s.temp_raw,
+        }
     }
 }
 
 impl From<&PhysSample> for WireSample {
     fn from(s: &PhysSample) -> Self {
-        WireSample { acc: s.acc.into(), gyro: s.gyro.into(), mag: s.mag.into(), temp_raw: s.temp_raw }
+        WireSample {
+            acc: s.acc.into(),
+            gyro: s.gyro.into(),
+            mag: s.mag.into(),
+            temp_raw: s.temp_raw,
+        }
     }
 }
 
@@ -155,7 +168,12 @@ mod tests {
         assert_eq!(p.base_sample_number, 640);
         assert_eq!(
             p.samples,
-            [PhysSample { acc: [0.5, -0.25, 1.0], gyro: [14.0, 0.0, -0.14], mag: [0.2, 0.1, -0.4], temp_raw: 2571 }]
+            [PhysSample {
+                acc: [0.5, -0.25, 1.0],
+                gyro: [14.0, 0.0, -0.14],
+                mag: [0.2, 0.1, -0.4],
+                temp_raw: 2571
+            }]
         );
     }
 
@@ -169,14 +187,18 @@ mod tests {
 
     #[test]
     fn packet_without_samples_is_valid() {
-        let p = parse_json_packet(br#"{"timestamp_us":1,"base_sample_number":2,"samples":[]}"#).unwrap();
+        let p = parse_json_packet(br#"{"timestamp_us":1,"base_sample_number":2,"samples":[]}"#)
+            .unwrap();
         assert!(p.samples.is_empty());
     }
 
     #[test]
     fn missing_field_error_names_the_field() {
         let e = parse_json_packet(br#"{"base_sample_number":2,"samples":[]}"#).unwrap_err();
-        assert!(e.to_string().contains("missing field `timestamp_us`"), "{e}");
+        assert!(
+            e.to_string().contains("missing field `timestamp_us`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -190,13 +212,31 @@ mod tests {
     fn float_beyond_f32_range_is_rejected_with_its_position() {
         let json = EXAMPLE.replace(r#""y":0.1"#, r#""y":1e39"#);
         let e = parse_json_packet(json.as_bytes()).unwrap_err();
-        assert!(matches!(e, JsonPacketError::NonFinite { index: 0, field: "mag.y" }), "{e}");
-        assert_eq!(e.to_string(), "invalid JSON packet: samples[0].mag.y is not a finite 32-bit float");
+        assert!(
+            matches!(
+                e,
+                JsonPacketError::NonFinite {
+                    index: 0,
+                    field: "mag.y"
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "invalid JSON packet: samples[0].mag.y is not a finite 32-bit float"
+        );
     }
 
     #[test]
     fn non_json_input_is_an_error_not_a_panic() {
-        for bad in [&b""[..], b"\xff\xfe", b"[1,2]", b"{\"timestamp_us\":-1}", b"null"] {
+        for bad in [
+            &b""[..],
+            b"\xff\xfe",
+            b"[1,2]",
+            b"{\"timestamp_us\":-1}",
+            b"null",
+        ] {
             assert!(parse_json_packet(bad).is_err());
         }
     }

@@ -167,13 +167,19 @@ impl<'a> IngestRecordRef<'a> {
     /// Decodes one record; everything after the sensor id is the payload.
     pub fn decode(bytes: &'a [u8]) -> Result<IngestRecordRef<'a>, RecordError> {
         let Some(&version) = bytes.first() else {
-            return Err(RecordError::Truncated { needed: RECORD_HEADER_BYTES, got: 0 });
+            return Err(RecordError::Truncated {
+                needed: RECORD_HEADER_BYTES,
+                got: 0,
+            });
         };
         if version != RECORD_VERSION {
             return Err(RecordError::UnsupportedVersion(version));
         }
         if bytes.len() < RECORD_HEADER_BYTES {
-            return Err(RecordError::Truncated { needed: RECORD_HEADER_BYTES, got: bytes.len() });
+            return Err(RecordError::Truncated {
+                needed: RECORD_HEADER_BYTES,
+                got: bytes.len(),
+            });
         }
         let format = PayloadFormat::try_from(bytes[1])?;
         let mut ingest = [0u8; 8];
@@ -181,11 +187,20 @@ impl<'a> IngestRecordRef<'a> {
         let ingest_us = i64::from_le_bytes(ingest);
         let id_end = RECORD_HEADER_BYTES + usize::from(u16::from_le_bytes([bytes[10], bytes[11]]));
         let Some(id) = bytes.get(RECORD_HEADER_BYTES..id_end) else {
-            return Err(RecordError::Truncated { needed: id_end, got: bytes.len() });
+            return Err(RecordError::Truncated {
+                needed: id_end,
+                got: bytes.len(),
+            });
         };
-        let sensor_id = std::str::from_utf8(id)
-            .map_err(|e| RecordError::InvalidSensorId { valid_up_to: e.valid_up_to() })?;
-        Ok(IngestRecordRef { sensor_id, format, ingest_us, payload: &bytes[id_end..] })
+        let sensor_id = std::str::from_utf8(id).map_err(|e| RecordError::InvalidSensorId {
+            valid_up_to: e.valid_up_to(),
+        })?;
+        Ok(IngestRecordRef {
+            sensor_id,
+            format,
+            ingest_us,
+            payload: &bytes[id_end..],
+        })
     }
 
     /// Copies the record into an owned [`IngestRecord`].
@@ -220,7 +235,9 @@ impl<'a> IngestRecordRef<'a> {
     /// leaves `out` untouched.
     pub fn try_encode(&self, out: &mut Vec<u8>) -> Result<(), RecordError> {
         let id_len =
-            u16::try_from(self.sensor_id.len()).map_err(|_| RecordError::SensorIdTooLong { len: self.sensor_id.len() })?;
+            u16::try_from(self.sensor_id.len()).map_err(|_| RecordError::SensorIdTooLong {
+                len: self.sensor_id.len(),
+            })?;
         out.reserve(self.encoded_len());
         out.push(RECORD_VERSION);
         out.push(self.format as u8);
@@ -284,7 +301,12 @@ mod tests {
 
     #[test]
     fn empty_payload_and_empty_sensor_id_roundtrip() {
-        let r = IngestRecord { sensor_id: String::new(), format: PayloadFormat::Binary, ingest_us: 0, payload: Bytes::new() };
+        let r = IngestRecord {
+            sensor_id: String::new(),
+            format: PayloadFormat::Binary,
+            ingest_us: 0,
+            payload: Bytes::new(),
+        };
         let mut out = Vec::new();
         r.encode(&mut out);
         assert_eq!(out.len(), RECORD_HEADER_BYTES);
@@ -293,23 +315,53 @@ mod tests {
 
     #[test]
     fn decode_reports_each_kind_of_damage() {
-        assert_eq!(IngestRecordRef::decode(&[]), Err(RecordError::Truncated { needed: 12, got: 0 }));
-        assert_eq!(IngestRecordRef::decode(&[2; 20]), Err(RecordError::UnsupportedVersion(2)));
-        assert_eq!(IngestRecordRef::decode(&KNOWN[..11]), Err(RecordError::Truncated { needed: 12, got: 11 }));
-        assert_eq!(IngestRecordRef::decode(&KNOWN[..14]), Err(RecordError::Truncated { needed: 15, got: 14 }));
+        assert_eq!(
+            IngestRecordRef::decode(&[]),
+            Err(RecordError::Truncated { needed: 12, got: 0 })
+        );
+        assert_eq!(
+            IngestRecordRef::decode(&[2; 20]),
+            Err(RecordError::UnsupportedVersion(2))
+        );
+        assert_eq!(
+            IngestRecordRef::decode(&KNOWN[..11]),
+            Err(RecordError::Truncated {
+                needed: 12,
+                got: 11
+            })
+        );
+        assert_eq!(
+            IngestRecordRef::decode(&KNOWN[..14]),
+            Err(RecordError::Truncated {
+                needed: 15,
+                got: 14
+            })
+        );
         let mut bad_format = KNOWN;
         bad_format[1] = 7;
-        assert_eq!(IngestRecordRef::decode(&bad_format), Err(RecordError::UnknownFormat(7)));
+        assert_eq!(
+            IngestRecordRef::decode(&bad_format),
+            Err(RecordError::UnknownFormat(7))
+        );
         let mut bad_utf8 = KNOWN;
         bad_utf8[13] = 0xFF;
-        assert_eq!(IngestRecordRef::decode(&bad_utf8), Err(RecordError::InvalidSensorId { valid_up_to: 1 }));
+        assert_eq!(
+            IngestRecordRef::decode(&bad_utf8),
+            Err(RecordError::InvalidSensorId { valid_up_to: 1 })
+        );
     }
 
     #[test]
     fn overlong_sensor_id_is_refused_without_writing() {
-        let r = IngestRecord { sensor_id: "x".repeat(MAX_SENSOR_ID_BYTES + 1), ..known() };
+        let r = IngestRecord {
+            sensor_id: "x".repeat(MAX_SENSOR_ID_BYTES + 1),
+            ..known()
+        };
         let mut out = Vec::new();
-        assert_eq!(r.try_encode(&mut out), Err(RecordError::SensorIdTooLong { len: 65_536 }));
+        assert_eq!(
+            r.try_encode(&mut out),
+            Err(RecordError::SensorIdTooLong { len: 65_536 })
+        );
         assert!(out.is_empty());
     }
 }

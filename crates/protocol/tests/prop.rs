@@ -8,8 +8,9 @@ use proptest::test_runner::FileFailurePersistence;
 use sensorflow_protocol::framing::{DEFAULT_MAX_BUFFER_BYTES, DEFAULT_MAX_SAMPLES_PER_PACKET};
 use sensorflow_protocol::imu::{ACC_G_PER_LSB, GYRO_DPS_PER_LSB, MAG_GAUSS_PER_LSB};
 use sensorflow_protocol::{
-    BadReason, Frame, FrameDecoder, IngestRecord, IngestRecordRef, JsonPacket, PacketView, PayloadFormat,
-    PhysSample, RawSample, crc16_arc, encode_json_packet, encode_packet, parse_json_packet,
+    BadReason, Frame, FrameDecoder, IngestRecord, IngestRecordRef, JsonPacket, PacketView,
+    PayloadFormat, PhysSample, RawSample, crc16_arc, encode_json_packet, encode_packet,
+    parse_json_packet,
 };
 
 /// A packet as plain data, to compare what went in with what came out.
@@ -28,7 +29,11 @@ impl Pkt {
     }
 
     fn of(view: &PacketView<'_>) -> Pkt {
-        Pkt { base: view.base_sample_number(), ts: view.timestamp_us(), samples: view.samples().collect() }
+        Pkt {
+            base: view.base_sample_number(),
+            ts: view.timestamp_us(),
+            samples: view.samples().collect(),
+        }
     }
 }
 
@@ -40,18 +45,35 @@ enum Ev {
 }
 
 fn raw_sample() -> impl Strategy<Value = RawSample> {
-    (any::<[i16; 3]>(), any::<[i16; 3]>(), any::<[i16; 3]>(), any::<i16>())
-        .prop_map(|(acc, gyro, mag, temp)| RawSample { acc, gyro, mag, temp })
+    (
+        any::<[i16; 3]>(),
+        any::<[i16; 3]>(),
+        any::<[i16; 3]>(),
+        any::<i16>(),
+    )
+        .prop_map(|(acc, gyro, mag, temp)| RawSample {
+            acc,
+            gyro,
+            mag,
+            temp,
+        })
 }
 
 fn packet(max_samples: usize) -> impl Strategy<Value = Pkt> {
-    (any::<u32>(), any::<u64>(), prop::collection::vec(raw_sample(), 0..=max_samples))
+    (
+        any::<u32>(),
+        any::<u64>(),
+        prop::collection::vec(raw_sample(), 0..=max_samples),
+    )
         .prop_map(|(base, ts, samples)| Pkt { base, ts, samples })
 }
 
 /// Bytes rich in header and type bytes, so false headers are common.
 fn noisy_bytes(max_len: usize) -> impl Strategy<Value = Vec<u8>> {
-    prop::collection::vec(prop_oneof![6 => any::<u8>(), 2 => Just(0x7C), 2 => Just(0x1E), 1 => Just(0x00)], 0..=max_len)
+    prop::collection::vec(
+        prop_oneof![6 => any::<u8>(), 2 => Just(0x7C), 2 => Just(0x1E), 1 => Just(0x00)],
+        0..=max_len,
+    )
 }
 
 /// Chunk sizes used cyclically to cut a stream into messages.
@@ -67,7 +89,10 @@ fn run(decoder: &mut FrameDecoder, stream: &[u8], sizes: &[usize]) -> Vec<Ev> {
             // The decoder must only ever hand out frames that verify on their own.
             let bytes = p.as_bytes();
             let crc_at = bytes.len() - 2;
-            assert_eq!(crc16_arc(&bytes[..crc_at]), u16::from_le_bytes([bytes[crc_at], bytes[crc_at + 1]]));
+            assert_eq!(
+                crc16_arc(&bytes[..crc_at]),
+                u16::from_le_bytes([bytes[crc_at], bytes[crc_at + 1]])
+            );
             assert_eq!(PacketView::parse(bytes), Ok(p));
             events.push(Ev::P(Pkt::of(&p)));
         }
@@ -97,14 +122,25 @@ fn run(decoder: &mut FrameDecoder, stream: &[u8], sizes: &[usize]) -> Vec<Ev> {
 }
 
 fn packets(events: &[Ev]) -> Vec<Pkt> {
-    events.iter().filter_map(|e| if let Ev::P(p) = e { Some(p.clone()) } else { None }).collect()
+    events
+        .iter()
+        .filter_map(|e| {
+            if let Ev::P(p) = e {
+                Some(p.clone())
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// Failures are saved under `crates/protocol/proptest-regressions/` (tests run from the crate
 /// directory) and committed, so a found counterexample is replayed on every run.
 fn config() -> ProptestConfig {
     ProptestConfig {
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct("proptest-regressions/prop.txt"))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/prop.txt",
+        ))),
         ..ProptestConfig::default()
     }
 }
@@ -272,7 +308,10 @@ fn run_partial(decoder: &mut FrameDecoder, stream: &[u8]) -> Vec<Ev> {
 
 fn finite_f32() -> impl Strategy<Value = f32> {
     use prop::num::f32::{NEGATIVE, NORMAL, POSITIVE, SUBNORMAL, ZERO};
-    prop_oneof![POSITIVE | NEGATIVE | NORMAL | SUBNORMAL | ZERO, raw_sample().prop_map(|s| s.to_physical().acc[0])]
+    prop_oneof![
+        POSITIVE | NEGATIVE | NORMAL | SUBNORMAL | ZERO,
+        raw_sample().prop_map(|s| s.to_physical().acc[0])
+    ]
 }
 
 fn phys_sample() -> impl Strategy<Value = PhysSample> {
@@ -282,5 +321,10 @@ fn phys_sample() -> impl Strategy<Value = PhysSample> {
         prop::array::uniform3(finite_f32()),
         any::<i16>(),
     )
-        .prop_map(|(acc, gyro, mag, temp_raw)| PhysSample { acc, gyro, mag, temp_raw })
+        .prop_map(|(acc, gyro, mag, temp_raw)| PhysSample {
+            acc,
+            gyro,
+            mag,
+            temp_raw,
+        })
 }

@@ -16,8 +16,12 @@ use serde::Deserialize;
 pub(crate) const DEFAULT_TOML: &str = include_str!("../default.toml");
 
 /// Keys without a default (commented out in default.toml): absent means `None`.
-const OPTIONAL_KEYS: [(&str, &str); 4] =
-    [("pipeline", "movement_threshold"), ("model", "path"), ("model", "onnxruntime_library"), ("lake", "root")];
+const OPTIONAL_KEYS: [(&str, &str); 4] = [
+    ("pipeline", "movement_threshold"),
+    ("model", "path"),
+    ("model", "onnxruntime_library"),
+    ("lake", "root"),
+];
 
 /// Prefix of environment overrides: `SENSORFLOW_<SECTION>_<KEY>`.
 const ENV_PREFIX: &str = "SENSORFLOW_";
@@ -165,46 +169,109 @@ pub(crate) struct DemoConfig {
 
 impl Config {
     /// Loads defaults, then `file` if given, then `SENSORFLOW_*` variables from `env`.
-    pub(crate) fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Config> {
-        let mut value: toml::Table = toml::from_str(DEFAULT_TOML).context("embedded default.toml is invalid")?;
+    pub(crate) fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut value: toml::Table =
+            toml::from_str(DEFAULT_TOML).context("embedded default.toml is invalid")?;
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-            let layer: toml::Table = toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let layer: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?;
             merge(&mut value, layer);
         }
         apply_env(&mut value, env)?;
-        let config: Config = toml::Value::Table(value).try_into().context("invalid configuration")?;
+        let config: Config = toml::Value::Table(value)
+            .try_into()
+            .context("invalid configuration")?;
         config.validate()?;
         Ok(config)
     }
 
     /// Reports every invalid setting at once.
     pub(crate) fn validate(&self) -> anyhow::Result<()> {
-        let mut problems: Vec<String> = self.pipeline.validate().into_iter().map(|e| e.to_string()).collect();
-        for (key, pattern) in [("mqtt.binary_topic", &self.mqtt.binary_topic), ("mqtt.json_topic", &self.mqtt.json_topic)] {
+        let mut problems: Vec<String> = self
+            .pipeline
+            .validate()
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect();
+        for (key, pattern) in [
+            ("mqtt.binary_topic", &self.mqtt.binary_topic),
+            ("mqtt.json_topic", &self.mqtt.json_topic),
+        ] {
             if pattern.matches("{sensor_id}").count() != 1 {
-                problems.push(format!("{key}: must contain {{sensor_id}} exactly once, got {pattern:?}"));
+                problems.push(format!(
+                    "{key}: must contain {{sensor_id}} exactly once, got {pattern:?}"
+                ));
             }
         }
         for (key, value, min, max) in [
-            ("mqtt.connect_timeout_secs", self.mqtt.connect_timeout_secs, 1, 65_535),
-            ("mqtt.max_client_id_bytes", self.mqtt.max_client_id_bytes as u64, 1, 65_535),
-            ("mqtt.max_persistent_sessions", self.mqtt.max_persistent_sessions as u64, 1, u64::MAX),
-            ("mqtt.session_expiry_max_secs", self.mqtt.session_expiry_max_secs, 0, u64::MAX),
-            ("mqtt.idle_timeout_secs", self.mqtt.idle_timeout_secs, 1, 65_535),
-            ("http.header_read_timeout_secs", self.http.header_read_timeout_secs, 1, 3600),
-            ("http.max_connections_per_ip", self.http.max_connections_per_ip as u64, 1, u64::MAX),
-            ("http.max_connections", self.http.max_connections as u64, 1, u64::MAX),
+            (
+                "mqtt.connect_timeout_secs",
+                self.mqtt.connect_timeout_secs,
+                1,
+                65_535,
+            ),
+            (
+                "mqtt.max_client_id_bytes",
+                self.mqtt.max_client_id_bytes as u64,
+                1,
+                65_535,
+            ),
+            (
+                "mqtt.max_persistent_sessions",
+                self.mqtt.max_persistent_sessions as u64,
+                1,
+                u64::MAX,
+            ),
+            (
+                "mqtt.session_expiry_max_secs",
+                self.mqtt.session_expiry_max_secs,
+                0,
+                u64::MAX,
+            ),
+            (
+                "mqtt.idle_timeout_secs",
+                self.mqtt.idle_timeout_secs,
+                1,
+                65_535,
+            ),
+            (
+                "http.header_read_timeout_secs",
+                self.http.header_read_timeout_secs,
+                1,
+                3600,
+            ),
+            (
+                "http.max_connections_per_ip",
+                self.http.max_connections_per_ip as u64,
+                1,
+                u64::MAX,
+            ),
+            (
+                "http.max_connections",
+                self.http.max_connections as u64,
+                1,
+                u64::MAX,
+            ),
         ] {
             if !(min..=max).contains(&value) {
-                problems.push(format!("{key}: must be between {min} and {max}, got {value}"));
+                problems.push(format!(
+                    "{key}: must be between {min} and {max}, got {value}"
+                ));
             }
         }
         if self.runtime.batch_records == 0 {
             problems.push("runtime.batch_records: must be at least 1".into());
         }
         if !(self.checkpoint.interval_secs.is_finite() && self.checkpoint.interval_secs > 0.0) {
-            problems.push(format!("checkpoint.interval_secs: must be positive, got {}", self.checkpoint.interval_secs));
+            problems.push(format!(
+                "checkpoint.interval_secs: must be positive, got {}",
+                self.checkpoint.interval_secs
+            ));
         }
         if self.checkpoint.keep == 0 {
             problems.push("checkpoint.keep: must be at least 1".into());
@@ -242,7 +309,10 @@ impl Config {
 
     /// Root directory of the lake.
     pub(crate) fn lake_root(&self) -> PathBuf {
-        self.lake.root.clone().unwrap_or_else(|| self.data_dir.join("lake"))
+        self.lake
+            .root
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("lake"))
     }
 }
 
@@ -262,12 +332,20 @@ fn merge(base: &mut toml::Table, layer: toml::Table) {
 /// exist (sections and keys contain underscores, so the split is found by lookup, not guessed).
 /// A value is parsed as a TOML literal when it is one (numbers, booleans) and taken as a string
 /// otherwise. Unknown `SENSORFLOW_*` names that look like settings are errors.
-fn apply_env(value: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<()> {
+fn apply_env(
+    value: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
     let mut paths = Vec::new();
     collect_paths(value, &mut Vec::new(), &mut paths);
     for (name, raw) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
-        let Some(path) = paths.iter().find(|p| p.join("_").eq_ignore_ascii_case(rest)) else {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some(path) = paths
+            .iter()
+            .find(|p| p.join("_").eq_ignore_ascii_case(rest))
+        else {
             // Other SENSORFLOW_ variables (the simulator's, RUST_LOG-like ones) are not ours.
             continue;
         };
@@ -328,7 +406,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -376,7 +457,11 @@ mod tests {
             "{:#}",
             Config::load(
                 None,
-                env(&[("SENSORFLOW_MQTT_BINARY_TOPIC", "stream/x"), ("SENSORFLOW_LAKE_MAX_OPEN_PARTITIONS", "0"), ("SENSORFLOW_PIPELINE_WINDOW_SECS", "0")]),
+                env(&[
+                    ("SENSORFLOW_MQTT_BINARY_TOPIC", "stream/x"),
+                    ("SENSORFLOW_LAKE_MAX_OPEN_PARTITIONS", "0"),
+                    ("SENSORFLOW_PIPELINE_WINDOW_SECS", "0")
+                ]),
             )
             .unwrap_err()
         );
@@ -387,20 +472,42 @@ mod tests {
 
     #[test]
     fn an_unknown_enum_value_names_the_allowed_ones() {
-        let err = format!("{:#}", Config::load(None, env(&[("SENSORFLOW_LAKE_COMPRESSION", "brotli")])).unwrap_err());
-        assert!(err.contains("brotli") && err.contains("lz4") && err.contains("zstd"), "{err}");
-        let err = format!("{:#}", Config::load(None, env(&[("SENSORFLOW_MODEL_ENGINE", "cuda")])).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Config::load(None, env(&[("SENSORFLOW_LAKE_COMPRESSION", "brotli")])).unwrap_err()
+        );
+        assert!(
+            err.contains("brotli") && err.contains("lz4") && err.contains("zstd"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            Config::load(None, env(&[("SENSORFLOW_MODEL_ENGINE", "cuda")])).unwrap_err()
+        );
         assert!(err.contains("cuda") && err.contains("native"), "{err}");
     }
 
     #[test]
     fn optional_paths_are_absent_by_default_and_settable_from_the_environment() {
         let c = Config::load(None, env(&[])).unwrap();
-        assert_eq!((c.model.path.as_deref(), c.lake.root.as_deref()), (None, None));
+        assert_eq!(
+            (c.model.path.as_deref(), c.lake.root.as_deref()),
+            (None, None)
+        );
         assert_eq!(c.lake_root(), c.data_dir.join("lake"));
-        let c = Config::load(None, env(&[("SENSORFLOW_MODEL_PATH", "https://example.test/m.onnx"), ("SENSORFLOW_LAKE_ROOT", "/srv/lake")])).unwrap();
+        let c = Config::load(
+            None,
+            env(&[
+                ("SENSORFLOW_MODEL_PATH", "https://example.test/m.onnx"),
+                ("SENSORFLOW_LAKE_ROOT", "/srv/lake"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(c.model.path.as_deref(), Some("https://example.test/m.onnx"));
         assert_eq!(c.lake_root(), PathBuf::from("/srv/lake"));
-        assert_eq!((c.model.engine, c.lake.compression), (EngineChoice::Auto, LakeCompression::Lz4));
+        assert_eq!(
+            (c.model.engine, c.lake.compression),
+            (EngineChoice::Auto, LakeCompression::Lz4)
+        );
     }
 }

@@ -26,7 +26,11 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "sensorflow", version, about = "Real-time streaming platform for high-rate IoT sensors")]
+#[command(
+    name = "sensorflow",
+    version,
+    about = "Real-time streaming platform for high-rate IoT sensors"
+)]
 struct Cli {
     #[command(subcommand)]
     command: commands::Command,
@@ -40,7 +44,11 @@ fn main() -> ExitCode {
         eprintln!("error: FAILPOINTS: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sensorflow").build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sensorflow")
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -66,9 +74,15 @@ fn configure_failpoints() -> Result<(), String> {
         return Ok(());
     };
     for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
-        let (name, actions) = entry.split_once('=').ok_or_else(|| format!("`{entry}` is not name=actions"))?;
+        let (name, actions) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("`{entry}` is not name=actions"))?;
         fail::cfg(name.trim(), actions.trim()).map_err(|e| format!("{name}: {e}"))?;
-        tracing::warn!(fail_point = name.trim(), actions = actions.trim(), "fail point configured");
+        tracing::warn!(
+            fail_point = name.trim(),
+            actions = actions.trim(),
+            "fail point configured"
+        );
     }
     Ok(())
 }

@@ -69,7 +69,14 @@ pub(crate) fn run_all(model: &Model, seqs: &mut [Seq]) {
 /// Asserts that `engine`'s results `got` are within `tolerance` of tract's: absolute for the
 /// outputs and `h`; for `c` relative to `max(1, |c|)` when `c_relative` (the cell state grows
 /// to ~15 over long sequences, where a tight absolute bound is only a few ulp).
-pub(crate) fn assert_close(engine: &str, got: &Seq, tract: &Seq, what: &str, tolerance: f32, c_relative: bool) {
+pub(crate) fn assert_close(
+    engine: &str,
+    got: &Seq,
+    tract: &Seq,
+    what: &str,
+    tolerance: f32,
+    c_relative: bool,
+) {
     for (name, x, y) in [
         ("velocity", &got.velocity, &tract.velocity),
         ("movement_prob", &got.movement, &tract.movement),
@@ -77,9 +84,22 @@ pub(crate) fn assert_close(engine: &str, got: &Seq, tract: &Seq, what: &str, tol
         ("c", &got.c, &tract.c),
     ] {
         assert_eq!(x.len(), y.len(), "{what}: {name} length");
-        assert!(x.iter().all(|v| v.is_finite()), "{what}: {engine} left {name} unwritten");
-        let scale = |v: f32| if name == "c" && c_relative { v.abs().max(1.0) } else { 1.0 };
-        let diff = x.iter().zip(y).map(|(a, b)| (a - b).abs() / scale(*b)).fold(0.0, f32::max);
+        assert!(
+            x.iter().all(|v| v.is_finite()),
+            "{what}: {engine} left {name} unwritten"
+        );
+        let scale = |v: f32| {
+            if name == "c" && c_relative {
+                v.abs().max(1.0)
+            } else {
+                1.0
+            }
+        };
+        let diff = x
+            .iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs() / scale(*b))
+            .fold(0.0, f32::max);
         assert!(diff <= tolerance, "{what}: {name} differs by {diff}");
     }
 }

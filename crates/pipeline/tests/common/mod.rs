@@ -22,7 +22,9 @@ pub const SEC: i64 = 1_000_000;
 /// The demo model, loaded once per test binary.
 pub fn model() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL.get_or_init(|| Arc::new(Model::demo().expect("demo model loads"))).clone()
+    MODEL
+        .get_or_init(|| Arc::new(Model::demo().expect("demo model loads")))
+        .clone()
 }
 
 /// `n` samples of a periodic motion whose amplitude is `(seed % 3) * 0.5 + rest` (so `rest = 0`
@@ -33,8 +35,16 @@ pub fn motion(n: usize, seed: u32, rest: f32) -> Vec<RawSample> {
             let t = (seed as f32 * 1000.0 + i as f32) * 0.005;
             let a = (seed % 3) as f32 * 0.5 + rest;
             RawSample::from_physical(&PhysSample {
-                acc: [0.3 * a * (12.0 * t).sin(), 0.1 * a * (6.0 * t).sin(), 1.0 + 0.25 * a * (12.0 * t + 0.5).sin()],
-                gyro: [40.0 * a * (12.0 * t + 1.0).sin(), 25.0 * a * (6.0 * t).sin(), 10.0 * a * (12.0 * t).sin()],
+                acc: [
+                    0.3 * a * (12.0 * t).sin(),
+                    0.1 * a * (6.0 * t).sin(),
+                    1.0 + 0.25 * a * (12.0 * t + 0.5).sin(),
+                ],
+                gyro: [
+                    40.0 * a * (12.0 * t + 1.0).sin(),
+                    25.0 * a * (6.0 * t).sin(),
+                    10.0 * a * (12.0 * t).sin(),
+                ],
                 mag: [0.2, -0.1, 0.3],
                 temp_raw: 2500,
             })
@@ -51,5 +61,10 @@ pub fn encoded(base: u32, timestamp_us: u64, samples: &[RawSample]) -> Vec<u8> {
 
 /// A binary ingest record of `sensor` received at `ingest_us`.
 pub fn binary(sensor: &str, payload: Vec<u8>, ingest_us: i64) -> IngestRecord {
-    IngestRecord { sensor_id: sensor.into(), format: PayloadFormat::Binary, ingest_us, payload: payload.into() }
+    IngestRecord {
+        sensor_id: sensor.into(),
+        format: PayloadFormat::Binary,
+        ingest_us,
+        payload: payload.into(),
+    }
 }

@@ -50,6 +50,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     let _ = stop_sim.send(true);
     let stats = sim.join().await;
-    tracing::info!(packets_sent = stats.packets_sent, packets_acked = stats.packets_acked, "simulator stopped");
+    tracing::info!(
+        packets_sent = stats.packets_sent,
+        packets_acked = stats.packets_acked,
+        "simulator stopped"
+    );
     platform.shutdown().await
 }

@@ -110,7 +110,10 @@ pub(crate) async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let report = one_run(&args, args.sensors).await?;
     print_report(&report, args.json)?;
     if report.lost.unwrap_or(0) > 0 {
-        bail!("{} acknowledged samples are missing from the lake", report.lost.unwrap_or(0));
+        bail!(
+            "{} acknowledged samples are missing from the lake",
+            report.lost.unwrap_or(0)
+        );
     }
     Ok(())
 }
@@ -121,7 +124,10 @@ async fn ramp(args: LoadtestArgs) -> anyhow::Result<()> {
     let mut n = args.sensors.max(1);
     loop {
         let report = one_run(&args, n).await?;
-        eprintln!("ramp: {n} sensors -> sustained={} lost={:?} lag_events={} p99={:?} ms", report.sustained, report.lost, report.lag_events, report.latency_ms_p99);
+        eprintln!(
+            "ramp: {n} sensors -> sustained={} lost={:?} lag_events={} p99={:?} ms",
+            report.sustained, report.lost, report.lag_events, report.latency_ms_p99
+        );
         if report.sustained {
             good = Some(report);
         } else {
@@ -178,7 +184,12 @@ impl Drop for ChildPlatform {
 
 async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> {
     let mut target = match (args.mqtt, args.http) {
-        (Some(mqtt), Some(http)) => Target { mqtt, http, lake: args.lake.clone(), child: None },
+        (Some(mqtt), Some(http)) => Target {
+            mqtt,
+            http,
+            lake: args.lake.clone(),
+            child: None,
+        },
         _ => start_child(&args.platform_env)?,
     };
     let pid = target.child.as_ref().map(|c| c.child.id());
@@ -201,11 +212,17 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
         seed: 42,
         ..SimConfig::default()
     };
-    let ws_ids: Vec<String> = sim_config.sensor_ids().step_by((sensors / args.ws_sensors.max(1)).max(1)).take(args.ws_sensors).collect();
+    let ws_ids: Vec<String> = sim_config
+        .sensor_ids()
+        .step_by((sensors / args.ws_sensors.max(1)).max(1))
+        .take(args.ws_sensors)
+        .collect();
     let mut ws_tasks = Vec::new();
     for id in &ws_ids {
         let url = format!("ws://{}/ws/raw/{id}", target.http);
-        let (ws, _) = tokio_tungstenite::connect_async(&url).await.with_context(|| format!("connecting {url}"))?;
+        let (ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .with_context(|| format!("connecting {url}"))?;
         let latencies = latencies.clone();
         let mut stop = stop_rx.clone();
         ws_tasks.push(tokio::spawn(async move {
@@ -237,7 +254,13 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
     });
     let started = Instant::now();
     let (_sim_stop_tx, sim_stop_rx) = watch::channel(false);
-    let sim = Simulator::spawn(SimConfig { on_ack: Some(ack_tx), ..sim_config }, sim_stop_rx)?;
+    let sim = Simulator::spawn(
+        SimConfig {
+            on_ack: Some(ack_tx),
+            ..sim_config
+        },
+        sim_stop_rx,
+    )?;
     let sim_stats = sim.join().await;
     let elapsed = started.elapsed().as_secs_f64();
     let acked = ack_counter.await.context("counting acknowledgements")?;
@@ -257,30 +280,39 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
         stop_child(&mut child.child)?;
     }
     let lake_counts = match &target.lake {
-        Some(root) => Some(tokio::task::spawn_blocking({
-            let root = root.clone();
-            move || sensorflow_lake::count_samples_by_sensor(&root)
-        })
-        .await??),
+        Some(root) => Some(
+            tokio::task::spawn_blocking({
+                let root = root.clone();
+                move || sensorflow_lake::count_samples_by_sensor(&root)
+            })
+            .await??,
+        ),
         None => None,
     };
     let samples_acked: u64 = acked.values().sum();
     let (samples_in_lake, duplicates, lost) = match &lake_counts {
         Some(c) => {
-            let lost: u64 = acked.iter().map(|(id, n)| n.saturating_sub(c.rows.get(&**id).copied().unwrap_or(0))).sum();
+            let lost: u64 = acked
+                .iter()
+                .map(|(id, n)| n.saturating_sub(c.rows.get(&**id).copied().unwrap_or(0)))
+                .sum();
             (Some(c.rows.values().sum()), Some(c.duplicates), Some(lost))
         }
         None => (None, None, None),
     };
     let measured = std::mem::take(&mut *latencies.lock());
     if let Some(path) = &args.latency_log {
-        let csv: String = measured.iter().map(|(at, ms)| format!("{at},{ms:.3}\n")).collect();
+        let csv: String = measured
+            .iter()
+            .map(|(at, ms)| format!("{at},{ms:.3}\n"))
+            .collect();
         std::fs::write(path, format!("received_unix_us,latency_ms\n{csv}"))
             .with_context(|| format!("writing the latency log {}", path.display()))?;
     }
     let mut lat: Vec<f64> = measured.into_iter().map(|(_, ms)| ms).collect();
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * p).round() as usize]);
+    let pct =
+        |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * p).round() as usize]);
     let p99 = pct(0.99);
     let sustained = lost == Some(0)
         && duplicates == Some(0)
@@ -326,7 +358,9 @@ fn host_cpu() -> Option<String> {
     let cpus = values("processor").count();
     let name = field("model name")?;
     Some(match (field("cpu family"), field("model")) {
-        (Some(family), Some(model)) => format!("{name} (family {family} model {model}), {cpus} CPUs"),
+        (Some(family), Some(model)) => {
+            format!("{name} (family {family} model {model}), {cpus} CPUs")
+        }
         _ => format!("{name}, {cpus} CPUs"),
     })
 }
@@ -350,17 +384,28 @@ fn newest_timestamp(text: &str) -> Option<i64> {
 }
 
 fn start_child(extra_env: &[String]) -> anyhow::Result<Target> {
-    let data_dir = tempfile::Builder::new().prefix("sensorflow-loadtest-").tempdir()?;
+    let data_dir = tempfile::Builder::new()
+        .prefix("sensorflow-loadtest-")
+        .tempdir()?;
     let exe = std::env::current_exe().context("locating the sensorflow binary")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["run", "--mqtt-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir.path())
-        .env("SENSORFLOW_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "run",
+        "--mqtt-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(data_dir.path())
+    .env("SENSORFLOW_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     for kv in extra_env {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--platform-env {kv:?} is not KEY=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--platform-env {kv:?} is not KEY=VALUE"))?;
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().context("starting `sensorflow run`")?;
@@ -369,9 +414,15 @@ fn start_child(extra_env: &[String]) -> anyhow::Result<Target> {
     std::thread::spawn(move || {
         let mut found = (None, None);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            for (key, slot) in [("mqtt listening on ", &mut found.0), ("http listening on ", &mut found.1)] {
+            for (key, slot) in [
+                ("mqtt listening on ", &mut found.0),
+                ("http listening on ", &mut found.1),
+            ] {
                 if let Some(rest) = line.split(key).nth(1) {
-                    *slot = rest.split_whitespace().next().and_then(|a| a.parse::<SocketAddr>().ok());
+                    *slot = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|a| a.parse::<SocketAddr>().ok());
                 }
             }
             if let (Some(m), Some(h)) = found {
@@ -383,14 +434,27 @@ fn start_child(extra_env: &[String]) -> anyhow::Result<Target> {
             }
         }
     });
-    let (mqtt, http) = rx.recv_timeout(Duration::from_secs(60)).context("the platform did not report its listeners within 60 s")?;
+    let (mqtt, http) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("the platform did not report its listeners within 60 s")?;
     let lake = data_dir.path().join("lake");
-    Ok(Target { mqtt, http, lake: Some(lake), child: Some(ChildPlatform { child, _data_dir: data_dir }) })
+    Ok(Target {
+        mqtt,
+        http,
+        lake: Some(lake),
+        child: Some(ChildPlatform {
+            child,
+            _data_dir: data_dir,
+        }),
+    })
 }
 
 fn stop_child(child: &mut Child) -> anyhow::Result<()> {
     let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().context("sending SIGTERM")?;
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .context("sending SIGTERM")?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {
@@ -424,7 +488,9 @@ async fn sample_usage(pid: u32, mut stop: watch::Receiver<bool>) -> (Option<f64>
         last = (Instant::now(), cpu_ticks(pid));
     }
     let cpu = match (first.1, last.1) {
-        (Some(a), Some(b)) if last.0 > first.0 => Some((b - a) as f64 / ticks_per_s / last.0.duration_since(first.0).as_secs_f64() * 100.0),
+        (Some(a), Some(b)) if last.0 > first.0 => Some(
+            (b - a) as f64 / ticks_per_s / last.0.duration_since(first.0).as_secs_f64() * 100.0,
+        ),
         _ => None,
     };
     (max_rss, cpu)
@@ -457,12 +523,21 @@ mod tests {
     fn dropping_the_child_platform_kills_the_child_before_removing_its_data() {
         let data_dir = tempfile::tempdir().expect("tempdir");
         let path = data_dir.path().to_owned();
-        let child = Command::new("sleep").arg("600").spawn().expect("spawning sleep");
+        let child = Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawning sleep");
         let pid = child.id();
         assert!(Path::new(&format!("/proc/{pid}")).exists());
-        drop(ChildPlatform { child, _data_dir: data_dir });
+        drop(ChildPlatform {
+            child,
+            _data_dir: data_dir,
+        });
         // Killed and reaped (a zombie would still have its /proc entry), and the data gone.
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the child outlived its handle");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the child outlived its handle"
+        );
         assert!(!path.exists());
     }
 }

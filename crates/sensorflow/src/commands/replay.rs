@@ -50,16 +50,31 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let from_us = chrono::DateTime::parse_from_rfc3339(&args.from)
         .with_context(|| format!("--from {:?} is not an RFC 3339 time", args.from))?
         .timestamp_micros();
-    let platform = PlatformArgs { config: args.config, data_dir: args.data_dir, mqtt_listen: None, http_listen: None, model: args.model };
+    let platform = PlatformArgs {
+        config: args.config,
+        data_dir: args.data_dir,
+        mqtt_listen: None,
+        http_listen: None,
+        model: args.model,
+    };
     let config = platform.load_config()?;
     if std::fs::read_dir(&args.lake).is_ok_and(|mut entries| entries.next().is_some()) {
-        bail!("{} is not empty: replay writes a new lake", args.lake.display());
+        bail!(
+            "{} is not empty: replay writes a new lake",
+            args.lake.display()
+        );
     }
     let model = Arc::new(crate::runtime::load_model(&config)?);
-    let mut pipeline = Pipeline::new(config.pipeline.clone(), model).context("building the pipeline")?;
-    let mut lake = LakeWriter::open(LakeConfig { max_file_age: Duration::MAX, ..config.lake_config(args.lake.clone()) }).context("opening the new lake")?;
+    let mut pipeline =
+        Pipeline::new(config.pipeline.clone(), model).context("building the pipeline")?;
+    let mut lake = LakeWriter::open(LakeConfig {
+        max_file_age: Duration::MAX,
+        ..config.lake_config(args.lake.clone())
+    })
+    .context("opening the new lake")?;
     let log_dir = config.data_dir.join("log");
-    let scan = sensorflow_log::scan(&log_dir).with_context(|| format!("reading the log in {}", log_dir.display()))?;
+    let scan = sensorflow_log::scan(&log_dir)
+        .with_context(|| format!("reading the log in {}", log_dir.display()))?;
 
     let started = Instant::now();
     let tick_us = i64::try_from(config.runtime.tick_ms).unwrap_or(100) * 1000;
@@ -85,7 +100,10 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             }
         }
         // Decoded twice (cheap, zero-copy) so the batch can own its bytes.
-        let records: Vec<IngestRecordRef<'_>> = batch.iter().filter_map(|b| IngestRecordRef::decode(b).ok()).collect();
+        let records: Vec<IngestRecordRef<'_>> = batch
+            .iter()
+            .filter_map(|b| IngestRecordRef::decode(b).ok())
+            .collect();
         let Some(last) = records.last() else { continue };
         let now = last.ingest_us;
         now_us = Some(now);
@@ -112,7 +130,11 @@ fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 }
 
 /// Writes one step's outputs to the lake and clears them.
-fn write(lake: &mut LakeWriter, out: &mut Outputs, ended: &mut Vec<SessionRecord>) -> anyhow::Result<()> {
+fn write(
+    lake: &mut LakeWriter,
+    out: &mut Outputs,
+    ended: &mut Vec<SessionRecord>,
+) -> anyhow::Result<()> {
     ended.clear();
     ended.extend(out.session_events.iter().filter_map(|e| match e {
         SessionEvent::Ended { session, .. } => Some(session.clone()),

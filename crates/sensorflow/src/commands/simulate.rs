@@ -42,7 +42,12 @@ pub(crate) struct SimulateArgs {
     #[arg(long, env = "SENSORFLOW_SIM_PREFIX", default_value = "stream")]
     pub(crate) prefix: String,
     /// Payload format; json publishes to `sensors/{sensor_id}/data`.
-    #[arg(long, env = "SENSORFLOW_SIM_FORMAT", value_enum, default_value = "binary")]
+    #[arg(
+        long,
+        env = "SENSORFLOW_SIM_FORMAT",
+        value_enum,
+        default_value = "binary"
+    )]
     pub(crate) format: PayloadFormat,
     /// Prefix of the sensor ids (`sim-0000`, `sim-0001`, ...).
     #[arg(long, env = "SENSORFLOW_SIM_SENSOR_PREFIX", default_value = "sim-")]
@@ -51,7 +56,12 @@ pub(crate) struct SimulateArgs {
     #[arg(long, env = "SENSORFLOW_SIM_SEED")]
     pub(crate) seed: Option<u64>,
     /// MQTT protocol version: 3 (3.1.1) or 5.
-    #[arg(long, env = "SENSORFLOW_SIM_MQTT_VERSION", value_enum, default_value = "3")]
+    #[arg(
+        long,
+        env = "SENSORFLOW_SIM_MQTT_VERSION",
+        value_enum,
+        default_value = "3"
+    )]
     pub(crate) mqtt_version: MqttVersion,
     /// MQTT connections the sensors are spread over (default: min(sensors, 64)).
     #[arg(long, env = "SENSORFLOW_SIM_CONNECTIONS")]
@@ -150,7 +160,10 @@ pub(crate) async fn run(args: SimulateArgs) -> anyhow::Result<()> {
         tracing::info!(%stats, "simulation finished");
     }
     if args.json {
-        println!("{}", serde_json::to_string(&stats).context("cannot encode the summary")?);
+        println!(
+            "{}",
+            serde_json::to_string(&stats).context("cannot encode the summary")?
+        );
     }
     if stats.packets_sent == 0 && stats.errors > 0 {
         anyhow::bail!(

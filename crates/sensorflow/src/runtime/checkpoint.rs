@@ -95,12 +95,21 @@ impl CheckpointStore {
         }
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            if path.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".ckpt.tmp")) {
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(".ckpt.tmp"))
+            {
                 let _ = fs::remove_file(&path);
             }
         }
-        let oldest = list[cut..].first().and_then(|(_, p)| fs::read(p).ok()).and_then(|b| decode(&b));
-        Ok(oldest.map(|c| Oldest { epoch: c.epoch, log_offset: c.log_offset }))
+        let oldest = list[cut..]
+            .first()
+            .and_then(|(_, p)| fs::read(p).ok())
+            .and_then(|b| decode(&b));
+        Ok(oldest.map(|c| Oldest {
+            epoch: c.epoch,
+            log_offset: c.log_offset,
+        }))
     }
 
     fn path(&self, epoch: u64) -> PathBuf {
@@ -112,8 +121,14 @@ impl CheckpointStore {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if let Some(epoch) = name.strip_suffix(".ckpt").and_then(|s| s.parse::<u64>().ok()) {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some(epoch) = name
+                .strip_suffix(".ckpt")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 out.push((epoch, path));
             }
         }
@@ -131,10 +146,18 @@ fn decode(bytes: &[u8]) -> Option<Checkpoint> {
     if crc32fast::hash(body) != crc {
         return None;
     }
-    let u64_at = |i: usize| body.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let u64_at = |i: usize| {
+        body.get(i..i + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     let (epoch, log_offset, len) = (u64_at(0)?, u64_at(8)?, u64_at(16)?);
     let snapshot = body.get(24..)?;
-    (snapshot.len() as u64 == len).then(|| Checkpoint { epoch, log_offset, snapshot: snapshot.to_vec() })
+    (snapshot.len() as u64 == len).then(|| Checkpoint {
+        epoch,
+        log_offset,
+        snapshot: snapshot.to_vec(),
+    })
 }
 
 /// The oldest checkpoint kept by [`CheckpointStore::prune`].
@@ -155,7 +178,11 @@ mod tests {
     use super::*;
 
     fn ckpt(epoch: u64) -> Checkpoint {
-        Checkpoint { epoch, log_offset: epoch * 100, snapshot: vec![epoch as u8; 1000] }
+        Checkpoint {
+            epoch,
+            log_offset: epoch * 100,
+            snapshot: vec![epoch as u8; 1000],
+        }
     }
 
     #[test]
@@ -166,7 +193,13 @@ mod tests {
             store.write(&ckpt(e)).unwrap();
         }
         assert_eq!(store.load_latest().unwrap().checkpoint, Some(ckpt(4)));
-        assert_eq!(store.prune(2).unwrap(), Some(Oldest { epoch: 3, log_offset: 300 }));
+        assert_eq!(
+            store.prune(2).unwrap(),
+            Some(Oldest {
+                epoch: 3,
+                log_offset: 300
+            })
+        );
         assert_eq!(store.list().unwrap().len(), 2);
     }
 

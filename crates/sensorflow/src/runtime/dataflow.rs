@@ -106,7 +106,8 @@ impl Dataflow {
     /// cover and positions a reader at its log offset (see `checkpoint.rs`).
     fn recover(&self) -> anyhow::Result<Recovered> {
         let s = &self.settings;
-        let checkpoints = CheckpointStore::open(s.checkpoint_dir.clone()).context("opening the checkpoint directory")?;
+        let checkpoints = CheckpointStore::open(s.checkpoint_dir.clone())
+            .context("opening the checkpoint directory")?;
         let loaded = checkpoints.load_latest().context("reading checkpoints")?;
         for path in &loaded.corrupt {
             tracing::warn!(path = %path.display(), "checkpoint failed verification; using the previous one");
@@ -115,24 +116,47 @@ impl Dataflow {
             Some(c) => (c.epoch, c.log_offset, Some(c.snapshot)),
             None => (0, self.log.start_offset(), None),
         };
-        std::fs::create_dir_all(&s.lake.root).with_context(|| format!("creating lake root {}", s.lake.root.display()))?;
-        let files_removed = sensorflow_lake::remove_files_after_epoch(&s.lake.root, epoch).context("removing lake files of incomplete epochs")?;
+        std::fs::create_dir_all(&s.lake.root)
+            .with_context(|| format!("creating lake root {}", s.lake.root.display()))?;
+        let files_removed = sensorflow_lake::remove_files_after_epoch(&s.lake.root, epoch)
+            .context("removing lake files of incomplete epochs")?;
         let replay = self.log.end_offset().saturating_sub(from_offset);
-        tracing::info!(checkpoint_epoch = epoch, from_offset, replay_records = replay, lake_files_removed = files_removed, "recovering from checkpoint");
-        let reader = self.log.reader(from_offset).context("opening a log reader")?;
+        tracing::info!(
+            checkpoint_epoch = epoch,
+            from_offset,
+            replay_records = replay,
+            lake_files_removed = files_removed,
+            "recovering from checkpoint"
+        );
+        let reader = self
+            .log
+            .reader(from_offset)
+            .context("opening a log reader")?;
         let mut lake = LakeWriter::open(s.lake.clone()).context("opening the lake")?;
         lake.set_epoch(epoch + 1);
         let store = SessionsStore::open(&s.sessions_path).context("opening the sessions store")?;
         let pipeline = match snapshot {
             Some(bytes) => {
-                let snapshot = PipelineSnapshot::decode(&bytes).context("decoding the checkpoint's pipeline snapshot")?;
-                ShardedPipeline::restore(s.pipeline.clone(), &self.models, snapshot).context("restoring the pipeline from the checkpoint")?
+                let snapshot = PipelineSnapshot::decode(&bytes)
+                    .context("decoding the checkpoint's pipeline snapshot")?;
+                ShardedPipeline::restore(s.pipeline.clone(), &self.models, snapshot)
+                    .context("restoring the pipeline from the checkpoint")?
             }
-            None => ShardedPipeline::new(s.pipeline.clone(), &self.models).context("building the pipeline")?,
+            None => ShardedPipeline::new(s.pipeline.clone(), &self.models)
+                .context("building the pipeline")?,
         };
-        self.status.checkpoints_corrupt.fetch_add(loaded.corrupt.len() as u64, Ordering::Relaxed);
+        self.status
+            .checkpoints_corrupt
+            .fetch_add(loaded.corrupt.len() as u64, Ordering::Relaxed);
         *self.status.recovery.lock() = (files_removed, replay);
-        Ok(Recovered { pipeline, reader, lake, store, checkpoints, epoch })
+        Ok(Recovered {
+            pipeline,
+            reader,
+            lake,
+            store,
+            checkpoints,
+            epoch,
+        })
     }
 
     /// Runs the dataflow until it drains on shutdown, restarting it from the last checkpoint
@@ -153,12 +177,18 @@ impl Dataflow {
             // The checkpoint the restart will start from: the run's own last one, if it wrote
             // any. (The one it started from may be gone from the log by now: each checkpoint
             // lets retention delete what the one before it covered.)
-            let (epoch, checkpoint_offset) = self.status.last_checkpoint().filter(|&(e, _)| e > started_at.0).unwrap_or(started_at);
+            let (epoch, checkpoint_offset) = self
+                .status
+                .last_checkpoint()
+                .filter(|&(e, _)| e > started_at.0)
+                .unwrap_or(started_at);
             if self.draining.load(Ordering::Acquire) {
                 tracing::error!(error = %failure, "the dataflow failed while stopping; the log keeps everything after checkpoint {epoch} for the next start");
                 return;
             }
-            self.status.dataflow_restarts.fetch_add(1, Ordering::Relaxed);
+            self.status
+                .dataflow_restarts
+                .fetch_add(1, Ordering::Relaxed);
             if began.elapsed() >= BACKOFF_RESET {
                 backoff = INITIAL_BACKOFF;
             }
@@ -170,11 +200,16 @@ impl Dataflow {
                 self.log.reader(self.log.start_offset())
             });
             next = loop {
-                let detail = format!("{failure}; restarting from checkpoint {epoch} in {:.1} s", backoff.as_secs_f64());
+                let detail = format!(
+                    "{failure}; restarting from checkpoint {epoch} in {:.1} s",
+                    backoff.as_secs_f64()
+                );
                 tracing::error!("dataflow failed: {detail}");
                 self.status.set_component("dataflow", false, detail);
                 if !self.wait_unless_draining(backoff) {
-                    tracing::warn!("stopping while the dataflow is down; the log keeps everything after checkpoint {epoch} for the next start");
+                    tracing::warn!(
+                        "stopping while the dataflow is down; the log keeps everything after checkpoint {epoch} for the next start"
+                    );
                     return;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -182,12 +217,20 @@ impl Dataflow {
                     Ok(recovered) => break recovered,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "restarting the dataflow failed");
-                        self.status.set_component("dataflow", false, format!("restart failed: {e:#}"));
+                        self.status.set_component(
+                            "dataflow",
+                            false,
+                            format!("restart failed: {e:#}"),
+                        );
                     }
                 }
             };
             tracing::info!(checkpoint_epoch = next.epoch, "dataflow restarted");
-            self.status.set_component("dataflow", true, format!("restarted from checkpoint {}", next.epoch));
+            self.status.set_component(
+                "dataflow",
+                true,
+                format!("restarted from checkpoint {}", next.epoch),
+            );
         }
     }
 
@@ -212,7 +255,10 @@ impl Dataflow {
         let sink_thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || sink.run())
-            .map_err(|e| RunFailure { message: format!("spawning the sink thread: {e}"), origin: None })?;
+            .map_err(|e| RunFailure {
+                message: format!("spawning the sink thread: {e}"),
+                origin: None,
+            })?;
         let pipeline_failure = PipelineTask {
             pipeline: r.pipeline,
             log: self.log.clone(),
@@ -233,7 +279,10 @@ impl Dataflow {
         // The pipeline hung up, so the sink finishes too.
         let sink_result = match sink_thread.join() {
             Ok(result) => result,
-            Err(_) => Err(RunFailure { message: "the sink thread panicked".into(), origin: None }),
+            Err(_) => Err(RunFailure {
+                message: "the sink thread panicked".into(),
+                origin: None,
+            }),
         };
         match pipeline_failure {
             Some(failure) => Err(failure),

@@ -67,14 +67,23 @@ impl DeadLetters {
             return;
         }
         if origin.end - origin.start == 1 {
-            tracing::warn!(offset = origin.start, failure = message, "log record fails a stage deterministically; it goes to the quarantine table");
+            tracing::warn!(
+                offset = origin.start,
+                failure = message,
+                "log record fails a stage deterministically; it goes to the quarantine table"
+            );
             self.poisoned.insert(origin.start, message.to_owned());
             while self.poisoned.len() > MAX_POISONED {
                 self.poisoned.pop_first();
             }
             self.suspect = None;
         } else {
-            tracing::warn!(from = origin.start, to = origin.end, failure = message, "a step failed on its input; the restart processes these records one at a time");
+            tracing::warn!(
+                from = origin.start,
+                to = origin.end,
+                failure = message,
+                "a step failed on its input; the restart processes these records one at a time"
+            );
             self.suspect = Some(origin);
         }
     }
@@ -82,7 +91,9 @@ impl DeadLetters {
     /// Whether records in `range` must be processed one per step (they overlap the suspect
     /// range).
     pub(crate) fn is_suspect(&self, range: &Range<u64>) -> bool {
-        self.suspect.as_ref().is_some_and(|s| s.start < range.end && range.start < s.end)
+        self.suspect
+            .as_ref()
+            .is_some_and(|s| s.start < range.end && range.start < s.end)
     }
 
     /// The failure of a poisoned record at `offset`, if it is one.
@@ -117,7 +128,10 @@ mod tests {
         d.failed(17..18, "boom");
         assert_eq!(d.poisoned(17), Some("boom"));
         assert!(d.any_poisoned(&(0..100)));
-        assert!(!d.is_suspect(&(15..16)), "found: the rest is processed normally");
+        assert!(
+            !d.is_suspect(&(15..16)),
+            "found: the rest is processed normally"
+        );
     }
 
     #[test]

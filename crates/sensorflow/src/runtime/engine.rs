@@ -11,14 +11,25 @@ use crate::config::{Config, EngineChoice};
 /// kernel (fastest, no library, but only for the contract's LSTM graphs), then ONNX Runtime
 /// when its library is found, then tract, which runs any graph.
 fn engines(config: &Config) -> anyhow::Result<Vec<Engine>> {
-    let library = config.model.onnxruntime_library.clone().or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from));
-    let onnxruntime = |library: std::path::PathBuf| Engine::OnnxRuntime { library, intra_threads: config.model.intra_threads };
+    let library = config
+        .model
+        .onnxruntime_library
+        .clone()
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from));
+    let onnxruntime = |library: std::path::PathBuf| Engine::OnnxRuntime {
+        library,
+        intra_threads: config.model.intra_threads,
+    };
     Ok(match (config.model.engine, library) {
         (EngineChoice::Tract, _) => vec![Engine::Tract],
         (EngineChoice::Native, _) => vec![Engine::Native],
         (EngineChoice::Onnxruntime, Some(library)) => vec![onnxruntime(library)],
-        (EngineChoice::Onnxruntime, None) => anyhow::bail!("model.engine = \"onnxruntime\" needs model.onnxruntime_library or ORT_DYLIB_PATH"),
-        (EngineChoice::Auto, Some(library)) if library.exists() => vec![Engine::Native, onnxruntime(library), Engine::Tract],
+        (EngineChoice::Onnxruntime, None) => anyhow::bail!(
+            "model.engine = \"onnxruntime\" needs model.onnxruntime_library or ORT_DYLIB_PATH"
+        ),
+        (EngineChoice::Auto, Some(library)) if library.exists() => {
+            vec![Engine::Native, onnxruntime(library), Engine::Tract]
+        }
         (EngineChoice::Auto, _) => vec![Engine::Native, Engine::Tract],
     })
 }
@@ -40,10 +51,14 @@ pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
                 tracing::info!(model = name, engine = model.engine_name(), "model loaded");
                 return Ok(model);
             }
-            Err(e @ (ModelError::UnsupportedGraph(_) | ModelError::NativeMismatch { .. })) if i < last => {
+            Err(e @ (ModelError::UnsupportedGraph(_) | ModelError::NativeMismatch { .. }))
+                if i < last =>
+            {
                 tracing::info!(model = name, error = %e, "the native engine does not run this model; trying the next engine");
             }
-            Err(e) => return Err(e).with_context(|| format!("loading {name} on {}", engine.name())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("loading {name} on {}", engine.name()));
+            }
         }
     }
     anyhow::bail!("no engine to load {name} on")
@@ -55,7 +70,11 @@ pub(crate) fn load_models(config: &Config) -> anyhow::Result<Vec<Arc<Model>>> {
     let first = Arc::new(load_model(config)?);
     let mut models = vec![first.clone()];
     for _ in 1..config.runtime.pipeline_threads {
-        models.push(if first.engine_name() == "onnxruntime" { Arc::new(load_model(config)?) } else { first.clone() });
+        models.push(if first.engine_name() == "onnxruntime" {
+            Arc::new(load_model(config)?)
+        } else {
+            first.clone()
+        });
     }
     Ok(models)
 }

@@ -33,7 +33,8 @@ pub(crate) struct LogSink {
 
 impl LogSink {
     pub(crate) fn spawn(log: Log) -> LogSink {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, oneshot::Sender<Result<Pending, SinkError>>)>();
+        let (tx, mut rx) =
+            mpsc::unbounded_channel::<(Bytes, oneshot::Sender<Result<Pending, SinkError>>)>();
         let forwarding = Arc::new(AtomicUsize::new(0));
         let (forwarder_log, count) = (log.clone(), forwarding.clone());
         tokio::spawn(async move {
@@ -45,7 +46,11 @@ impl LogSink {
                 let _ = done.send(admitted);
             }
         });
-        LogSink { log, forwarding, tx }
+        LogSink {
+            log,
+            forwarding,
+            tx,
+        }
     }
 }
 
@@ -76,7 +81,8 @@ impl IngestSink for LogSink {
         self.forwarding.fetch_add(1, Ordering::AcqRel);
         if self.tx.send((payload, done_tx)).is_err() {
             self.forwarding.fetch_sub(1, Ordering::AcqRel);
-            return futures::future::ready(Err(SinkError::Unavailable("the log is closed".into()))).boxed();
+            return futures::future::ready(Err(SinkError::Unavailable("the log is closed".into())))
+                .boxed();
         }
         async move {
             match done_rx.await {
@@ -88,4 +94,3 @@ impl IngestSink for LogSink {
         .boxed()
     }
 }
-

@@ -35,7 +35,10 @@ use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
 use sensorflow_ingest::{IngestConfig, IngestServer, TopicPattern};
 use sensorflow_lake::SessionsStore;
 use sensorflow_log::{Durability, Log, LogConfig, Retention};
-use sensorflow_pipeline::{GapRecord, LateRecord, QuarantineRecord, SampleChunk, SessionAggregate, SessionEvent, WindowRecord};
+use sensorflow_pipeline::{
+    GapRecord, LateRecord, QuarantineRecord, SampleChunk, SessionAggregate, SessionEvent,
+    WindowRecord,
+};
 use tokio::sync::watch;
 
 use crate::config::{Config, DurabilityMode};
@@ -65,7 +68,9 @@ pub(crate) enum SinkMsg {
 
 /// Wall clock in µs since the Unix epoch.
 pub(crate) fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// A running embedded platform.
@@ -83,7 +88,8 @@ pub(crate) struct Embedded {
 impl Embedded {
     /// Opens the log, lake and store under the data dir, loads the model and starts every role.
     pub(crate) async fn start(config: &Config) -> anyhow::Result<Embedded> {
-        std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let models = load_models(config)?;
 
         let mut log_config = LogConfig::new(config.data_dir.join("log"));
@@ -91,7 +97,9 @@ impl Embedded {
         log_config.max_unconsumed_bytes = config.log.max_unconsumed_bytes;
         log_config.durability = match config.log.durability {
             DurabilityMode::Fsync => Durability::Fsync,
-            DurabilityMode::Batch => Durability::Batch { interval: Duration::from_millis(config.log.batch_interval_ms) },
+            DurabilityMode::Batch => Durability::Batch {
+                interval: Duration::from_millis(config.log.batch_interval_ms),
+            },
             DurabilityMode::None => Durability::None,
         };
         // `Log::open` logs "log opened" with the report itself.
@@ -105,8 +113,13 @@ impl Embedded {
             .and_then(|store| store.reader())
             .context("opening the sessions store")?;
         let status = Arc::new(SharedStatus::new(log.clone(), Box::new(sessions_reader)));
-        status.log_truncated_bytes.store(report.truncated_bytes, Ordering::Relaxed);
-        let hub = Hub::new(HubConfig { topic_capacity: config.http.ws_buffer_messages, ..HubConfig::default() });
+        status
+            .log_truncated_bytes
+            .store(report.truncated_bytes, Ordering::Relaxed);
+        let hub = Hub::new(HubConfig {
+            topic_capacity: config.http.ws_buffer_messages,
+            ..HubConfig::default()
+        });
         let draining = Arc::new(AtomicBool::new(false));
         let dataflow = dataflow::Dataflow {
             settings: dataflow::DataflowSettings {
@@ -148,9 +161,13 @@ impl Embedded {
             idle_timeout: Duration::from_secs(config.mqtt.idle_timeout_secs),
             ..IngestConfig::default()
         };
-        let ingest = IngestServer::start(ingest_config, Arc::new(LogSink::spawn(log.clone())), status.clone())
-            .await
-            .context("starting MQTT ingest")?;
+        let ingest = IngestServer::start(
+            ingest_config,
+            Arc::new(LogSink::spawn(log.clone())),
+            status.clone(),
+        )
+        .await
+        .context("starting MQTT ingest")?;
         let mqtt_addr = ingest.local_addr();
         status.set_ingest(mqtt_addr, ingest.stats_handle());
         tracing::info!("mqtt listening on {mqtt_addr}");
@@ -161,18 +178,31 @@ impl Embedded {
         let http_addr = listener.local_addr()?;
         tracing::info!("http listening on {http_addr}");
         let (http_shutdown, mut shutdown_rx) = watch::channel(false);
-        let state = ApiState::new(hub, status, ApiConfig {
-            listen: http_addr,
-            header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
-            max_connections_per_ip: config.http.max_connections_per_ip,
-            max_connections: config.http.max_connections,
-            ..ApiConfig::default()
-        });
+        let state = ApiState::new(
+            hub,
+            status,
+            ApiConfig {
+                listen: http_addr,
+                header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
+                max_connections_per_ip: config.http.max_connections_per_ip,
+                max_connections: config.http.max_connections,
+                ..ApiConfig::default()
+            },
+        );
         let http_task = tokio::spawn(sensorflow_api::serve(listener, state, async move {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         }));
 
-        Ok(Embedded { mqtt_addr, http_addr, ingest, log, draining, dataflow_thread, http_shutdown, http_task })
+        Ok(Embedded {
+            mqtt_addr,
+            http_addr,
+            ingest,
+            log,
+            draining,
+            dataflow_thread,
+            http_shutdown,
+            http_task,
+        })
     }
 
     /// Graceful shutdown: stop accepting MQTT, let in-flight appends complete, drain the

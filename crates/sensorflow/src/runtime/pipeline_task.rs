@@ -27,7 +27,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use sensorflow_api::Hub;
 use sensorflow_log::{Log, LogError, LogReader};
-use sensorflow_pipeline::{Outputs, QuarantineReason, QuarantineRecord, SampleChunk, SessionEvent, ShardedPipeline};
+use sensorflow_pipeline::{
+    Outputs, QuarantineReason, QuarantineRecord, SampleChunk, SessionEvent, ShardedPipeline,
+};
 use sensorflow_protocol::record::IngestRecordRef;
 
 use super::checkpoint::Checkpoint;
@@ -77,7 +79,9 @@ impl PipelineTask {
             if self.sink_failed.load(Ordering::Acquire) {
                 return None;
             }
-            let wait = next_tick.saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
+            let wait = next_tick
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50));
             // Replaying what an earlier run already published: read no further than that, and
             // keep this turn's results (timers' included) off the hub.
             let replay_left = replay_until.saturating_sub(self.reader.position());
@@ -85,14 +89,16 @@ impl PipelineTask {
             let max_records = if live {
                 self.batch_records
             } else {
-                usize::try_from(replay_left).map_or(self.batch_records, |left| left.min(self.batch_records))
+                usize::try_from(replay_left)
+                    .map_or(self.batch_records, |left| left.min(self.batch_records))
             };
             match self.reader.read_batch(&mut buf, max_records, wait) {
                 Ok(_) => {}
                 Err(LogError::Closed) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "reading the log failed; retrying");
-                    self.status.set_component("pipeline", false, format!("log read failed: {e}"));
+                    self.status
+                        .set_component("pipeline", false, format!("log read failed: {e}"));
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
@@ -131,7 +137,8 @@ impl PipelineTask {
             }
             if live {
                 // Before dispatching: a sink failure there ends this run after the hub got them.
-                self.live_until.fetch_max(self.reader.position(), Ordering::AcqRel);
+                self.live_until
+                    .fetch_max(self.reader.position(), Ordering::AcqRel);
             }
             if !out.is_empty() && !self.dispatch(&mut out, live, origin) {
                 return None;
@@ -144,7 +151,9 @@ impl PipelineTask {
                 }
                 next_checkpoint = Instant::now() + self.checkpoint_interval;
             }
-            if self.draining.load(Ordering::Acquire) && self.reader.position() >= self.log.end_offset() {
+            if self.draining.load(Ordering::Acquire)
+                && self.reader.position() >= self.log.end_offset()
+            {
                 break;
             }
         }
@@ -156,7 +165,11 @@ impl PipelineTask {
         }
         self.status.refresh_sensors(&self.pipeline, Instant::now());
         let stats = self.pipeline.stats();
-        tracing::info!(records = stats.records, samples = stats.samples_out, "pipeline drained");
+        tracing::info!(
+            records = stats.records,
+            samples = stats.samples_out,
+            "pipeline drained"
+        );
         None
     }
 
@@ -164,15 +177,25 @@ impl PipelineTask {
     /// set aside into the quarantine table instead; a panic of the step is caught and returned
     /// with the step's offsets, since the pipeline's state may be half-updated: the dataflow
     /// restarts from its checkpoint.
-    fn step(&mut self, records: &[(u64, Bytes)], live: bool, out: &mut Outputs) -> Result<(), RunFailure> {
-        let (Some(first), Some(last)) = (records.first(), records.last()) else { return Ok(()) };
+    fn step(
+        &mut self,
+        records: &[(u64, Bytes)],
+        live: bool,
+        out: &mut Outputs,
+    ) -> Result<(), RunFailure> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(());
+        };
         let range = first.0..last.0 + 1;
         let now = now_us();
         let dead_letters = self.dead_letters.lock();
         let poisoned = dead_letters.any_poisoned(&range);
         if poisoned {
             for (offset, bytes) in records {
-                if let (Some(failure), Ok(r)) = (dead_letters.poisoned(*offset), IngestRecordRef::decode(bytes)) {
+                if let (Some(failure), Ok(r)) = (
+                    dead_letters.poisoned(*offset),
+                    IngestRecordRef::decode(bytes),
+                ) {
                     out.quarantine.push(dead_letter(&r, failure, now));
                     if live {
                         self.status.dead_letter(r.sensor_id);
@@ -184,17 +207,20 @@ impl PipelineTask {
         let status = &self.status;
         let pipeline = &mut self.pipeline;
         let result = catch_unwind(AssertUnwindSafe(|| {
-            let decoded = records.iter().filter(|(offset, _)| !skip(*offset)).filter_map(|(offset, bytes)| match IngestRecordRef::decode(bytes) {
-                Ok(r) => {
-                    poison_failpoint(r.sensor_id);
-                    Some(r)
-                }
-                Err(e) => {
-                    status.count_corrupt_record();
-                    tracing::warn!(offset, error = %e, "skipping undecodable log record");
-                    None
-                }
-            });
+            let decoded = records
+                .iter()
+                .filter(|(offset, _)| !skip(*offset))
+                .filter_map(|(offset, bytes)| match IngestRecordRef::decode(bytes) {
+                    Ok(r) => {
+                        poison_failpoint(r.sensor_id);
+                        Some(r)
+                    }
+                    Err(e) => {
+                        status.count_corrupt_record();
+                        tracing::warn!(offset, error = %e, "skipping undecodable log record");
+                        None
+                    }
+                });
             pipeline.process(decoded, now, out);
         }));
         drop(dead_letters);
@@ -206,7 +232,10 @@ impl PipelineTask {
                 .unwrap_or("(no message)");
             // Whatever the step produced before it failed belongs to a state being thrown away.
             out.clear();
-            RunFailure { message: format!("a pipeline stage failed: {what}"), origin: Some(range) }
+            RunFailure {
+                message: format!("a pipeline stage failed: {what}"),
+                origin: Some(range),
+            }
         })
     }
 
@@ -214,7 +243,11 @@ impl PipelineTask {
     /// queued behind every output produced so far. Returns false when the sink thread is gone.
     fn checkpoint(&mut self) -> bool {
         let snapshot = self.pipeline.snapshot().encode();
-        let msg = SinkMsg::Checkpoint(Checkpoint { epoch: self.next_epoch, log_offset: self.reader.position(), snapshot });
+        let msg = SinkMsg::Checkpoint(Checkpoint {
+            epoch: self.next_epoch,
+            log_offset: self.reader.position(),
+            snapshot,
+        });
         self.next_epoch += 1;
         if self.sink.send(msg, 0).is_err() {
             return false;

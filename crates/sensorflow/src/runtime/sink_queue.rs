@@ -25,10 +25,26 @@ use parking_lot::{Condvar, Mutex};
 pub(crate) struct SinkGone;
 
 /// Creates a queue of at most `max_messages` messages and `max_weight` total weight.
-pub(crate) fn bounded<T>(max_messages: usize, max_weight: usize) -> (WeightedSender<T>, WeightedReceiver<T>) {
+pub(crate) fn bounded<T>(
+    max_messages: usize,
+    max_weight: usize,
+) -> (WeightedSender<T>, WeightedReceiver<T>) {
     let (tx, rx) = sync_channel(max_messages);
-    let budget = Arc::new(Budget { state: Mutex::new(BudgetState { used: 0, closed: false }), changed: Condvar::new(), limit: max_weight });
-    (WeightedSender { tx, budget: budget.clone() }, WeightedReceiver { rx, budget })
+    let budget = Arc::new(Budget {
+        state: Mutex::new(BudgetState {
+            used: 0,
+            closed: false,
+        }),
+        changed: Condvar::new(),
+        limit: max_weight,
+    });
+    (
+        WeightedSender {
+            tx,
+            budget: budget.clone(),
+        },
+        WeightedReceiver { rx, budget },
+    )
 }
 
 struct Budget {
@@ -90,7 +106,13 @@ impl<T> WeightedReceiver<T> {
     /// The next message and the permit that holds its weight until dropped.
     pub(crate) fn recv_timeout(&self, timeout: Duration) -> Result<(T, Permit), RecvTimeoutError> {
         let (msg, weight) = self.rx.recv_timeout(timeout)?;
-        Ok((msg, Permit { budget: self.budget.clone(), weight }))
+        Ok((
+            msg,
+            Permit {
+                budget: self.budget.clone(),
+                weight,
+            },
+        ))
     }
 }
 
@@ -130,7 +152,10 @@ mod tests {
         let (first, permit) = rx.recv_timeout(LONG).unwrap();
         assert_eq!(first, "first");
         // Only a bounded wait can show that something does not arrive.
-        assert!(matches!(rx.recv_timeout(Duration::from_millis(200)), Err(RecvTimeoutError::Timeout)));
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_millis(200)),
+            Err(RecvTimeoutError::Timeout)
+        ));
         drop(permit);
         assert_eq!(rx.recv_timeout(LONG).unwrap().0, "second");
         sender.join().unwrap();

@@ -72,8 +72,12 @@ impl SinkTask {
         result.map_err(|failure| {
             self.failed.store(true, Ordering::Release);
             let message = failure.to_string();
-            self.status.set_component(failure.component, false, message.clone());
-            RunFailure { message, origin: failure.origin }
+            self.status
+                .set_component(failure.component, false, message.clone());
+            RunFailure {
+                message,
+                origin: failure.origin,
+            }
         })
     }
 
@@ -87,7 +91,9 @@ impl SinkTask {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            self.lake.roll_due(Instant::now()).map_err(SinkFailure::lake)?;
+            self.lake
+                .roll_due(Instant::now())
+                .map_err(SinkFailure::lake)?;
             self.status.set_lake_stats(self.lake.stats());
         }
         // The pipeline's last message is a checkpoint, which flushed the lake; anything still
@@ -106,17 +112,27 @@ impl SinkTask {
         if let Err(e) = self.checkpoints.write(&c) {
             // The lake files of this epoch stay; the next checkpoint covers them too.
             tracing::error!(error = %e, epoch = c.epoch, "writing a checkpoint failed; the next one retries");
-            self.status.set_component("checkpoint", false, format!("write failed: {e}"));
+            self.status
+                .set_component("checkpoint", false, format!("write failed: {e}"));
             return Ok(());
         }
         self.lake.set_epoch(c.epoch + 1);
         let took = started.elapsed();
-        self.status.checkpoint_written(c.epoch, c.log_offset, c.snapshot.len(), took);
+        self.status
+            .checkpoint_written(c.epoch, c.log_offset, c.snapshot.len(), took);
         if took > SLOW_CHECKPOINT {
             // The pipeline waits on the sink's bounded queue meanwhile: live latency suffers.
-            tracing::warn!(epoch = c.epoch, took_ms = took.as_millis() as u64, "slow checkpoint (lake commit and checkpoint write)");
+            tracing::warn!(
+                epoch = c.epoch,
+                took_ms = took.as_millis() as u64,
+                "slow checkpoint (lake commit and checkpoint write)"
+            );
         }
-        self.status.set_component("checkpoint", true, format!("epoch {} at log offset {}", c.epoch, c.log_offset));
+        self.status.set_component(
+            "checkpoint",
+            true,
+            format!("epoch {} at log offset {}", c.epoch, c.log_offset),
+        );
         match self.checkpoints.prune(self.keep_checkpoints) {
             Ok(Some(oldest)) => {
                 if let Err(e) = self.log.trim(oldest.log_offset, &self.retention) {
@@ -167,19 +183,30 @@ impl SinkTask {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, %table, %date, "lake compaction failed; retrying in a minute");
-                        self.compacted.insert((table, date), Compacted::Failed(Instant::now() + COMPACTION_RETRY));
+                        self.compacted.insert(
+                            (table, date),
+                            Compacted::Failed(Instant::now() + COMPACTION_RETRY),
+                        );
                     }
                 }
             }
         }
     }
 
-    fn write(&mut self, batch: SinkBatch, ended: &mut Vec<SessionRecord>) -> Result<(), SinkFailure> {
+    fn write(
+        &mut self,
+        batch: SinkBatch,
+        ended: &mut Vec<SessionRecord>,
+    ) -> Result<(), SinkFailure> {
         // Fault-injection tests slow the sink down here (see the `failpoints` feature).
         fail::fail_point!("sink-batch");
         self.store
             .apply(&batch.session_events, &batch.aggregates)
-            .map_err(|e| SinkFailure { component: "sessions_store", detail: format!("sessions store write failed: {e}"), origin: None })?;
+            .map_err(|e| SinkFailure {
+                component: "sessions_store",
+                detail: format!("sessions store write failed: {e}"),
+                origin: None,
+            })?;
         ended.clear();
         ended.extend(batch.session_events.iter().filter_map(|e| match e {
             SessionEvent::Ended { session, .. } => Some(session.clone()),
@@ -198,7 +225,10 @@ impl SinkTask {
         })();
         result.map_err(|e| {
             let origin = e.is_data_error().then(|| batch.origin.clone());
-            SinkFailure { origin, ..SinkFailure::lake(e) }
+            SinkFailure {
+                origin,
+                ..SinkFailure::lake(e)
+            }
         })?;
         self.status.set_component("lake", true, "ok".into());
         Ok(())
@@ -215,7 +245,11 @@ struct SinkFailure {
 
 impl SinkFailure {
     fn lake(e: impl std::fmt::Display) -> Self {
-        SinkFailure { component: "lake", detail: format!("lake write failed: {e}"), origin: None }
+        SinkFailure {
+            component: "lake",
+            detail: format!("lake write failed: {e}"),
+            origin: None,
+        }
     }
 }
 

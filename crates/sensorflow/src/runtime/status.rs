@@ -109,7 +109,13 @@ impl SharedStatus {
         }
     }
 
-    pub(crate) fn checkpoint_written(&self, epoch: u64, log_offset: u64, bytes: usize, took: std::time::Duration) {
+    pub(crate) fn checkpoint_written(
+        &self,
+        epoch: u64,
+        log_offset: u64,
+        bytes: usize,
+        took: std::time::Duration,
+    ) {
         let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         *self.checkpoint.lock() = Some((epoch, log_offset, bytes, ms));
         self.checkpoint_max_ms.fetch_max(ms, Ordering::Relaxed);
@@ -118,7 +124,9 @@ impl SharedStatus {
 
     /// Epoch and log offset of the last checkpoint written by this process, if any.
     pub(crate) fn last_checkpoint(&self) -> Option<(u64, u64)> {
-        self.checkpoint.lock().map(|(epoch, offset, _, _)| (epoch, offset))
+        self.checkpoint
+            .lock()
+            .map(|(epoch, offset, _, _)| (epoch, offset))
     }
 
     pub(crate) fn count_corrupt_record(&self) {
@@ -132,7 +140,10 @@ impl SharedStatus {
     /// Rebuilds the sensor table from the pipeline's counters (pipeline thread).
     pub(crate) fn refresh_sensors(&self, pipeline: &ShardedPipeline, now: Instant) {
         let mut previous = self.previous.lock();
-        let elapsed = previous.0.map(|t| now.duration_since(t).as_secs_f64()).filter(|s| *s > 0.0);
+        let elapsed = previous
+            .0
+            .map(|t| now.duration_since(t).as_secs_f64())
+            .filter(|s| *s > 0.0);
         let ingest_bad = self.ingest_bad.lock();
         let mut next_rates = HashMap::new();
         let mut table: Vec<SensorStatus> = pipeline
@@ -153,9 +164,17 @@ impl SharedStatus {
                             packets_per_s: p.packets_per_s + alpha * (inst_p - p.packets_per_s),
                         }
                     }
-                    _ => RateState { samples: c.samples_decoded, packets: c.packets_decoded, ..RateState::default() },
+                    _ => RateState {
+                        samples: c.samples_decoded,
+                        packets: c.packets_decoded,
+                        ..RateState::default()
+                    },
                 };
-                let mut bad: BTreeMap<String, u64> = c.bad.iter().map(|(r, n)| (r.as_str().to_owned(), *n)).collect();
+                let mut bad: BTreeMap<String, u64> = c
+                    .bad
+                    .iter()
+                    .map(|(r, n)| (r.as_str().to_owned(), *n))
+                    .collect();
                 if let Some(extra) = ingest_bad.get(id) {
                     for (r, n) in extra {
                         *bad.entry(r.as_str().to_owned()).or_default() += n;
@@ -184,12 +203,16 @@ impl SharedStatus {
             .collect();
         // Sensors whose every message ingest refused (e.g. all oversize) never reach the
         // pipeline; list them too so their bad input is visible per sensor.
-        let known: std::collections::HashSet<String> = table.iter().map(|s| s.sensor_id.clone()).collect();
+        let known: std::collections::HashSet<String> =
+            table.iter().map(|s| s.sensor_id.clone()).collect();
         for (id, reasons) in ingest_bad.iter() {
             if id.is_empty() || known.contains(id) {
                 continue;
             }
-            let bad: BTreeMap<String, u64> = reasons.iter().map(|(r, n)| (r.as_str().to_owned(), *n)).collect();
+            let bad: BTreeMap<String, u64> = reasons
+                .iter()
+                .map(|(r, n)| (r.as_str().to_owned(), *n))
+                .collect();
             table.push(SensorStatus {
                 sensor_id: id.clone(),
                 bad_total: bad.values().sum(),
@@ -213,14 +236,21 @@ const MAX_TRACKED_ID_BYTES: usize = 256;
 /// Counts bad input of `sensor_id` ("" when unknown); false if the id is not tracked. Bounded:
 /// sensor ids come from clients, so beyond [`MAX_INGEST_BAD_SENSORS`] ids (or for ids longer
 /// than [`MAX_TRACKED_ID_BYTES`]) the caller counts the input in an aggregate instead.
-fn record_bad(bad: &mut HashMap<String, BTreeMap<BadReason, u64>>, sensor_id: &str, reason: BadReason) -> bool {
+fn record_bad(
+    bad: &mut HashMap<String, BTreeMap<BadReason, u64>>,
+    sensor_id: &str,
+    reason: BadReason,
+) -> bool {
     if !sensor_id.is_empty()
         && !bad.contains_key(sensor_id)
         && (bad.len() >= MAX_INGEST_BAD_SENSORS || sensor_id.len() > MAX_TRACKED_ID_BYTES)
     {
         return false;
     }
-    *bad.entry(sensor_id.to_owned()).or_default().entry(reason).or_default() += 1;
+    *bad.entry(sensor_id.to_owned())
+        .or_default()
+        .entry(reason)
+        .or_default() += 1;
     true
 }
 
@@ -242,7 +272,12 @@ impl SharedStatus {
 
 impl IngestObserver for SharedStatus {
     fn bad_input(&self, sensor_id: Option<&str>, reason: BadReason, detail: &str) {
-        tracing::debug!(sensor_id, reason = reason.as_str(), detail, "bad input rejected by ingest");
+        tracing::debug!(
+            sensor_id,
+            reason = reason.as_str(),
+            detail,
+            "bad input rejected by ingest"
+        );
         self.count_bad(sensor_id, reason);
     }
 }
@@ -253,7 +288,11 @@ impl StatusSource for SharedStatus {
     }
 
     fn sensor(&self, sensor_id: &str) -> Option<SensorStatus> {
-        self.sensors.read().iter().find(|s| s.sensor_id == sensor_id).cloned()
+        self.sensors
+            .read()
+            .iter()
+            .find(|s| s.sensor_id == sensor_id)
+            .cloned()
     }
 
     fn ready(&self) -> ReadyStatus {
@@ -262,115 +301,480 @@ impl StatusSource for SharedStatus {
         components.insert(
             "log".into(),
             match &log.last_error {
-                Some(e) => ComponentStatus { ok: false, detail: e.clone() },
-                None => ComponentStatus { ok: true, detail: format!("end offset {}", log.end_offset) },
+                Some(e) => ComponentStatus {
+                    ok: false,
+                    detail: e.clone(),
+                },
+                None => ComponentStatus {
+                    ok: true,
+                    detail: format!("end offset {}", log.end_offset),
+                },
             },
         );
         components.insert(
             "mqtt".into(),
             match self.ingest.read().as_ref() {
-                Some((addr, _)) => ComponentStatus { ok: true, detail: format!("listening on {addr}") },
-                None => ComponentStatus { ok: false, detail: "not started".into() },
+                Some((addr, _)) => ComponentStatus {
+                    ok: true,
+                    detail: format!("listening on {addr}"),
+                },
+                None => ComponentStatus {
+                    ok: false,
+                    detail: "not started".into(),
+                },
             },
         );
-        ReadyStatus { ready: components.values().all(|c| c.ok), components }
+        ReadyStatus {
+            ready: components.values().all(|c| c.ok),
+            components,
+        }
     }
 
     fn render_metrics(&self, out: &mut String) {
         // Hand-written exposition: every value here is a snapshot another thread already keeps,
         // so a metrics registry would only duplicate the bookkeeping on the hot path.
         let sensors = self.sensors.read().clone();
-        family(out, "sensorflow_sensor_samples_total", "counter", "Samples decoded per sensor.");
+        family(
+            out,
+            "sensorflow_sensor_samples_total",
+            "counter",
+            "Samples decoded per sensor.",
+        );
         for s in sensors.iter() {
-            sample(out, "sensorflow_sensor_samples_total", &[("sensor_id", &s.sensor_id)], s.samples_decoded);
+            sample(
+                out,
+                "sensorflow_sensor_samples_total",
+                &[("sensor_id", &s.sensor_id)],
+                s.samples_decoded,
+            );
         }
-        family(out, "sensorflow_sensor_packets_total", "counter", "Packets decoded per sensor.");
+        family(
+            out,
+            "sensorflow_sensor_packets_total",
+            "counter",
+            "Packets decoded per sensor.",
+        );
         for s in sensors.iter() {
-            sample(out, "sensorflow_sensor_packets_total", &[("sensor_id", &s.sensor_id)], s.packets_decoded);
+            sample(
+                out,
+                "sensorflow_sensor_packets_total",
+                &[("sensor_id", &s.sensor_id)],
+                s.packets_decoded,
+            );
         }
-        family(out, "sensorflow_sensor_bad_input_total", "counter", "Bad input per sensor and reason.");
+        family(
+            out,
+            "sensorflow_sensor_bad_input_total",
+            "counter",
+            "Bad input per sensor and reason.",
+        );
         for s in sensors.iter() {
             for (reason, n) in &s.bad {
-                sample(out, "sensorflow_sensor_bad_input_total", &[("sensor_id", &s.sensor_id), ("reason", reason)], *n);
+                sample(
+                    out,
+                    "sensorflow_sensor_bad_input_total",
+                    &[("sensor_id", &s.sensor_id), ("reason", reason)],
+                    *n,
+                );
             }
         }
         for (name, help, get) in [
-            ("sensorflow_sensor_duplicate_samples_total", "Samples dropped as already processed.", (|s: &SensorStatus| s.duplicates) as fn(&SensorStatus) -> u64),
-            ("sensorflow_sensor_gaps_total", "Gaps in sample indices.", |s| s.gaps),
-            ("sensorflow_sensor_missing_samples_total", "Samples missing in gaps.", |s| s.missing_samples),
-            ("sensorflow_sensor_reordered_samples_total", "Samples that arrived after later ones and filled a gap.", |s| s.reordered_samples),
-            ("sensorflow_sensor_late_samples_total", "Samples later than their window.", |s| s.late),
-            ("sensorflow_sensor_restarts_total", "Device restarts detected.", |s| s.restarts),
+            (
+                "sensorflow_sensor_duplicate_samples_total",
+                "Samples dropped as already processed.",
+                (|s: &SensorStatus| s.duplicates) as fn(&SensorStatus) -> u64,
+            ),
+            (
+                "sensorflow_sensor_gaps_total",
+                "Gaps in sample indices.",
+                |s| s.gaps,
+            ),
+            (
+                "sensorflow_sensor_missing_samples_total",
+                "Samples missing in gaps.",
+                |s| s.missing_samples,
+            ),
+            (
+                "sensorflow_sensor_reordered_samples_total",
+                "Samples that arrived after later ones and filled a gap.",
+                |s| s.reordered_samples,
+            ),
+            (
+                "sensorflow_sensor_late_samples_total",
+                "Samples later than their window.",
+                |s| s.late,
+            ),
+            (
+                "sensorflow_sensor_restarts_total",
+                "Device restarts detected.",
+                |s| s.restarts,
+            ),
         ] {
             family(out, name, "counter", help);
             for s in sensors.iter() {
                 sample(out, name, &[("sensor_id", &s.sensor_id)], get(s));
             }
         }
-        gauge_like(out, "sensorflow_ingest_bad_input_untracked_total", "counter", "Bad input of sensors not tracked per sensor (too many distinct ids, or an id too long).", self.ingest_bad_untracked.load(Ordering::Relaxed));
+        gauge_like(
+            out,
+            "sensorflow_ingest_bad_input_untracked_total",
+            "counter",
+            "Bad input of sensors not tracked per sensor (too many distinct ids, or an id too long).",
+            self.ingest_bad_untracked.load(Ordering::Relaxed),
+        );
         let unknown = self.ingest_bad.lock().get("").cloned().unwrap_or_default();
-        family(out, "sensorflow_ingest_rejected_total", "counter", "Messages rejected by ingest with no known sensor, by reason.");
+        family(
+            out,
+            "sensorflow_ingest_rejected_total",
+            "counter",
+            "Messages rejected by ingest with no known sensor, by reason.",
+        );
         for (reason, n) in unknown {
-            sample(out, "sensorflow_ingest_rejected_total", &[("reason", reason.as_str())], n);
+            sample(
+                out,
+                "sensorflow_ingest_rejected_total",
+                &[("reason", reason.as_str())],
+                n,
+            );
         }
         let p = self.pipeline.lock().clone();
-        gauge_like(out, "sensorflow_pipeline_records_total", "counter", "Log records processed.", p.records);
-        gauge_like(out, "sensorflow_pipeline_samples_total", "counter", "Samples emitted by the pipeline.", p.samples_out);
-        gauge_like(out, "sensorflow_model_calls_total", "counter", "Batched model calls.", p.model_calls);
-        gauge_like(out, "sensorflow_model_errors_total", "counter", "Failed model calls.", p.model_errors);
-        gauge_like(out, "sensorflow_pipeline_sensors", "gauge", "Sensors whose state the pipeline keeps.", sensors.len() as u64);
-        gauge_like(out, "sensorflow_pipeline_sensors_evicted_total", "counter", "Sensor states dropped: idle, or beyond pipeline.max_sensors.", p.sensors_evicted);
-        gauge_like(out, "sensorflow_quarantined_samples_total", "counter", "Samples sent to the quarantine table for an implausible event time.", p.samples_quarantined);
-        gauge_like(out, "sensorflow_dead_letters_total", "counter", "Log records sent to the quarantine table because they made a stage fail.", self.dead_letters.load(Ordering::Relaxed));
-        gauge_like(out, "sensorflow_log_corrupt_records_total", "counter", "Log records that could not be decoded.", self.corrupt_records.load(Ordering::Relaxed));
-        gauge_like(out, "sensorflow_sessions_ended_total", "counter", "Sessions ended.", self.sessions_ended.load(Ordering::Relaxed));
-        gauge_like(out, "sensorflow_checkpoints_total", "counter", "Checkpoints written.", self.checkpoints_written.load(Ordering::Relaxed));
-        gauge_like(out, "sensorflow_checkpoints_corrupt_total", "counter", "Checkpoint files that failed verification during recovery.", self.checkpoints_corrupt.load(Ordering::Relaxed));
+        gauge_like(
+            out,
+            "sensorflow_pipeline_records_total",
+            "counter",
+            "Log records processed.",
+            p.records,
+        );
+        gauge_like(
+            out,
+            "sensorflow_pipeline_samples_total",
+            "counter",
+            "Samples emitted by the pipeline.",
+            p.samples_out,
+        );
+        gauge_like(
+            out,
+            "sensorflow_model_calls_total",
+            "counter",
+            "Batched model calls.",
+            p.model_calls,
+        );
+        gauge_like(
+            out,
+            "sensorflow_model_errors_total",
+            "counter",
+            "Failed model calls.",
+            p.model_errors,
+        );
+        gauge_like(
+            out,
+            "sensorflow_pipeline_sensors",
+            "gauge",
+            "Sensors whose state the pipeline keeps.",
+            sensors.len() as u64,
+        );
+        gauge_like(
+            out,
+            "sensorflow_pipeline_sensors_evicted_total",
+            "counter",
+            "Sensor states dropped: idle, or beyond pipeline.max_sensors.",
+            p.sensors_evicted,
+        );
+        gauge_like(
+            out,
+            "sensorflow_quarantined_samples_total",
+            "counter",
+            "Samples sent to the quarantine table for an implausible event time.",
+            p.samples_quarantined,
+        );
+        gauge_like(
+            out,
+            "sensorflow_dead_letters_total",
+            "counter",
+            "Log records sent to the quarantine table because they made a stage fail.",
+            self.dead_letters.load(Ordering::Relaxed),
+        );
+        gauge_like(
+            out,
+            "sensorflow_log_corrupt_records_total",
+            "counter",
+            "Log records that could not be decoded.",
+            self.corrupt_records.load(Ordering::Relaxed),
+        );
+        gauge_like(
+            out,
+            "sensorflow_sessions_ended_total",
+            "counter",
+            "Sessions ended.",
+            self.sessions_ended.load(Ordering::Relaxed),
+        );
+        gauge_like(
+            out,
+            "sensorflow_checkpoints_total",
+            "counter",
+            "Checkpoints written.",
+            self.checkpoints_written.load(Ordering::Relaxed),
+        );
+        gauge_like(
+            out,
+            "sensorflow_checkpoints_corrupt_total",
+            "counter",
+            "Checkpoint files that failed verification during recovery.",
+            self.checkpoints_corrupt.load(Ordering::Relaxed),
+        );
         if let Some((epoch, offset, bytes, ms)) = *self.checkpoint.lock() {
-            gauge_like(out, "sensorflow_checkpoint_epoch", "gauge", "Epoch of the last checkpoint.", epoch);
-            gauge_like(out, "sensorflow_checkpoint_log_offset", "gauge", "Log offset of the last checkpoint.", offset);
-            gauge_like(out, "sensorflow_checkpoint_bytes", "gauge", "Size of the last pipeline snapshot.", bytes as u64);
-            gauge_like(out, "sensorflow_checkpoint_last_duration_ms", "gauge", "Time the sink took to commit the lake files and write the last checkpoint.", ms);
-            gauge_like(out, "sensorflow_checkpoint_max_duration_ms", "gauge", "Longest such checkpoint commit since start.", self.checkpoint_max_ms.load(Ordering::Relaxed));
+            gauge_like(
+                out,
+                "sensorflow_checkpoint_epoch",
+                "gauge",
+                "Epoch of the last checkpoint.",
+                epoch,
+            );
+            gauge_like(
+                out,
+                "sensorflow_checkpoint_log_offset",
+                "gauge",
+                "Log offset of the last checkpoint.",
+                offset,
+            );
+            gauge_like(
+                out,
+                "sensorflow_checkpoint_bytes",
+                "gauge",
+                "Size of the last pipeline snapshot.",
+                bytes as u64,
+            );
+            gauge_like(
+                out,
+                "sensorflow_checkpoint_last_duration_ms",
+                "gauge",
+                "Time the sink took to commit the lake files and write the last checkpoint.",
+                ms,
+            );
+            gauge_like(
+                out,
+                "sensorflow_checkpoint_max_duration_ms",
+                "gauge",
+                "Longest such checkpoint commit since start.",
+                self.checkpoint_max_ms.load(Ordering::Relaxed),
+            );
         }
-        gauge_like(out, "sensorflow_dataflow_restarts_total", "counter", "Restarts of the dataflow from the last checkpoint after a sink failure.", self.dataflow_restarts.load(Ordering::Relaxed));
+        gauge_like(
+            out,
+            "sensorflow_dataflow_restarts_total",
+            "counter",
+            "Restarts of the dataflow from the last checkpoint after a sink failure.",
+            self.dataflow_restarts.load(Ordering::Relaxed),
+        );
         let (files_removed, replayed) = *self.recovery.lock();
-        gauge_like(out, "sensorflow_recovery_lake_files_removed", "gauge", "Lake files of incomplete epochs deleted by the last recovery.", files_removed as u64);
-        gauge_like(out, "sensorflow_recovery_log_records", "gauge", "Log records after the restored checkpoint, replayed by the last recovery.", replayed);
+        gauge_like(
+            out,
+            "sensorflow_recovery_lake_files_removed",
+            "gauge",
+            "Lake files of incomplete epochs deleted by the last recovery.",
+            files_removed as u64,
+        );
+        gauge_like(
+            out,
+            "sensorflow_recovery_log_records",
+            "gauge",
+            "Log records after the restored checkpoint, replayed by the last recovery.",
+            replayed,
+        );
         let log = self.log.stats();
-        gauge_like(out, "sensorflow_log_end_offset", "gauge", "Next log offset.", log.end_offset);
-        gauge_like(out, "sensorflow_log_appended_bytes_total", "counter", "Bytes appended to the log.", log.appended_bytes);
-        gauge_like(out, "sensorflow_log_fsyncs_total", "counter", "fsync calls of the log.", log.fsyncs);
-        gauge_like(out, "sensorflow_log_unconsumed_bytes", "gauge", "Log bytes not yet processed.", log.unconsumed_bytes);
-        gauge_like(out, "sensorflow_log_truncated_bytes", "gauge", "Bytes of a torn log tail truncated when the log was opened.", self.log_truncated_bytes.load(Ordering::Relaxed));
-        gauge_like(out, "sensorflow_log_write_errors_total", "counter", "Failed log writes.", log.write_errors);
+        gauge_like(
+            out,
+            "sensorflow_log_end_offset",
+            "gauge",
+            "Next log offset.",
+            log.end_offset,
+        );
+        gauge_like(
+            out,
+            "sensorflow_log_appended_bytes_total",
+            "counter",
+            "Bytes appended to the log.",
+            log.appended_bytes,
+        );
+        gauge_like(
+            out,
+            "sensorflow_log_fsyncs_total",
+            "counter",
+            "fsync calls of the log.",
+            log.fsyncs,
+        );
+        gauge_like(
+            out,
+            "sensorflow_log_unconsumed_bytes",
+            "gauge",
+            "Log bytes not yet processed.",
+            log.unconsumed_bytes,
+        );
+        gauge_like(
+            out,
+            "sensorflow_log_truncated_bytes",
+            "gauge",
+            "Bytes of a torn log tail truncated when the log was opened.",
+            self.log_truncated_bytes.load(Ordering::Relaxed),
+        );
+        gauge_like(
+            out,
+            "sensorflow_log_write_errors_total",
+            "counter",
+            "Failed log writes.",
+            log.write_errors,
+        );
         if let Some(lake) = self.lake.lock().as_ref() {
-            gauge_like(out, "sensorflow_lake_files_total", "counter", "Parquet files committed to the lake.", lake.files_committed());
-            gauge_like(out, "sensorflow_lake_errors_total", "counter", "Lake write and compaction errors.", lake.errors);
-            gauge_like(out, "sensorflow_lake_compactions_total", "counter", "Merges of small files in closed lake partitions.", lake.compactions);
-            gauge_like(out, "sensorflow_lake_early_syncs_total", "counter", "Syncs of lake files while they were written (one per lake.sync_every_bytes).", lake.early_syncs);
-            gauge_like(out, "sensorflow_lake_partitions_evicted_total", "counter", "Lake partitions committed early to stay within lake.max_open_partitions.", lake.partitions_evicted);
-            gauge_like(out, "sensorflow_lake_quarantine_rows_total", "counter", "Rows written to the lake's quarantine table.", lake.table(sensorflow_lake::Table::Quarantine).rows_written);
+            gauge_like(
+                out,
+                "sensorflow_lake_files_total",
+                "counter",
+                "Parquet files committed to the lake.",
+                lake.files_committed(),
+            );
+            gauge_like(
+                out,
+                "sensorflow_lake_errors_total",
+                "counter",
+                "Lake write and compaction errors.",
+                lake.errors,
+            );
+            gauge_like(
+                out,
+                "sensorflow_lake_compactions_total",
+                "counter",
+                "Merges of small files in closed lake partitions.",
+                lake.compactions,
+            );
+            gauge_like(
+                out,
+                "sensorflow_lake_early_syncs_total",
+                "counter",
+                "Syncs of lake files while they were written (one per lake.sync_every_bytes).",
+                lake.early_syncs,
+            );
+            gauge_like(
+                out,
+                "sensorflow_lake_partitions_evicted_total",
+                "counter",
+                "Lake partitions committed early to stay within lake.max_open_partitions.",
+                lake.partitions_evicted,
+            );
+            gauge_like(
+                out,
+                "sensorflow_lake_quarantine_rows_total",
+                "counter",
+                "Rows written to the lake's quarantine table.",
+                lake.table(sensorflow_lake::Table::Quarantine).rows_written,
+            );
         }
         if let Some((_, stats)) = self.ingest.read().as_ref() {
             let i = stats.snapshot();
-            gauge_like(out, "sensorflow_mqtt_connections", "gauge", "Open MQTT connections.", i.connections_current);
-            gauge_like(out, "sensorflow_mqtt_connections_total", "counter", "MQTT connections accepted.", i.connections_total);
-            gauge_like(out, "sensorflow_mqtt_connections_refused_total", "counter", "MQTT connections refused.", i.connections_refused);
-            family(out, "sensorflow_mqtt_publishes_total", "counter", "PUBLISH packets received by QoS.");
+            gauge_like(
+                out,
+                "sensorflow_mqtt_connections",
+                "gauge",
+                "Open MQTT connections.",
+                i.connections_current,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_connections_total",
+                "counter",
+                "MQTT connections accepted.",
+                i.connections_total,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_connections_refused_total",
+                "counter",
+                "MQTT connections refused.",
+                i.connections_refused,
+            );
+            family(
+                out,
+                "sensorflow_mqtt_publishes_total",
+                "counter",
+                "PUBLISH packets received by QoS.",
+            );
             for (qos, n) in i.received_by_qos.iter().enumerate() {
-                sample(out, "sensorflow_mqtt_publishes_total", &[("qos", &qos.to_string())], *n);
+                sample(
+                    out,
+                    "sensorflow_mqtt_publishes_total",
+                    &[("qos", &qos.to_string())],
+                    *n,
+                );
             }
-            gauge_like(out, "sensorflow_mqtt_received_bytes_total", "counter", "Payload bytes received.", i.received_bytes);
-            gauge_like(out, "sensorflow_mqtt_stored_total", "counter", "Messages durably stored in the log.", i.stored);
-            gauge_like(out, "sensorflow_mqtt_acked_total", "counter", "QoS 1/2 publishes acknowledged.", i.acked);
-            gauge_like(out, "sensorflow_mqtt_nacked_total", "counter", "MQTT 5 publishes answered with an error code.", i.nacked);
-            gauge_like(out, "sensorflow_mqtt_sink_rejected_total", "counter", "Appends the log failed.", i.rejected_by_sink);
-            gauge_like(out, "sensorflow_mqtt_dropped_on_shutdown_total", "counter", "Publishes refused while stopping.", i.dropped_on_shutdown);
-            gauge_like(out, "sensorflow_mqtt_packets_too_large_total", "counter", "Connections closed for a packet above the maximum packet size (never buffered).", i.packets_too_large);
-            gauge_like(out, "sensorflow_mqtt_client_id_too_long_total", "counter", "CONNECTs refused for a client id above mqtt.max_client_id_bytes.", i.client_id_too_long);
-            gauge_like(out, "sensorflow_mqtt_sessions_evicted_total", "counter", "Persistent sessions forgotten at mqtt.max_persistent_sessions.", i.sessions_evicted);
-            gauge_like(out, "sensorflow_mqtt_oversize_total", "counter", "Publishes above mqtt.max_message_bytes (read and discarded).", i.oversize);
+            gauge_like(
+                out,
+                "sensorflow_mqtt_received_bytes_total",
+                "counter",
+                "Payload bytes received.",
+                i.received_bytes,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_stored_total",
+                "counter",
+                "Messages durably stored in the log.",
+                i.stored,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_acked_total",
+                "counter",
+                "QoS 1/2 publishes acknowledged.",
+                i.acked,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_nacked_total",
+                "counter",
+                "MQTT 5 publishes answered with an error code.",
+                i.nacked,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_sink_rejected_total",
+                "counter",
+                "Appends the log failed.",
+                i.rejected_by_sink,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_dropped_on_shutdown_total",
+                "counter",
+                "Publishes refused while stopping.",
+                i.dropped_on_shutdown,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_packets_too_large_total",
+                "counter",
+                "Connections closed for a packet above the maximum packet size (never buffered).",
+                i.packets_too_large,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_client_id_too_long_total",
+                "counter",
+                "CONNECTs refused for a client id above mqtt.max_client_id_bytes.",
+                i.client_id_too_long,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_sessions_evicted_total",
+                "counter",
+                "Persistent sessions forgotten at mqtt.max_persistent_sessions.",
+                i.sessions_evicted,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_oversize_total",
+                "counter",
+                "Publishes above mqtt.max_message_bytes (read and discarded).",
+                i.oversize,
+            );
         }
     }
 
@@ -420,7 +824,10 @@ mod tests {
             assert!(record_bad(&mut bad, &format!("s{i}"), BadReason::Oversize));
         }
         assert!(!record_bad(&mut bad, "one-too-many", BadReason::Oversize));
-        assert!(record_bad(&mut bad, "s0", BadReason::Oversize), "a tracked id keeps counting");
+        assert!(
+            record_bad(&mut bad, "s0", BadReason::Oversize),
+            "a tracked id keeps counting"
+        );
         assert_eq!(bad["s0"][&BadReason::Oversize], 2);
         assert!(!bad.contains_key("one-too-many"));
         assert_eq!(bad.len(), MAX_INGEST_BAD_SENSORS);
@@ -429,7 +836,15 @@ mod tests {
     #[test]
     fn an_absurdly_long_sensor_id_is_not_tracked() {
         let mut bad = HashMap::new();
-        assert!(!record_bad(&mut bad, &"x".repeat(MAX_TRACKED_ID_BYTES + 1), BadReason::Oversize));
-        assert!(record_bad(&mut bad, &"x".repeat(MAX_TRACKED_ID_BYTES), BadReason::Oversize));
+        assert!(!record_bad(
+            &mut bad,
+            &"x".repeat(MAX_TRACKED_ID_BYTES + 1),
+            BadReason::Oversize
+        ));
+        assert!(record_bad(
+            &mut bad,
+            &"x".repeat(MAX_TRACKED_ID_BYTES),
+            BadReason::Oversize
+        ));
     }
 }

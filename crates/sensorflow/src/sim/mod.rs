@@ -158,7 +158,10 @@ impl SimConfig {
             problems.push("sensors must be at least 1".to_owned());
         }
         if self.rate_hz == 0 || self.rate_hz > 1_000_000 {
-            problems.push(format!("rate must be in 1..=1000000 Hz, got {}", self.rate_hz));
+            problems.push(format!(
+                "rate must be in 1..=1000000 Hz, got {}",
+                self.rate_hz
+            ));
         }
         if !(1..=MAX_SAMPLES_PER_PACKET).contains(&self.samples_per_packet) {
             problems.push(format!(
@@ -184,7 +187,11 @@ impl SimConfig {
                 self.sensor_prefix
             ));
         }
-        if problems.is_empty() { Ok(()) } else { Err(SimConfigError { problems }) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SimConfigError { problems })
+        }
     }
 
     /// Number of MQTT connections actually used.
@@ -200,7 +207,10 @@ impl SimConfig {
     }
 
     /// Ids of all simulated sensors, in index order.
-    #[allow(dead_code, reason = "API for loadtest, which checks every sensor's data")]
+    #[allow(
+        dead_code,
+        reason = "API for loadtest, which checks every sensor's data"
+    )]
     pub(crate) fn sensor_ids(&self) -> impl Iterator<Item = String> + '_ {
         (0..self.sensors).map(|i| self.sensor_id(i))
     }
@@ -309,12 +319,19 @@ impl Simulator {
         let tasks = plans
             .into_iter()
             .map(|plan| {
-                let task =
-                    publisher::run_connection(plan, config.clone(), counters.clone(), shutdown.clone());
+                let task = publisher::run_connection(
+                    plan,
+                    config.clone(),
+                    counters.clone(),
+                    shutdown.clone(),
+                );
                 tokio::spawn(task)
             })
             .collect();
-        Ok(SimHandle { probe: SimProbe { counters, started }, tasks })
+        Ok(SimHandle {
+            probe: SimProbe { counters, started },
+            tasks,
+        })
     }
 }
 
@@ -341,7 +358,10 @@ pub(crate) struct SimHandle {
 
 impl SimHandle {
     /// Counters now.
-    #[allow(dead_code, reason = "API for demo/loadtest; `simulate` reads through a probe")]
+    #[allow(
+        dead_code,
+        reason = "API for demo/loadtest; `simulate` reads through a probe"
+    )]
     pub(crate) fn stats(&self) -> SimStats {
         self.probe.stats()
     }

@@ -98,8 +98,8 @@ impl MotionGenerator {
     pub(crate) fn new(seed: u64, rate_hz: f64) -> Self {
         debug_assert!(rate_hz > 0.0, "sample rate must be positive");
         let mut rng = SmallRng::seed_from_u64(seed);
-        let heading_rate = uniform(&mut rng, HEADING_RATE_RAD_S)
-            * if rng.random::<bool>() { 1.0 } else { -1.0 };
+        let heading_rate =
+            uniform(&mut rng, HEADING_RATE_RAD_S) * if rng.random::<bool>() { 1.0 } else { -1.0 };
         let heading = Rotor::from_angle(uniform(&mut rng, (0.0, TAU)));
         let temp_offset = uniform(&mut rng, (-TEMP_OFFSET_RAW, TEMP_OFFSET_RAW));
         let temp_drift = Rotor::from_angle(uniform(&mut rng, (0.0, TAU)));
@@ -167,7 +167,10 @@ impl MotionGenerator {
     }
 
     /// Whether the last sample produced lies in a motion segment (ground truth).
-    #[allow(dead_code, reason = "ground truth for tests and load-test accuracy checks")]
+    #[allow(
+        dead_code,
+        reason = "ground truth for tests and load-test accuracy checks"
+    )]
     pub(crate) fn is_moving(&self) -> bool {
         self.in_motion
     }
@@ -175,7 +178,10 @@ impl MotionGenerator {
     /// Ground-truth velocity of the last sample produced, m/s: the segment speed, ramped
     /// linearly over the first and last 0.5 s of a motion segment; 0 at rest. This is the
     /// model's training target.
-    #[allow(dead_code, reason = "ground truth for tests and load-test accuracy checks")]
+    #[allow(
+        dead_code,
+        reason = "ground truth for tests and load-test accuracy checks"
+    )]
     pub(crate) fn speed(&self) -> f32 {
         self.last_speed as f32
     }
@@ -199,7 +205,10 @@ impl MotionGenerator {
     fn motion_signal(&mut self) -> ([f64; 3], [f64; 3]) {
         let v = self.segment_speed;
         // θ = φ/2, so sin φ = 2 sin θ cos θ and cos φ = cos² θ − sin² θ.
-        let Rotor { cos: cos_half, sin: sin_half } = self.half_phase;
+        let Rotor {
+            cos: cos_half,
+            sin: sin_half,
+        } = self.half_phase;
         let sin_phi = 2.0 * sin_half * cos_half;
         let cos_phi = cos_half * cos_half - sin_half * sin_half;
         self.half_phase.advance(self.half_phase_step);
@@ -219,7 +228,9 @@ impl MotionGenerator {
 
         let k = self.position as f64;
         let last = (self.segment_len - 1) as f64;
-        let ramp = (k / self.ramp_samples).min((last - k) / self.ramp_samples).clamp(0.0, 1.0);
+        let ramp = (k / self.ramp_samples)
+            .min((last - k) / self.ramp_samples)
+            .clamp(0.0, 1.0);
         self.last_speed = v * ramp;
         (acc, gyro)
     }
@@ -273,11 +284,19 @@ mod tests {
     const RATE: f64 = 200.0;
 
     fn accl_mag(s: &PhysSample) -> f64 {
-        s.acc.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt()
+        s.acc
+            .iter()
+            .map(|&a| f64::from(a).powi(2))
+            .sum::<f64>()
+            .sqrt()
     }
 
     fn gyro_mag(s: &PhysSample) -> f64 {
-        s.gyro.iter().map(|&g| f64::from(g).powi(2)).sum::<f64>().sqrt()
+        s.gyro
+            .iter()
+            .map(|&g| f64::from(g).powi(2))
+            .sum::<f64>()
+            .sqrt()
     }
 
     fn mean(values: &[f64]) -> f64 {
@@ -313,20 +332,39 @@ mod tests {
     fn rest_is_one_g_and_still_while_motion_shakes_at_the_segment_speed() {
         let samples: Vec<_> = (0..20).flat_map(|seed| run(seed, 120.0)).collect();
         let (moving, resting): (Vec<_>, Vec<_>) = samples.iter().partition(|(_, m, _)| *m);
-        assert!(moving.len() > 10_000 && resting.len() > 10_000, "both kinds of segment occur");
+        assert!(
+            moving.len() > 10_000 && resting.len() > 10_000,
+            "both kinds of segment occur"
+        );
 
         let rest_acc: Vec<f64> = resting.iter().map(|(s, _, _)| accl_mag(s)).collect();
         let rest_gyro: Vec<f64> = resting.iter().map(|(s, _, _)| gyro_mag(s)).collect();
-        assert!((mean(&rest_acc) - 1.0).abs() < 0.002, "rest |acc| {}", mean(&rest_acc));
-        assert!(std_dev(&rest_acc) < 0.015, "rest |acc| std {}", std_dev(&rest_acc));
+        assert!(
+            (mean(&rest_acc) - 1.0).abs() < 0.002,
+            "rest |acc| {}",
+            mean(&rest_acc)
+        );
+        assert!(
+            std_dev(&rest_acc) < 0.015,
+            "rest |acc| std {}",
+            std_dev(&rest_acc)
+        );
         // |N(0, 0.5)³| has mean 0.5·√(8/π) ≈ 0.80 deg/s.
-        assert!((mean(&rest_gyro) - 0.80).abs() < 0.05, "rest |gyro| {}", mean(&rest_gyro));
+        assert!(
+            (mean(&rest_gyro) - 0.80).abs() < 0.05,
+            "rest |gyro| {}",
+            mean(&rest_gyro)
+        );
         assert!(resting.iter().all(|(_, _, speed)| *speed == 0.0));
 
         let move_acc: Vec<f64> = moving.iter().map(|(s, _, _)| accl_mag(s)).collect();
         let move_gyro: Vec<f64> = moving.iter().map(|(s, _, _)| gyro_mag(s)).collect();
         assert!(std_dev(&move_acc) > 10.0 * std_dev(&rest_acc));
-        assert!(mean(&move_gyro) > 30.0, "motion |gyro| {} deg/s", mean(&move_gyro));
+        assert!(
+            mean(&move_gyro) > 30.0,
+            "motion |gyro| {} deg/s",
+            mean(&move_gyro)
+        );
         let top_speed = moving.iter().map(|(_, _, v)| *v).fold(0.0, f32::max);
         assert!((0.8..=3.5).contains(&top_speed), "speed {top_speed}");
     }
@@ -346,13 +384,19 @@ mod tests {
         for &(moving, start, len) in &runs[1..runs.len() - 1] {
             let secs = len as f64 / RATE;
             let (low, high) = if moving { MOTION_SECS } else { REST_SECS };
-            assert!((low..=high).contains(&secs), "segment of {secs} s (moving: {moving})");
+            assert!(
+                (low..=high).contains(&secs),
+                "segment of {secs} s (moving: {moving})"
+            );
             if moving {
                 let speed = |k: usize| samples[start + k].2;
                 assert_eq!(speed(0), 0.0, "ramp starts from rest");
                 assert_eq!(speed(len - 1), 0.0, "ramp ends at rest");
                 let plateau = speed(len / 2);
-                assert!((speed(50) - plateau / 2.0).abs() < 1e-4, "halfway up after 0.25 s");
+                assert!(
+                    (speed(50) - plateau / 2.0).abs() < 1e-4,
+                    "halfway up after 0.25 s"
+                );
                 assert_eq!(speed(100), plateau);
             }
         }
@@ -370,13 +414,21 @@ mod tests {
         for k in 0..4000 {
             let phi = TAU * f * k as f64 / RATE;
             let Rotor { cos, sin } = generator.half_phase;
-            assert!((sin - (phi / 2.0).sin()).abs() < 1e-9 && (cos - (phi / 2.0).cos()).abs() < 1e-9);
+            assert!(
+                (sin - (phi / 2.0).sin()).abs() < 1e-9 && (cos - (phi / 2.0).cos()).abs() < 1e-9
+            );
             let sample = generator.next_sample();
             let expected_gyro_x = 40.0 * v * (phi + 1.0).sin();
             // Noise is N(0, 1) deg/s, truncated at ±3.47.
-            assert!((f64::from(sample.gyro[0]) - expected_gyro_x).abs() < 3.5, "k = {k}");
+            assert!(
+                (f64::from(sample.gyro[0]) - expected_gyro_x).abs() < 3.5,
+                "k = {k}"
+            );
             let expected_acc_z = 1.0 + 0.25 * v * (phi + 0.5).sin();
-            assert!((f64::from(sample.acc[2]) - expected_acc_z).abs() < 0.07, "k = {k}");
+            assert!(
+                (f64::from(sample.acc[2]) - expected_acc_z).abs() < 0.07,
+                "k = {k}"
+            );
         }
     }
 
@@ -391,9 +443,18 @@ mod tests {
     #[test]
     fn magnetic_field_and_temperature_stay_plausible() {
         for (sample, _, _) in run(9, 60.0) {
-            let b = sample.mag.iter().map(|&m| f64::from(m).powi(2)).sum::<f64>().sqrt();
+            let b = sample
+                .mag
+                .iter()
+                .map(|&m| f64::from(m).powi(2))
+                .sum::<f64>()
+                .sqrt();
             assert!((0.38..0.42).contains(&b), "|B| = {b}");
-            assert!((-384..=384).contains(&sample.temp_raw), "temp_raw {}", sample.temp_raw);
+            assert!(
+                (-384..=384).contains(&sample.temp_raw),
+                "temp_raw {}",
+                sample.temp_raw
+            );
         }
     }
 }

@@ -100,7 +100,9 @@ pub(super) fn plan_connections(
         .map(|c| {
             let first_sensor = c * config.sensors / connections;
             let last_sensor = (c + 1) * config.sensors / connections;
-            let m = u32::try_from(last_sensor - first_sensor).unwrap_or(u32::MAX).max(1);
+            let m = u32::try_from(last_sensor - first_sensor)
+                .unwrap_or(u32::MAX)
+                .max(1);
             let tick = interval / m;
             // Offset connections by a fraction of a tick so they do not all fire together.
             let stagger = tick.mul_f64(c as f64 / connections as f64);
@@ -174,7 +176,9 @@ pub(super) async fn run_connection(
         };
         tokio::pin!(poll);
         let event = loop {
-            if matches!(conn.phase, Phase::Draining | Phase::Closing) && drain_timer.deadline() != conn.drain_deadline {
+            if matches!(conn.phase, Phase::Draining | Phase::Closing)
+                && drain_timer.deadline() != conn.drain_deadline
+            {
                 drain_timer.as_mut().reset(conn.drain_deadline);
             }
             tokio::select! {
@@ -264,7 +268,10 @@ impl Connection {
         }
         let packet = self.source.next_packet();
         let topic = self.source.sensors[packet.meta.sensor].topic.clone();
-        match self.client.try_publish(topic, self.config.qos, packet.payload) {
+        match self
+            .client
+            .try_publish(topic, self.config.qos, packet.payload)
+        {
             Ok(()) => self.queued.push_back(packet.meta),
             Err(error) => {
                 tracing::warn!(connection = self.index, %error, "simulator could not queue a publish");
@@ -278,7 +285,10 @@ impl Connection {
         match event {
             Ok(LinkEvent::Connected) => {
                 if self.failures > 0 {
-                    tracing::info!(connection = self.index, "simulator connection re-established");
+                    tracing::info!(
+                        connection = self.index,
+                        "simulator connection re-established"
+                    );
                 }
                 tracing::debug!(connection = self.index, "simulator connected");
                 self.connected = true;
@@ -286,7 +296,11 @@ impl Connection {
             }
             Ok(LinkEvent::Sent { pkid }) => {
                 let Some(meta) = self.queued.pop_front() else {
-                    tracing::debug!(connection = self.index, pkid, "publish sent that was not queued");
+                    tracing::debug!(
+                        connection = self.index,
+                        pkid,
+                        "publish sent that was not queued"
+                    );
                     return;
                 };
                 Counters::add(&self.counters.packets_sent, 1);
@@ -297,7 +311,11 @@ impl Connection {
             }
             Ok(LinkEvent::Acked { pkid, accepted }) => {
                 let Some(meta) = self.in_flight.remove(&pkid) else {
-                    tracing::debug!(connection = self.index, pkid, "PUBACK for no packet in flight");
+                    tracing::debug!(
+                        connection = self.index,
+                        pkid,
+                        "PUBACK for no packet in flight"
+                    );
                     return;
                 };
                 if accepted {
@@ -335,16 +353,34 @@ impl Connection {
             self.queued.clear();
             self.in_flight.clear();
             Counters::add(&self.counters.packets_lost, lost as u64);
-            tracing::warn!(connection = self.index, error, lost, "simulator connection lost");
-        } else if self.failures == 0 && !self.counters.connect_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                connection = self.index,
+                error,
+                lost,
+                "simulator connection lost"
+            );
+        } else if self.failures == 0 && !self.counters.connect_warned.swap(true, Ordering::Relaxed)
+        {
             // Once per run: with many connections to a dead broker, one line says it all.
-            tracing::warn!(connection = self.index, error, "simulator cannot connect; retrying");
+            tracing::warn!(
+                connection = self.index,
+                error,
+                "simulator cannot connect; retrying"
+            );
         } else {
-            tracing::debug!(connection = self.index, error, "simulator connection attempt failed");
+            tracing::debug!(
+                connection = self.index,
+                error,
+                "simulator connection attempt failed"
+            );
         }
         self.connected = false;
         self.failures = self.failures.saturating_add(1);
-        self.backoff = Some(MIN_BACKOFF.saturating_mul(1 << self.failures.min(5)).min(MAX_BACKOFF));
+        self.backoff = Some(
+            MIN_BACKOFF
+                .saturating_mul(1 << self.failures.min(5))
+                .min(MAX_BACKOFF),
+        );
         if self.phase != Phase::Running {
             self.give_up();
         }
@@ -380,7 +416,11 @@ impl Connection {
     fn give_up(&mut self) {
         let lost = self.queued.len() + self.in_flight.len();
         if lost > 0 {
-            tracing::debug!(connection = self.index, lost, "simulator stopped with packets unacknowledged");
+            tracing::debug!(
+                connection = self.index,
+                lost,
+                "simulator stopped with packets unacknowledged"
+            );
             Counters::add(&self.counters.packets_lost, lost as u64);
         }
         self.queued.clear();
@@ -405,11 +445,17 @@ impl MotionTraces {
         let len = (TRACE_SECS * config.rate_hz.max(1) as usize).min(MAX_TRACE_SAMPLES / count);
         let traces = (0..count as u64)
             .map(|k| {
-                let mut motion = MotionGenerator::new(mix(config.seed, 2 * k), f64::from(config.rate_hz));
-                (0..len).map(|_| RawSample::from_physical(&motion.next_sample())).collect()
+                let mut motion =
+                    MotionGenerator::new(mix(config.seed, 2 * k), f64::from(config.rate_hz));
+                (0..len)
+                    .map(|_| RawSample::from_physical(&motion.next_sample()))
+                    .collect()
             })
             .collect();
-        Self { traces, sharers: config.sensors.div_ceil(count).max(1) }
+        Self {
+            traces,
+            sharers: config.sensors.div_ceil(count).max(1),
+        }
     }
 
     /// The trace of sensor `index` and the phase it starts at.
@@ -437,7 +483,12 @@ struct VirtualSensor {
 }
 
 impl VirtualSensor {
-    fn new(config: &SimConfig, index: usize, first_timestamp_us: u64, traces: &MotionTraces) -> Self {
+    fn new(
+        config: &SimConfig,
+        index: usize,
+        first_timestamp_us: u64,
+        traces: &MotionTraces,
+    ) -> Self {
         let id = config.sensor_id(index);
         let topic = match config.format {
             PayloadFormat::Binary => format!("{}/{id}", config.topic_prefix),
@@ -538,7 +589,8 @@ impl PacketSource {
             }
             PayloadFormat::Json => {
                 self.physical.clear();
-                self.physical.extend(self.raw.iter().map(RawSample::to_physical));
+                self.physical
+                    .extend(self.raw.iter().map(RawSample::to_physical));
                 let packet = JsonPacket {
                     timestamp_us,
                     base_sample_number,
@@ -551,7 +603,11 @@ impl PacketSource {
         };
         Packet {
             payload,
-            meta: PacketMeta { sensor: index, base_sample_number, samples: self.samples_per_packet },
+            meta: PacketMeta {
+                sensor: index,
+                base_sample_number,
+                samples: self.samples_per_packet,
+            },
         }
     }
 }
@@ -573,9 +629,14 @@ enum Link {
 enum LinkEvent {
     Connected,
     /// The oldest queued publish was written with this packet id (0 for QoS 0).
-    Sent { pkid: u16 },
+    Sent {
+        pkid: u16,
+    },
     /// PUBACK; `accepted` is false for an MQTT 5 failure reason code.
-    Acked { pkid: u16, accepted: bool },
+    Acked {
+        pkid: u16,
+        accepted: bool,
+    },
     /// Our DISCONNECT was written.
     Disconnected,
     Other,
@@ -584,7 +645,8 @@ enum LinkEvent {
 fn connect(client_id: &str, config: &SimConfig, capacity: usize) -> (Client, Link) {
     match config.mqtt_version {
         MqttVersion::V3 => {
-            let mut options = rumqttc::MqttOptions::new(client_id, config.host.as_str(), config.port);
+            let mut options =
+                rumqttc::MqttOptions::new(client_id, config.host.as_str(), config.port);
             options
                 .set_keep_alive(KEEP_ALIVE)
                 .set_clean_session(true)
@@ -616,14 +678,18 @@ impl Client {
                     Qos::AtMostOnce => rumqttc::QoS::AtMostOnce,
                     Qos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
                 };
-                client.try_publish(topic, qos, false, payload).map_err(|e| e.to_string())
+                client
+                    .try_publish(topic, qos, false, payload)
+                    .map_err(|e| e.to_string())
             }
             Client::V5(client) => {
                 let qos = match qos {
                     Qos::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
                     Qos::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
                 };
-                client.try_publish(topic, qos, false, payload).map_err(|e| e.to_string())
+                client
+                    .try_publish(topic, qos, false, payload)
+                    .map_err(|e| e.to_string())
             }
         }
     }
@@ -646,9 +712,10 @@ impl Link {
                 use rumqttc::{Event, Packet};
                 Ok(match link.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(_)) => LinkEvent::Connected,
-                    Event::Incoming(Packet::PubAck(ack)) => {
-                        LinkEvent::Acked { pkid: ack.pkid, accepted: true }
-                    }
+                    Event::Incoming(Packet::PubAck(ack)) => LinkEvent::Acked {
+                        pkid: ack.pkid,
+                        accepted: true,
+                    },
                     Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Sent { pkid },
                     Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
                     _ => LinkEvent::Other,
@@ -719,14 +786,17 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             for connection in 0usize.. {
-                let Ok((socket, _)) = listener.accept().await else { return };
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
                 let ack_limit = match policy {
                     AckPolicy::All => None,
                     AckPolicy::Never => Some(0),
                     AckPolicy::DropFirstConnectionAfter(n) if connection == 0 => Some(n),
                     AckPolicy::DropFirstConnectionAfter(_) => None,
                 };
-                let close_when_over_limit = matches!(policy, AckPolicy::DropFirstConnectionAfter(_));
+                let close_when_over_limit =
+                    matches!(policy, AckPolicy::DropFirstConnectionAfter(_));
                 tokio::spawn(serve(socket, ack_limit, close_when_over_limit, tx.clone()));
             }
         });
@@ -745,21 +815,29 @@ mod tests {
         loop {
             while let Ok(packet) = Mqtt::read(&mut input, 1 << 20) {
                 let reply = match packet {
-                    Mqtt::Connect(_) => Some(Mqtt::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))),
+                    Mqtt::Connect(_) => Some(Mqtt::ConnAck(ConnAck::new(
+                        ConnectReturnCode::Success,
+                        false,
+                    ))),
                     Mqtt::PingReq => Some(Mqtt::PingResp),
                     Mqtt::Disconnect => return,
                     Mqtt::Publish(publish) => {
                         publishes += 1;
                         let acked = ack_limit.is_none_or(|limit| publishes <= limit);
                         let topic = publish.topic;
-                        let _ = tx.send(Received { topic, payload: publish.payload, acked });
+                        let _ = tx.send(Received {
+                            topic,
+                            payload: publish.payload,
+                            acked,
+                        });
                         if !acked && close_when_over_limit {
                             // The PUBACKs already decided go out before the connection drops:
                             // `acked` must mean the client was sent the ack.
                             let _ = socket.write_all(&output).await;
                             return;
                         }
-                        (acked && publish.pkid != 0).then(|| Mqtt::PubAck(PubAck::new(publish.pkid)))
+                        (acked && publish.pkid != 0)
+                            .then(|| Mqtt::PubAck(PubAck::new(publish.pkid)))
                     }
                     _ => None,
                 };
@@ -798,7 +876,9 @@ mod tests {
     async fn run(config: SimConfig) -> SimStats {
         let (_shutdown, shutdown_rx) = watch::channel(false);
         let handle = Simulator::spawn(config, shutdown_rx).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), handle.join()).await.unwrap()
+        tokio::time::timeout(Duration::from_secs(20), handle.join())
+            .await
+            .unwrap()
     }
 
     fn drain<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
@@ -808,14 +888,26 @@ mod tests {
     /// (sensor id, base sample number) of a binary publish.
     fn identify(received: &Received) -> (String, u32) {
         let sensor = received.topic.strip_prefix("stream/").unwrap().to_owned();
-        (sensor, PacketView::parse(&received.payload).unwrap().base_sample_number())
+        (
+            sensor,
+            PacketView::parse(&received.payload)
+                .unwrap()
+                .base_sample_number(),
+        )
     }
 
     #[test]
     fn packets_decode_with_consecutive_indices_and_sample_period_spacing() {
-        let config = SimConfig { sensors: 3, rate_hz: 200, samples_per_packet: 64, ..config(0) };
+        let config = SimConfig {
+            sensors: 3,
+            rate_hz: 200,
+            samples_per_packet: 64,
+            ..config(0)
+        };
         let traces = MotionTraces::generate(&config);
-        let sensors = (0..3).map(|i| VirtualSensor::new(&config, i, 1_000_000 + i as u64, &traces)).collect();
+        let sensors = (0..3)
+            .map(|i| VirtualSensor::new(&config, i, 1_000_000 + i as u64, &traces))
+            .collect();
         let mut source = PacketSource::new(&config, sensors);
         let mut previous: Vec<Option<(u32, u64)>> = vec![None; 3];
         for k in 0..30 {
@@ -827,20 +919,39 @@ mod tests {
             assert_eq!(view.base_sample_number(), packet.meta.base_sample_number);
             if let Some((base, timestamp)) = previous[k % 3] {
                 assert_eq!(view.base_sample_number(), base.wrapping_add(64));
-                assert_eq!(view.timestamp_us(), timestamp + 64 * 5_000, "5 ms per sample");
+                assert_eq!(
+                    view.timestamp_us(),
+                    timestamp + 64 * 5_000,
+                    "5 ms per sample"
+                );
             } else {
                 assert_eq!(view.timestamp_us(), 1_000_000 + (k % 3) as u64);
             }
             previous[k % 3] = Some((view.base_sample_number(), view.timestamp_us()));
         }
-        let bases: Vec<u32> = source.sensors.iter().map(|s| s.base_sample_number).collect();
-        assert!(bases[0] != bases[1] && bases[1] != bases[2], "each sensor starts elsewhere");
+        let bases: Vec<u32> = source
+            .sensors
+            .iter()
+            .map(|s| s.base_sample_number)
+            .collect();
+        assert!(
+            bases[0] != bases[1] && bases[1] != bases[2],
+            "each sensor starts elsewhere"
+        );
     }
 
     #[test]
     fn json_packets_parse_back_to_the_generated_samples() {
-        let config = SimConfig { format: PayloadFormat::Json, ..config(0) };
-        let sensors = vec![VirtualSensor::new(&config, 7, 5_000, &MotionTraces::generate(&config))];
+        let config = SimConfig {
+            format: PayloadFormat::Json,
+            ..config(0)
+        };
+        let sensors = vec![VirtualSensor::new(
+            &config,
+            7,
+            5_000,
+            &MotionTraces::generate(&config),
+        )];
         // Of four traces, sensor 7 replays trace 3 (seed stream 6) from its start, quantised
         // to raw units.
         let mut expected = MotionGenerator::new(mix(config.seed, 6), 1000.0);
@@ -849,27 +960,46 @@ mod tests {
         for k in 0..3u64 {
             let packet = parse_json_packet(&source.next_packet().payload).unwrap();
             assert_eq!(packet.timestamp_us, 5_000 + k * 10 * 1_000);
-            let samples: Vec<PhysSample> =
-                (0..10).map(|_| RawSample::from_physical(&expected.next_sample()).to_physical()).collect();
+            let samples: Vec<PhysSample> = (0..10)
+                .map(|_| RawSample::from_physical(&expected.next_sample()).to_physical())
+                .collect();
             assert_eq!(packet.samples, samples);
         }
     }
 
     #[test]
     fn sensors_sharing_a_trace_replay_it_from_their_own_phase_and_loop() {
-        let config = SimConfig { sensors: 2 * MAX_TRACES, rate_hz: 10, ..config(0) };
+        let config = SimConfig {
+            sensors: 2 * MAX_TRACES,
+            rate_hz: 10,
+            ..config(0)
+        };
         let traces = MotionTraces::generate(&config);
         let len = TRACE_SECS * 10;
         let mut first = VirtualSensor::new(&config, 5, 0, &traces);
         let mut second = VirtualSensor::new(&config, 5 + MAX_TRACES, 0, &traces);
-        assert!(Arc::ptr_eq(&first.trace, &second.trace), "sensors k and k + {MAX_TRACES} share a trace");
-        assert!(!Arc::ptr_eq(&first.trace, &VirtualSensor::new(&config, 6, 0, &traces).trace));
+        assert!(
+            Arc::ptr_eq(&first.trace, &second.trace),
+            "sensors k and k + {MAX_TRACES} share a trace"
+        );
+        assert!(!Arc::ptr_eq(
+            &first.trace,
+            &VirtualSensor::new(&config, 6, 0, &traces).trace
+        ));
         let (mut a, mut b) = (Vec::new(), Vec::new());
         first.replay(len + 7, &mut a);
         second.replay(len / 2, &mut b);
         assert_eq!(a.len(), len + 7);
-        assert_eq!(b[..], a[len / 2..len], "the second sharer starts half a trace later");
-        assert_ne!(a[..len / 2], a[len / 2..len], "the trace is not a repetition");
+        assert_eq!(
+            b[..],
+            a[len / 2..len],
+            "the second sharer starts half a trace later"
+        );
+        assert_ne!(
+            a[..len / 2],
+            a[len / 2..len],
+            "the trace is not a repetition"
+        );
         assert_eq!(a[len..], a[..7], "replay loops back to the start");
     }
 
@@ -877,7 +1007,11 @@ mod tests {
     async fn every_packet_arrives_once_in_order_and_every_ack_is_reported() {
         let (port, mut broker) = fake_broker(AckPolicy::All).await;
         let (ack_tx, mut acks) = mpsc::unbounded_channel();
-        let stats = run(SimConfig { on_ack: Some(ack_tx), ..config(port) }).await;
+        let stats = run(SimConfig {
+            on_ack: Some(ack_tx),
+            ..config(port)
+        })
+        .await;
         let received = drain(&mut broker);
 
         assert_eq!(stats.packets_sent, received.len() as u64);
@@ -889,14 +1023,28 @@ mod tests {
         for r in &received {
             let view = PacketView::parse(&r.payload).unwrap();
             let (sensor, _) = identify(r);
-            per_sensor.entry(sensor).or_default().push((view.base_sample_number(), view.timestamp_us()));
+            per_sensor
+                .entry(sensor)
+                .or_default()
+                .push((view.base_sample_number(), view.timestamp_us()));
         }
-        assert_eq!(per_sensor.keys().cloned().collect::<Vec<_>>(), ["sim-0000", "sim-0001", "sim-0002", "sim-0003"]);
+        assert_eq!(
+            per_sensor.keys().cloned().collect::<Vec<_>>(),
+            ["sim-0000", "sim-0001", "sim-0002", "sim-0003"]
+        );
         for (sensor, packets) in &per_sensor {
             // 400 ms of 10 ms packets, the first one interval after the start.
-            assert!((38..=40).contains(&packets.len()), "{sensor}: {} packets", packets.len());
+            assert!(
+                (38..=40).contains(&packets.len()),
+                "{sensor}: {} packets",
+                packets.len()
+            );
             for pair in packets.windows(2) {
-                assert_eq!(pair[1].0, pair[0].0.wrapping_add(10), "{sensor}: consecutive indices");
+                assert_eq!(
+                    pair[1].0,
+                    pair[0].0.wrapping_add(10),
+                    "{sensor}: consecutive indices"
+                );
                 assert_eq!(pair[1].1, pair[0].1 + 10_000, "{sensor}: 1 ms per sample");
             }
         }
@@ -947,15 +1095,22 @@ mod tests {
         let received = drain(&mut broker);
 
         assert!(stats.errors >= 1 && stats.packets_lost >= 1, "{stats}");
-        let mut acked_by_broker: Vec<_> = received.iter().filter(|r| r.acked).map(identify).collect();
-        assert!(acked_by_broker.len() > 5, "publishing resumed after reconnecting");
+        let mut acked_by_broker: Vec<_> =
+            received.iter().filter(|r| r.acked).map(identify).collect();
+        assert!(
+            acked_by_broker.len() > 5,
+            "publishing resumed after reconnecting"
+        );
         let mut reported: Vec<_> = drain(&mut acks)
             .into_iter()
             .map(|a| (a.sensor_id.to_string(), a.base_sample_number))
             .collect();
         acked_by_broker.sort();
         reported.sort();
-        assert_eq!(reported, acked_by_broker, "acks are attributed to the right packets");
+        assert_eq!(
+            reported, acked_by_broker,
+            "acks are attributed to the right packets"
+        );
         assert_eq!(stats.packets_acked, reported.len() as u64);
     }
 
@@ -966,8 +1121,18 @@ mod tests {
             listener.local_addr().unwrap().port()
         };
         let started = std::time::Instant::now();
-        let stats = run(SimConfig { sensors: 1, connections: None, duration: Some(Duration::from_millis(300)), ..config(port) }).await;
-        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        let stats = run(SimConfig {
+            sensors: 1,
+            connections: None,
+            duration: Some(Duration::from_millis(300)),
+            ..config(port)
+        })
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
         assert_eq!(stats.packets_sent, 0);
         assert!(stats.errors >= 1);
     }
@@ -976,12 +1141,21 @@ mod tests {
     async fn shutdown_signal_drains_and_disconnects_before_join_returns() {
         let (port, mut broker) = fake_broker(AckPolicy::All).await;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let handle = Simulator::spawn(SimConfig { duration: None, ..config(port) }, shutdown_rx).unwrap();
+        let handle = Simulator::spawn(
+            SimConfig {
+                duration: None,
+                ..config(port)
+            },
+            shutdown_rx,
+        )
+        .unwrap();
         // Wait for real traffic, then stop.
         let first = broker.recv().await.unwrap();
         assert!(first.topic.starts_with("stream/sim-000"));
         shutdown.send(true).unwrap();
-        let stats = tokio::time::timeout(Duration::from_secs(10), handle.join()).await.unwrap();
+        let stats = tokio::time::timeout(Duration::from_secs(10), handle.join())
+            .await
+            .unwrap();
         assert_eq!(stats.packets_acked, stats.packets_sent);
         assert_eq!(stats.packets_lost, 0);
         assert_eq!(1 + drain(&mut broker).len() as u64, stats.packets_sent);
@@ -1003,13 +1177,38 @@ mod tests {
 
     #[test]
     fn sensors_are_spread_evenly_over_connections() {
-        let config = SimConfig { sensors: 10, connections: Some(3), ..SimConfig::default() };
-        let plans = plan_connections(&config, &MotionTraces::generate(&config), std::time::Instant::now());
+        let config = SimConfig {
+            sensors: 10,
+            connections: Some(3),
+            ..SimConfig::default()
+        };
+        let plans = plan_connections(
+            &config,
+            &MotionTraces::generate(&config),
+            std::time::Instant::now(),
+        );
         let sizes: Vec<usize> = plans.iter().map(|p| p.source.sensors.len()).collect();
         assert_eq!(sizes, [3, 3, 4]);
-        let ids: Vec<&str> = plans.iter().flat_map(|p| p.source.sensors.iter().map(|s| &*s.id)).collect();
+        let ids: Vec<&str> = plans
+            .iter()
+            .flat_map(|p| p.source.sensors.iter().map(|s| &*s.id))
+            .collect();
         assert_eq!(ids, config.sensor_ids().collect::<Vec<_>>());
-        assert_eq!(SimConfig { sensors: 1000, ..SimConfig::default() }.effective_connections(), 64);
-        assert_eq!(SimConfig { sensors: 5, ..SimConfig::default() }.effective_connections(), 5);
+        assert_eq!(
+            SimConfig {
+                sensors: 1000,
+                ..SimConfig::default()
+            }
+            .effective_connections(),
+            64
+        );
+        assert_eq!(
+            SimConfig {
+                sensors: 5,
+                ..SimConfig::default()
+            }
+            .effective_connections(),
+            5
+        );
     }
 }
