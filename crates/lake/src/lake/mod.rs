@@ -58,14 +58,12 @@
 
 use std::fs::{self, File};
 use std::hash::BuildHasher;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow_schema::{ArrowError, DataType};
-use chrono::NaiveDate;
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Encoding, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
@@ -81,6 +79,14 @@ use crate::schema::{
     SessionsBuffer, Table, WindowsBuffer, sample_f32_columns,
 };
 use crate::sync::{Syncer, SyncingFile};
+
+mod compaction;
+mod layout;
+
+pub use compaction::CompactionReport;
+use compaction::recover_table_dir;
+use layout::{date_of_day, day_of, sync_dir};
+pub use layout::{epoch_writer_id, partition_dates, partition_dir, remove_files_after_epoch};
 
 /// Default size at which a file is committed and a new one started: 128 MiB.
 pub const DEFAULT_TARGET_FILE_BYTES: u64 = 128 * 1024 * 1024;
@@ -332,71 +338,6 @@ impl LakeStats {
     }
 }
 
-/// What one [`LakeWriter::compact`] call did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CompactionReport {
-    /// Small files merged (0 when there was nothing to do).
-    pub input_files: usize,
-    /// Their total size.
-    pub input_bytes: u64,
-    /// Rows in the merged file.
-    pub rows: u64,
-    /// The merged file, if one was written.
-    pub output: Option<PathBuf>,
-    /// Its size.
-    pub output_bytes: u64,
-    /// Small files left out because their epoch is after `through_epoch`: the partition has
-    /// more to merge once those epochs are checkpointed.
-    pub pending_files: usize,
-}
-
-/// Compaction merges files smaller than `target_file_bytes / SMALL_FILE_FRACTION`.
-const SMALL_FILE_FRACTION: u64 = 4;
-
-/// The dates of `table`'s partitions under `root`, oldest first (none if the table directory
-/// does not exist). Directories not named `date=YYYY-MM-DD` are ignored.
-pub fn partition_dates(root: &Path, table: Table) -> Result<Vec<NaiveDate>, LakeError> {
-    let table_dir = root.join(table.name());
-    let entries = match fs::read_dir(&table_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_at(&table_dir)(e)),
-    };
-    let mut dates = Vec::new();
-    for entry in entries {
-        let name = entry.map_err(io_at(&table_dir))?.file_name();
-        let date = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("date="))
-            .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
-        dates.extend(date);
-    }
-    dates.sort_unstable();
-    Ok(dates)
-}
-
-/// Directory of `table`'s partition for `date` under `root`.
-pub fn partition_dir(root: &Path, table: Table, date: NaiveDate) -> PathBuf {
-    root.join(table.name())
-        .join(format!("date={}", date.format("%Y-%m-%d")))
-}
-
-/// Days since 1970-01-01 (UTC) of an event time in µs.
-fn day_of(timestamp_us: i64) -> i32 {
-    // |i64::MAX / DAY_US| < 2^27, so the quotient always fits.
-    timestamp_us.div_euclid(DAY_US) as i32
-}
-
-fn date_of_day(day: i32) -> Option<NaiveDate> {
-    NaiveDate::from_num_days_from_ce_opt(day.checked_add(UNIX_EPOCH_DAYS_FROM_CE)?)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), LakeError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
-}
-
 /// State shared by every table: configuration, naming and counters.
 struct Ctx {
     config: LakeConfig,
@@ -458,10 +399,21 @@ struct OpenFile {
     final_path: PathBuf,
 }
 
+/// A file whose footer is written and fsynced under its hidden temp name: complete, not yet
+/// visible. The writer's commit renames it at once; compaction first makes its journal durable.
+struct FinishedFile {
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+    /// Size of the file.
+    bytes: u64,
+    /// Syncs it had while written (see `LakeConfig::sync_every_bytes`).
+    syncs: u64,
+}
+
 impl OpenFile {
-    /// Finishes the file and makes it visible atomically; returns its size and the syncs it
-    /// had while written.
-    fn commit(self) -> Result<(u64, u64), LakeError> {
+    /// Writes the footer and fsyncs the file under its hidden name. On failure the temp file
+    /// is removed: nothing is left behind.
+    fn finish(self) -> Result<FinishedFile, LakeError> {
         let OpenFile {
             writer,
             tmp_path,
@@ -471,23 +423,35 @@ impl OpenFile {
             let (file, syncs) = writer.into_inner()?.finish().map_err(io_at(&tmp_path))?;
             file.sync_all().map_err(io_at(&tmp_path))?;
             let bytes = file.metadata().map_err(io_at(&tmp_path))?.len();
-            drop(file);
-            fs::rename(&tmp_path, &final_path).map_err(io_at(&final_path))?;
             Ok((bytes, syncs))
         })();
         match result {
-            Ok((bytes, syncs)) => {
-                if let Some(dir) = final_path.parent() {
-                    sync_dir(dir)?;
-                }
-                tracing::debug!(path = %final_path.display(), bytes, "lake file committed");
-                Ok((bytes, syncs))
-            }
+            Ok((bytes, syncs)) => Ok(FinishedFile {
+                tmp_path,
+                final_path,
+                bytes,
+                syncs,
+            }),
             Err(e) => {
                 let _ = fs::remove_file(&tmp_path);
                 Err(e)
             }
         }
+    }
+
+    /// Finishes the file and makes it visible atomically (rename, then fsync of the
+    /// directory); returns its size and the syncs it had while written.
+    fn commit(self) -> Result<(u64, u64), LakeError> {
+        let f = self.finish()?;
+        if let Err(e) = fs::rename(&f.tmp_path, &f.final_path).map_err(io_at(&f.final_path)) {
+            let _ = fs::remove_file(&f.tmp_path);
+            return Err(e);
+        }
+        if let Some(dir) = f.final_path.parent() {
+            sync_dir(dir)?;
+        }
+        tracing::debug!(path = %f.final_path.display(), bytes = f.bytes, "lake file committed");
+        Ok((f.bytes, f.syncs))
     }
 
     /// Drops the file without making it visible.
@@ -717,56 +681,6 @@ pub struct LakeWriter {
     quarantine: TableWriter<QuarantineBuffer>,
 }
 
-/// The `writer_id` of files written during checkpoint epoch `epoch`: `e{epoch:010}`.
-///
-/// Exactly-once lake output works by epochs: every file committed between checkpoint `E - 1`
-/// and checkpoint `E` carries epoch `E` in its name, and checkpoint `E` is written only after
-/// all of them are committed. Recovery from checkpoint `K` deletes the files of epochs above
-/// `K` ([`remove_files_after_epoch`]) before replaying the log from `K`'s offsets, so a row is
-/// never both in a surviving file and replayed.
-pub fn epoch_writer_id(epoch: u64) -> String {
-    format!("e{epoch:010}")
-}
-
-/// The epoch in a data file name written with [`epoch_writer_id`], if any.
-fn file_epoch(name: &str) -> Option<u64> {
-    let stem = name.strip_suffix(".parquet")?;
-    let (_, id) = stem.rsplit_once('-')?;
-    let digits = id.strip_prefix('e')?;
-    (digits.len() == 10).then(|| digits.parse().ok()).flatten()
-}
-
-/// Deletes every committed data file whose epoch is greater than `epoch`: the output of a
-/// checkpoint that never completed, which the log replay will write again. Returns how many.
-pub fn remove_files_after_epoch(root: &Path, epoch: u64) -> Result<usize, LakeError> {
-    let mut removed = 0;
-    for table in Table::ALL {
-        let table_dir = root.join(table.name());
-        let partitions = match fs::read_dir(&table_dir) {
-            Ok(p) => p,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_at(&table_dir)(e)),
-        };
-        for partition in partitions {
-            let dir = partition.map_err(io_at(&table_dir))?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            for (name, _) in committed_files(&dir)? {
-                if file_epoch(&name).is_some_and(|e| e > epoch) {
-                    let path = dir.join(&name);
-                    fs::remove_file(&path).map_err(io_at(&path))?;
-                    removed += 1;
-                }
-            }
-            if removed > 0 {
-                sync_dir(&dir)?;
-            }
-        }
-    }
-    Ok(removed)
-}
-
 impl LakeWriter {
     /// Files opened from now on are named for checkpoint epoch `epoch`
     /// ([`epoch_writer_id`]). Call it right after the flush that completes the previous epoch.
@@ -970,152 +884,6 @@ impl LakeWriter {
             ..self.ctx.stats.clone()
         }
     }
-
-    /// Merges the small committed files of `table`'s partition `date` (under a quarter of
-    /// `target_file_bytes`) into one file (oldest first, up to about `target_file_bytes`; call
-    /// again to continue). Larger files are left as they are: rewriting them would cost as
-    /// much as writing them did and gain little, and it bounds one call's work. Meant for
-    /// closed partitions (dates no longer written), but safe on any: files still open are not
-    /// visible and are left alone. See the module docs for the order of steps and what readers
-    /// see.
-    ///
-    /// With epoch-named files ([`epoch_writer_id`]), pass the last *checkpointed* epoch as
-    /// `through_epoch`: files of later epochs are left alone, and the merged file is named for
-    /// the newest epoch among its inputs. Recovery from that checkpoint then neither deletes
-    /// the merged file (which would lose the rows of its older inputs, already deleted) nor
-    /// keeps a row that the log replay writes again. Files without an epoch in their name are
-    /// always eligible. `None` ignores epochs (a lake without checkpoints).
-    pub fn compact(
-        &mut self,
-        table: Table,
-        date: NaiveDate,
-        through_epoch: Option<u64>,
-    ) -> Result<CompactionReport, LakeError> {
-        let result = self.compact_inner(table, date, through_epoch);
-        if result.is_err() {
-            self.ctx.stats.errors += 1;
-        }
-        result
-    }
-
-    fn compact_inner(
-        &mut self,
-        table: Table,
-        date: NaiveDate,
-        through_epoch: Option<u64>,
-    ) -> Result<CompactionReport, LakeError> {
-        let ctx = &mut self.ctx;
-        let dir = partition_dir(&ctx.config.root, table, date);
-        if dir.is_dir() {
-            roll_forward_compactions(&dir, &mut ctx.stats)?;
-        }
-        let target = ctx.config.target_file_bytes;
-        let small = target / SMALL_FILE_FRACTION;
-        let mut inputs = Vec::new();
-        let mut input_bytes = 0u64;
-        let mut newest_epoch = None;
-        let mut pending_files = 0;
-        for (name, len) in committed_files(&dir)? {
-            let epoch = file_epoch(&name);
-            if len >= small {
-                continue;
-            }
-            if epoch.zip(through_epoch).is_some_and(|(e, max)| e > max) {
-                pending_files += 1;
-                continue;
-            }
-            if inputs.len() >= 2 && input_bytes + len > target {
-                break;
-            }
-            input_bytes += len;
-            newest_epoch = newest_epoch.max(epoch);
-            inputs.push(name);
-        }
-        if inputs.len() < 2 {
-            return Ok(CompactionReport {
-                pending_files,
-                ..CompactionReport::default()
-            });
-        }
-
-        // 1. The merged file, hidden.
-        let writer_id = newest_epoch.map(epoch_writer_id);
-        let mut out = ctx.new_file(table, &dir, writer_id.as_deref())?;
-        let schema = table.schema();
-        let mut rows = 0u64;
-        let copied = (|| {
-            for name in &inputs {
-                let path = dir.join(name);
-                let file = File::open(&path).map_err(io_at(&path))?;
-                let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
-                if builder.schema().fields() != schema.fields() {
-                    return Err(LakeError::SchemaMismatch { table, path });
-                }
-                for batch in builder.with_batch_size(ctx.batch_rows).build()? {
-                    let batch = batch?;
-                    rows += batch.num_rows() as u64;
-                    out.writer.write(&batch)?;
-                }
-            }
-            Ok(())
-        })();
-        if let Err(e) = copied {
-            out.abort();
-            return Err(e);
-        }
-        let tmp_path = out.tmp_path.clone();
-        let final_path = out.final_path.clone();
-        let file = match out.writer.into_inner() {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp_path);
-                return Err(e.into());
-            }
-        };
-        let synced = file
-            .finish()
-            .and_then(|(file, _)| file.sync_all().and_then(|()| file.metadata()))
-            .map_err(io_at(&tmp_path));
-        let output_bytes = match synced {
-            Ok(m) => m.len(),
-            Err(e) => {
-                let _ = fs::remove_file(&tmp_path);
-                return Err(e);
-            }
-        };
-
-        // 2. The journal that lets `open` finish the job after a crash.
-        let journal = CompactionJournal {
-            output: file_name_string(&final_path),
-            tmp: file_name_string(&tmp_path),
-            inputs: inputs.clone(),
-        };
-        let journal_path = dir.join(format!(".compact-{}.json", journal.output));
-        if let Err(e) = write_synced(&journal_path, &journal) {
-            let _ = fs::remove_file(&tmp_path);
-            let _ = fs::remove_file(&journal_path);
-            return Err(e);
-        }
-        sync_dir(&dir)?;
-
-        // 3.-5. Once the journal is durable the compaction only moves forward.
-        finish_compaction(&dir, &journal)?;
-        fs::remove_file(&journal_path).map_err(io_at(&journal_path))?;
-
-        ctx.stats.compactions += 1;
-        tracing::info!(
-            %table, %date, inputs = inputs.len(), rows, output = %final_path.display(),
-            "lake partition compacted"
-        );
-        Ok(CompactionReport {
-            input_files: inputs.len(),
-            input_bytes,
-            rows,
-            output: Some(final_path),
-            output_bytes,
-            pending_files,
-        })
-    }
 }
 
 fn writer_properties(table: Table, config: &LakeConfig) -> Result<WriterProperties, LakeError> {
@@ -1139,152 +907,12 @@ fn writer_properties(table: Table, config: &LakeConfig) -> Result<WriterProperti
     Ok(builder.build())
 }
 
-fn file_name_string(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// Committed data files of a partition directory, sorted by name (= creation order), with sizes.
-fn committed_files(dir: &Path) -> Result<Vec<(String, u64)>, LakeError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_at(dir)(e)),
-    };
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_at(dir))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("part-") && name.ends_with(".parquet") {
-            let len = entry.metadata().map_err(io_at(&entry.path()))?.len();
-            files.push((name, len));
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// What an in-flight compaction is replacing with what (`.compact-{output}.json`).
-#[derive(Debug, Serialize, Deserialize)]
-struct CompactionJournal {
-    /// Final name of the merged file.
-    output: String,
-    /// Hidden name it is written under.
-    tmp: String,
-    /// Files it replaces.
-    inputs: Vec<String>,
-}
-
-impl CompactionJournal {
-    /// True when every name is a plain file name (a corrupt journal must not reach elsewhere).
-    fn names_are_local(&self) -> bool {
-        std::iter::once(&self.output)
-            .chain(std::iter::once(&self.tmp))
-            .chain(&self.inputs)
-            .all(|n| !n.is_empty() && Path::new(n).file_name() == Some(n.as_ref()))
-    }
-}
-
-fn write_synced(path: &Path, journal: &CompactionJournal) -> Result<(), LakeError> {
-    let bytes = serde_json::to_vec(journal).map_err(|e| io_at(path)(io::Error::other(e)))?;
-    let mut f = File::create(path).map_err(io_at(path))?;
-    f.write_all(&bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(io_at(path))
-}
-
-/// Steps 3 and 4 of a compaction: delete the inputs, then reveal the output. Idempotent.
-fn finish_compaction(dir: &Path, journal: &CompactionJournal) -> Result<(), LakeError> {
-    for name in &journal.inputs {
-        let path = dir.join(name);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_at(&path)(e)),
-        }
-    }
-    sync_dir(dir)?;
-    let tmp = dir.join(&journal.tmp);
-    if tmp.exists() {
-        let out = dir.join(&journal.output);
-        fs::rename(&tmp, &out).map_err(io_at(&out))?;
-        sync_dir(dir)?;
-    }
-    Ok(())
-}
-
-fn dir_names(dir: &Path) -> Result<Vec<String>, LakeError> {
-    fs::read_dir(dir)
-        .map_err(io_at(dir))?
-        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-        .collect::<Result<_, _>>()
-        .map_err(io_at(dir))
-}
-
-/// Finishes the compactions of partition `dir` whose journals are left: after a crash (from
-/// [`LakeWriter::open`]), or after a compaction that failed past its journal (from the next
-/// [`LakeWriter::compact`] of the partition, so its rows do not stay hidden until a restart).
-fn roll_forward_compactions(dir: &Path, stats: &mut LakeStats) -> Result<(), LakeError> {
-    for name in dir_names(dir)?
-        .iter()
-        .filter(|n| n.starts_with(".compact-") && n.ends_with(".json"))
-    {
-        let path = dir.join(name);
-        let journal = fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<CompactionJournal>(&b).ok())
-            .filter(CompactionJournal::names_are_local);
-        match journal {
-            // The output exists (hidden or already renamed): the journal was durable before
-            // any input was deleted, so finishing is safe.
-            Some(j) if dir.join(&j.tmp).exists() || dir.join(&j.output).exists() => {
-                finish_compaction(dir, &j)?;
-                stats.compactions_recovered += 1;
-            }
-            // Torn journal (crash while writing it: no input was deleted yet) or no output:
-            // keep the inputs.
-            _ => {
-                tracing::warn!(journal = %path.display(), "discarding unusable compaction journal")
-            }
-        }
-        fs::remove_file(&path).map_err(io_at(&path))?;
-    }
-    Ok(())
-}
-
-/// Rolls interrupted compactions forward and deletes leftover temp files in every partition of
-/// one table directory.
-fn recover_table_dir(table_dir: &Path, stats: &mut LakeStats) -> Result<(), LakeError> {
-    for entry in fs::read_dir(table_dir).map_err(io_at(table_dir))? {
-        let entry = entry.map_err(io_at(table_dir))?;
-        let is_partition = entry.file_name().to_string_lossy().starts_with("date=")
-            && entry.file_type().map_err(io_at(&entry.path()))?.is_dir();
-        if !is_partition {
-            continue;
-        }
-        let dir = entry.path();
-        // Journals first: they may name a `.tmp` that must be renamed, not deleted.
-        roll_forward_compactions(&dir, stats)?;
-        let names = dir_names(&dir)?;
-        for name in &names {
-            if name.starts_with(".part-") && name.ends_with(".parquet.tmp") {
-                let path = dir.join(name);
-                match fs::remove_file(&path) {
-                    Ok(()) => stats.tmp_files_removed += 1,
-                    // Renamed by a journal above.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_at(&path)(e)),
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use chrono::NaiveDate;
+
+    use super::layout::{date_of_day, day_of};
     use super::*;
 
     #[test]
@@ -1325,15 +953,5 @@ mod tests {
         c.compression = Compression::Zstd { level: 99 };
         assert!(matches!(c.validate(), Err(LakeError::InvalidConfig(_))));
         assert!(LakeConfig::new("/nonexistent").validate().is_ok());
-    }
-
-    #[test]
-    fn journal_names_must_stay_in_the_partition() {
-        let j = CompactionJournal {
-            output: "part-1.parquet".into(),
-            tmp: ".part-1.parquet.tmp".into(),
-            inputs: vec!["../../etc/passwd".into()],
-        };
-        assert!(!j.names_are_local());
     }
 }
