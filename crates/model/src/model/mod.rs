@@ -10,55 +10,29 @@
 //! ONNX Runtime ([`gather`], [`scatter`]), so batching behaves identically. The native engine
 //! (`crate::native`) gets the same planned calls but reads and writes the sequences directly;
 //! it is checked at load against a tract instance of the same graph, which is then dropped.
+//!
+//! Here: [`Model`], its loading and batched runs. [`contract`] holds the contract's names and
+//! checks the parsed graph against them; [`tract`] runs calls on tract's cached plans.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Mutex;
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::{Factoid, InferenceModel};
-use tract_onnx::tract_hir::internal::DimLike;
+use tract_onnx::tract_hir::infer::InferenceModel;
 
 use crate::batch::{self, Call};
 use crate::{Engine, ModelError, Sidecar, StateSpec};
 
-/// Input and output names fixed by the model contract (DESIGN.md).
-pub(crate) const FEATURES: &str = "sequence_features";
-pub(crate) const H_0: &str = "h_0";
-pub(crate) const C_0: &str = "c_0";
-pub(crate) const VELOCITY: &str = "velocity_pred";
-pub(crate) const MOVEMENT: &str = "movement_prob";
-pub(crate) const H_N: &str = "h_n";
-pub(crate) const C_N: &str = "c_n";
+mod contract;
+mod tract;
 
-/// Compiled plans kept at once. Steady state needs a handful (one `T` per packet size, a few
-/// batch buckets); the bound only stops a caller cycling through many lengths from growing
-/// memory without limit.
-const MAX_PLANS: usize = 64;
+pub(crate) use contract::{C_0, C_N, FEATURES, H_0, H_N, MOVEMENT, VELOCITY};
+use contract::{Io, check_declared_input, find_io};
+use tract::{PlanCache, tensor};
 
-static DEMO_ONNX: &[u8] = include_bytes!("../../../models/demo_lstm.onnx");
-static DEMO_SIDECAR: &[u8] = include_bytes!("../../../models/demo_lstm.json");
-
-type Plan = TypedRunnableModel;
-
-/// Where the contract's tensors sit among the graph's inputs and outputs.
-#[derive(Debug, Clone, Copy)]
-struct Io {
-    n_inputs: usize,
-    features: usize,
-    /// `(h_0, c_0)` input positions of a stateful model.
-    state_in: Option<(usize, usize)>,
-    velocity: usize,
-    movement: usize,
-    /// `(h_n, c_n)` output positions of a stateful model.
-    state_out: Option<(usize, usize)>,
-}
-
-struct PlanCache {
-    plans: HashMap<(usize, usize), (Arc<Plan>, u64)>,
-    clock: u64,
-}
+static DEMO_ONNX: &[u8] = include_bytes!("../../../../models/demo_lstm.onnx");
+static DEMO_SIDECAR: &[u8] = include_bytes!("../../../../models/demo_lstm.json");
 
 /// One key's sequence for [`Model::run`]: scaled features in, predictions out, recurrent state
 /// read and written in place.
@@ -137,10 +111,7 @@ impl Backend {
     fn tract(graph: InferenceModel) -> Backend {
         Backend::Tract {
             graph,
-            plans: Mutex::new(PlanCache {
-                plans: HashMap::new(),
-                clock: 0,
-            }),
+            plans: Mutex::new(PlanCache::default()),
         }
     }
 }
@@ -383,105 +354,6 @@ impl Model {
         Ok(())
     }
 
-    /// Runs one batched call on tract: gathers members into padded input tensors, runs the plan
-    /// for `(call.batch, call.steps)`, scatters outputs and final states back.
-    fn run_tract_call(&self, call: &Call, seqs: &mut [SequenceMut<'_>]) -> Result<(), ModelError> {
-        let (b, t, f) = (call.batch, call.steps, self.n_features);
-        let plan = self.plan(b, t)?;
-
-        let (mut features, mut h, mut c) = (Vec::new(), Vec::new(), Vec::new());
-        gather(call, b, seqs, f, self.state, &mut features, &mut h, &mut c);
-        let mut inputs: Vec<Option<TValue>> = vec![None; self.io.n_inputs];
-        inputs[self.io.features] = Some(tensor(&[b, t, f], &features)?);
-        if let (Some((h_ix, c_ix)), Some(spec)) = (self.io.state_in, self.state) {
-            let shape = [spec.stacks(), b, spec.hidden];
-            inputs[h_ix] = Some(tensor(&shape, &h)?);
-            inputs[c_ix] = Some(tensor(&shape, &c)?);
-        }
-        let inputs: TVec<TValue> = inputs.into_iter().flatten().collect();
-        let outputs = plan.run(inputs).map_err(ModelError::inference)?;
-
-        let velocity = output(&outputs, self.io.velocity, VELOCITY, b * t)?;
-        let movement = output(&outputs, self.io.movement, MOVEMENT, b * t)?;
-        let state_out = match (self.io.state_out, self.state) {
-            (Some((hn_ix, cn_ix)), Some(spec)) => {
-                let len = spec.stacks() * b * spec.hidden;
-                Some((
-                    spec,
-                    output(&outputs, hn_ix, H_N, len)?,
-                    output(&outputs, cn_ix, C_N, len)?,
-                ))
-            }
-            _ => None,
-        };
-        scatter(call, b, seqs, velocity, movement, state_out);
-        Ok(())
-    }
-
-    /// The plan for inputs of batch `b` and `t` timesteps, compiled on first use.
-    ///
-    /// Compiling holds the cache lock: two threads needing the same new shape then compile
-    /// it once, and compilation happens only while a new shape warms up.
-    fn plan(&self, b: usize, t: usize) -> Result<Arc<Plan>, ModelError> {
-        let (graph, plans) = match &self.backend {
-            Backend::Tract { graph, plans } => (graph, plans),
-            _ => {
-                return Err(ModelError::Inference(format!(
-                    "internal: tract plan requested for a {} model",
-                    self.engine_name()
-                )));
-            }
-        };
-        // A poisoned lock only means another thread panicked mid-lookup; the map is still valid.
-        let mut cache = plans.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.clock += 1;
-        let now = cache.clock;
-        if let Some((plan, last_used)) = cache.plans.get_mut(&(b, t)) {
-            *last_used = now;
-            return Ok(Arc::clone(plan));
-        }
-        if cache.plans.len() >= MAX_PLANS
-            && let Some(oldest) = cache
-                .plans
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| *k)
-        {
-            cache.plans.remove(&oldest);
-        }
-        let started = std::time::Instant::now();
-        let plan = self.compile(graph, b, t)?;
-        tracing::debug!(
-            batch = b,
-            steps = t,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "compiled model plan"
-        );
-        cache.plans.insert((b, t), (Arc::clone(&plan), now));
-        Ok(plan)
-    }
-
-    fn compile(&self, graph: &InferenceModel, b: usize, t: usize) -> Result<Arc<Plan>, ModelError> {
-        let mut graph = graph.clone();
-        let f32_fact = |shape: &[usize]| InferenceFact::dt_shape(f32::datum_type(), shape);
-        graph
-            .set_input_fact(self.io.features, f32_fact(&[b, t, self.n_features]))
-            .map_err(ModelError::onnx)?;
-        if let (Some((h, c)), Some(spec)) = (self.io.state_in, self.state) {
-            let shape = [spec.stacks(), b, spec.hidden];
-            graph
-                .set_input_fact(h, f32_fact(&shape))
-                .map_err(ModelError::onnx)?;
-            graph
-                .set_input_fact(c, f32_fact(&shape))
-                .map_err(ModelError::onnx)?;
-        }
-        graph
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(ModelError::onnx)
-    }
-
     /// Runs one zero sample through a batch-1 plan and checks every output's shape, so a model
     /// that parses but cannot run, or runs with the wrong output shapes, fails at load.
     fn probe(&self) -> Result<(), ModelError> {
@@ -593,120 +465,6 @@ pub(crate) fn scatter(
     }
 }
 
-/// Locates the contract's inputs (by source node name) and outputs (by outlet label).
-fn find_io(graph: &InferenceModel) -> Result<Io, ModelError> {
-    let (mut features, mut h, mut c) = (None, None, None);
-    let input_outlets = graph.input_outlets().map_err(ModelError::onnx)?;
-    for (ix, outlet) in input_outlets.iter().enumerate() {
-        match graph.node(outlet.node).name.as_str() {
-            FEATURES => features = Some(ix),
-            H_0 => h = Some(ix),
-            C_0 => c = Some(ix),
-            other => return Err(ModelError::UnexpectedInput(other.to_string())),
-        }
-    }
-    let features = features.ok_or(ModelError::MissingInput(FEATURES))?;
-    let state_in = match (h, c) {
-        (Some(h), Some(c)) => Some((h, c)),
-        (None, None) => None,
-        (Some(_), None) => return Err(ModelError::MissingInput(C_0)),
-        (None, Some(_)) => return Err(ModelError::MissingInput(H_0)),
-    };
-    let output_outlets = graph.output_outlets().map_err(ModelError::onnx)?;
-    let find_output = |name: &'static str| {
-        output_outlets
-            .iter()
-            .position(|o| graph.outlet_label(*o) == Some(name))
-            .ok_or(ModelError::MissingOutput(name))
-    };
-    let velocity = find_output(VELOCITY)?;
-    let movement = find_output(MOVEMENT)?;
-    let state_out = match state_in {
-        Some(_) => Some((find_output(H_N)?, find_output(C_N)?)),
-        None => None,
-    };
-    Ok(Io {
-        n_inputs: input_outlets.len(),
-        features,
-        state_in,
-        velocity,
-        movement,
-        state_out,
-    })
-}
-
-/// Checks what the ONNX file declares for an input: f32 (if typed), rank 3 (if known), and
-/// each dimension that the contract fixes and the file states concretely.
-fn check_declared_input(
-    graph: &InferenceModel,
-    ix: usize,
-    name: &'static str,
-    expected: &[Option<usize>; 3],
-) -> Result<(), ModelError> {
-    let fact = graph.input_fact(ix).map_err(ModelError::onnx)?;
-    let describe = || {
-        let dims: Vec<String> = expected
-            .iter()
-            .map(|d| d.map_or("_".to_string(), |d| d.to_string()))
-            .collect();
-        format!("f32 [{}]", dims.join(", "))
-    };
-    let mismatch = || ModelError::TensorShape {
-        tensor: name,
-        expected: describe(),
-        found: fact.format_dt_shape(),
-    };
-    if let Some(dt) = fact.datum_type.concretize()
-        && dt != f32::datum_type()
-    {
-        return Err(mismatch());
-    }
-    if fact.shape.is_open() {
-        return Ok(());
-    }
-    let dims: Vec<_> = fact.shape.dims().collect();
-    if dims.len() != expected.len() {
-        return Err(mismatch());
-    }
-    for (dim, want) in dims.iter().zip(expected) {
-        let declared = dim.concretize().and_then(|d| d.to_usize().ok());
-        if let (Some(declared), Some(want)) = (declared, want)
-            && declared != *want
-        {
-            return Err(mismatch());
-        }
-    }
-    Ok(())
-}
-
-fn tensor(shape: &[usize], data: &[f32]) -> Result<TValue, ModelError> {
-    Tensor::from_shape(shape, data)
-        .map(IntoTValue::into_tvalue)
-        .map_err(ModelError::inference)
-}
-
-/// Output `ix` as a flat f32 slice of exactly `len` values.
-fn output<'a>(
-    outputs: &'a [TValue],
-    ix: usize,
-    name: &'static str,
-    len: usize,
-) -> Result<&'a [f32], ModelError> {
-    let value = outputs.get(ix).ok_or(ModelError::MissingOutput(name))?;
-    let slice = value
-        .try_as_plain_ram()
-        .and_then(|v| v.as_slice::<f32>())
-        .map_err(ModelError::inference)?;
-    if slice.len() != len {
-        return Err(ModelError::TensorShape {
-            tensor: name,
-            expected: format!("{len} values"),
-            found: format!("{:?}", value.shape()),
-        });
-    }
-    Ok(slice)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests fail loudly by design.
 mod tests {
@@ -714,8 +472,8 @@ mod tests {
     use prost::Message;
     use tract_onnx::pb::{ModelProto, TensorProto};
 
-    static STATELESS_ONNX: &[u8] = include_bytes!("../tests/fixtures/stateless_lstm.onnx");
-    static STATELESS_SIDECAR: &[u8] = include_bytes!("../tests/fixtures/stateless_lstm.json");
+    static STATELESS_ONNX: &[u8] = include_bytes!("../../tests/fixtures/stateless_lstm.onnx");
+    static STATELESS_SIDECAR: &[u8] = include_bytes!("../../tests/fixtures/stateless_lstm.json");
 
     use crate::test_common::{Noise, Seq, run_all};
 
