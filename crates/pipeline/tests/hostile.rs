@@ -3,62 +3,30 @@
 //! nothing arbitrary makes a stage panic.
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is the failure report
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+mod common;
 
+use std::collections::BTreeMap;
+
+use common::{NOW, P, SEC, T0, binary, encoded, model, motion};
 use proptest::prelude::*;
-use sensorflow_model::Model;
 use sensorflow_pipeline::{
     Outputs, Pipeline, PipelineConfig, PipelineSnapshot, QuarantineReason, SessionEndReason,
     SessionEvent,
 };
 use sensorflow_protocol::framing::BadReason;
-use sensorflow_protocol::imu::{PhysSample, RawSample, encode_packet};
 use sensorflow_protocol::record::{IngestRecord, PayloadFormat};
-
-const P: u64 = 5_000;
-const SEC: i64 = 1_000_000;
-const T0: u64 = 1_700_000_000_000_000;
-const NOW: i64 = 1_700_000_000_000_000;
-
-fn model() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| Arc::new(Model::demo().expect("demo model loads")))
-        .clone()
-}
 
 fn pipeline(config: PipelineConfig) -> Pipeline {
     Pipeline::new(config, model()).unwrap()
 }
 
-fn samples(n: usize) -> Vec<RawSample> {
-    (0..n)
-        .map(|i| {
-            let t = i as f32 * 0.005;
-            RawSample::from_physical(&PhysSample {
-                acc: [0.2 * (12.0 * t).sin(), 0.1, 1.0],
-                gyro: [30.0 * (12.0 * t).sin(), 5.0, 1.0],
-                mag: [0.2, -0.1, 0.3],
-                temp_raw: 2500,
-            })
-        })
-        .collect()
-}
-
+/// A packet of `n` samples from index `base`, the first at device time `timestamp_us`.
 fn packet(base: u32, timestamp_us: u64, n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_packet(base, timestamp_us, &samples(n), &mut out);
-    out
+    encoded(base, timestamp_us, &motion(n, 1, 0.2))
 }
 
 fn rec(sensor: &str, payload: Vec<u8>, ingest_us: i64) -> IngestRecord {
-    IngestRecord {
-        sensor_id: sensor.into(),
-        format: PayloadFormat::Binary,
-        ingest_us,
-        payload: payload.into(),
-    }
+    binary(sensor, payload, ingest_us)
 }
 
 fn json(sensor: &str, timestamp_us: u64, ingest_us: i64) -> IngestRecord {
