@@ -292,11 +292,15 @@ impl Pipeline {
     pub fn on_tick(&mut self, now_us: i64, out: &mut Outputs) {
         // Nothing is pending between steps: `process` always infers before returning.
         let ctx = self.ctx;
-        let mut idle = 0;
-        for state in &mut self.sensors {
+        // Positions of sensors silent past the eviction time, allocated only when there is one.
+        let mut evict: Vec<bool> = Vec::new();
+        for (i, state) in self.sensors.iter_mut().enumerate() {
             let Some(session) = &mut state.session else {
                 let heard = state.counters.last_seen_us.unwrap_or(i64::MIN);
-                idle += usize::from(now_us.saturating_sub(heard) >= ctx.evict_idle_us);
+                if now_us.saturating_sub(heard) >= ctx.evict_idle_us {
+                    evict.resize(i, false);
+                    evict.push(true);
+                }
                 continue;
             };
             if now_us.saturating_sub(session.last_seen_proc_us) >= ctx.gap_us {
@@ -310,16 +314,8 @@ impl Pipeline {
                     .push(session.aggregate(&state.id, now_us, ctx.dt_s));
             }
         }
-        if idle > 0 {
-            let evict: Vec<bool> = self
-                .sensors
-                .iter()
-                .map(|s| {
-                    s.session.is_none()
-                        && now_us.saturating_sub(s.counters.last_seen_us.unwrap_or(i64::MIN))
-                            >= ctx.evict_idle_us
-                })
-                .collect();
+        if !evict.is_empty() {
+            evict.resize(self.sensors.len(), false);
             self.remove_sensors(&evict, now_us, SessionEndReason::Idle, out);
         }
     }
