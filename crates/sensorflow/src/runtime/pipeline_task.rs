@@ -327,7 +327,9 @@ fn dead_letter(record: &IngestRecordRef<'_>, failure: &str, now_us: i64) -> Quar
 
 /// Fault injection for the dead-letter tests: with the `failpoints` feature and
 /// `FAILPOINTS=pipeline-poison=return(SENSOR)`, a step panics on a record of sensor `SENSOR`,
-/// the way an operator bug triggered by one record's data would. Compiled to nothing otherwise.
+/// the way an operator bug triggered by one record's data would. Compiled to nothing otherwise
+/// (which leaves `sensor_id` unused).
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 fn poison_failpoint(sensor_id: &str) {
     fail::fail_point!("pipeline-poison", |target: Option<String>| {
         if target.as_deref() == Some(sensor_id) {
