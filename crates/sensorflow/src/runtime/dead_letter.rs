@@ -96,14 +96,12 @@ impl DeadLetters {
             .is_some_and(|s| s.start < range.end && range.start < s.end)
     }
 
-    /// The failure of a poisoned record at `offset`, if it is one.
-    pub(crate) fn poisoned(&self, offset: u64) -> Option<&str> {
-        self.poisoned.get(&offset).map(String::as_str)
-    }
-
-    /// Whether any poisoned record lies in `range`.
-    pub(crate) fn any_poisoned(&self, range: &Range<u64>) -> bool {
-        self.poisoned.range(range.clone()).next().is_some()
+    /// The poisoned records in `range`, with what they failed (usually none).
+    pub(crate) fn poisoned_in(&self, range: &Range<u64>) -> Vec<(u64, String)> {
+        self.poisoned
+            .range(range.clone())
+            .map(|(&offset, failure)| (offset, failure.clone()))
+            .collect()
     }
 
     /// The run got past `offset` without failing: a suspicion that ends before it is cleared.
@@ -126,8 +124,7 @@ mod tests {
         assert!(d.is_suspect(&(15..16)));
         assert!(!d.is_suspect(&(20..30)));
         d.failed(17..18, "boom");
-        assert_eq!(d.poisoned(17), Some("boom"));
-        assert!(d.any_poisoned(&(0..100)));
+        assert_eq!(d.poisoned_in(&(0..100)), vec![(17, "boom".to_owned())]);
         assert!(
             !d.is_suspect(&(15..16)),
             "found: the rest is processed normally"
@@ -142,7 +139,7 @@ mod tests {
         assert!(d.is_suspect(&(15..16)));
         d.passed(20);
         assert!(!d.is_suspect(&(15..16)));
-        assert_eq!(d.poisoned(15), None);
+        assert!(d.poisoned_in(&(0..100)).is_empty());
     }
 
     #[test]
@@ -150,6 +147,6 @@ mod tests {
         let mut d = DeadLetters::default();
         d.failed(5..5, "tick");
         assert!(!d.is_suspect(&(0..10)));
-        assert!(!d.any_poisoned(&(0..10)));
+        assert!(d.poisoned_in(&(0..10)).is_empty());
     }
 }

@@ -188,22 +188,20 @@ impl PipelineTask {
         };
         let range = first.0..last.0 + 1;
         let now = now_us();
-        let dead_letters = self.dead_letters.lock();
-        let poisoned = dead_letters.any_poisoned(&range);
-        if poisoned {
-            for (offset, bytes) in records {
-                if let (Some(failure), Ok(r)) = (
-                    dead_letters.poisoned(*offset),
-                    IngestRecordRef::decode(bytes),
-                ) {
-                    out.quarantine.push(dead_letter(&r, failure, now));
-                    if live {
-                        self.status.dead_letter(r.sensor_id);
-                    }
+        // Taken once, outside the step: the lock is not held while the records are processed.
+        let poisoned = self.dead_letters.lock().poisoned_in(&range);
+        for (offset, failure) in &poisoned {
+            let Some((_, bytes)) = records.iter().find(|(o, _)| o == offset) else {
+                continue;
+            };
+            if let Ok(r) = IngestRecordRef::decode(bytes) {
+                out.quarantine.push(dead_letter(&r, failure, now));
+                if live {
+                    self.status.dead_letter(r.sensor_id);
                 }
             }
         }
-        let skip = |offset: u64| poisoned && dead_letters.poisoned(offset).is_some();
+        let skip = |offset: u64| poisoned.iter().any(|(o, _)| *o == offset);
         let status = &self.status;
         let pipeline = &mut self.pipeline;
         let result = catch_unwind(AssertUnwindSafe(|| {
@@ -223,7 +221,6 @@ impl PipelineTask {
                 });
             pipeline.process(decoded, now, out);
         }));
-        drop(dead_letters);
         result.map_err(|panic| {
             let what = panic
                 .downcast_ref::<String>()
