@@ -136,14 +136,10 @@ impl SequenceTracker {
         }
         if base64 >= next {
             if base64 > next && n > 0 {
-                if let Some(i) = self.jumps.iter().position(|j| j.to == base64) {
+                let continued = self.jumps.iter().position(|j| j.to == base64);
+                if let Some(jump) = continued.and_then(|i| self.jumps.remove(i)) {
                     // The stream continues a jump: it really moved there. Report the gap
                     // before the jump now.
-                    let jump = self.jumps.remove(i).unwrap_or(Jump {
-                        from: base64,
-                        to: base64,
-                        timestamp_us,
-                    });
                     let gap = (jump.from > next).then(|| {
                         self.open_gap(next, jump.from);
                         (next as u32, jump.from as u32)

@@ -442,10 +442,10 @@ impl Pipeline {
     /// sixteenth of the sensors at once, so a flood of new ids costs one scan per many
     /// sensors, not one per sensor.
     fn evict_least_recent(&mut self, now_us: i64, out: &mut Outputs) {
-        let count = (self.ctx.max_sensors / 16).clamp(1, self.sensors.len().max(1));
         if self.sensors.is_empty() {
             return;
         }
+        let count = (self.ctx.max_sensors / 16).clamp(1, self.sensors.len());
         // (last heard, position): ties go by position, so the choice is deterministic.
         let mut order: Vec<(i64, usize)> = self
             .sensors
