@@ -113,6 +113,17 @@ pub(crate) struct ModelConfig {
     pub(crate) onnxruntime_library: Option<PathBuf>,
     /// ONNX Runtime threads inside one model call (each pipeline shard has its own session).
     pub(crate) intra_threads: usize,
+    pub(crate) fetch_timeout_secs: u64,
+    pub(crate) max_bytes: u64,
+}
+
+impl ModelConfig {
+    pub(crate) fn fetch_limits(&self) -> crate::model_source::FetchLimits {
+        crate::model_source::FetchLimits {
+            timeout: std::time::Duration::from_secs(self.fetch_timeout_secs.max(1)),
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 /// `model.engine`: which inference engine runs the model.

@@ -58,9 +58,10 @@ pub(crate) struct PlatformArgs {
     /// HTTP listener [default: 0.0.0.0:8000]; port 0 picks a free port.
     #[arg(long)]
     pub(crate) http_listen: Option<SocketAddr>,
-    /// ONNX model (sidecar FILE.json beside it) [default: the bundled demo model].
+    /// ONNX model: a path, an http(s):// URL or s3://bucket/key; its sidecar is the same
+    /// location with the extension .json [default: the bundled demo model].
     #[arg(long)]
-    pub(crate) model: Option<PathBuf>,
+    pub(crate) model: Option<String>,
 }
 
 impl PlatformArgs {
@@ -77,7 +78,7 @@ impl PlatformArgs {
             config.http.listen = a;
         }
         if let Some(m) = &self.model {
-            config.model.path = Some(m.display().to_string());
+            config.model.path = Some(m.clone());
         }
         Ok(config)
     }

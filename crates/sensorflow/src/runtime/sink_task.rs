@@ -26,8 +26,10 @@ use sensorflow_pipeline::{SessionEvent, SessionRecord};
 
 use sensorflow_log::{Log, Retention};
 
-use super::checkpoint::{Checkpoint, CheckpointStore};
+use super::CheckpointRequest;
+use super::checkpoint::CheckpointStore;
 use super::dead_letter::RunFailure;
+use super::model_control::ModelSlot;
 use super::sink_queue::WeightedReceiver;
 use super::status::SharedStatus;
 use super::{SinkBatch, SinkMsg};
@@ -61,6 +63,10 @@ pub(crate) struct SinkTask {
     /// Closed partitions looked at: with nothing to merge they are listed again only once a
     /// file lands in them (late data); after a failure, after [`COMPACTION_RETRY`].
     pub(crate) compacted: HashMap<(Table, NaiveDate), Compacted>,
+    /// The committed model, updated when a checkpoint naming a swapped-in model is written.
+    pub(crate) model_slot: Arc<ModelSlot>,
+    /// A swap whose checkpoint failed to write: answered when the next one is written.
+    pub(crate) awaiting_swap: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 impl SinkTask {
@@ -106,7 +112,15 @@ impl SinkTask {
         Ok(())
     }
 
-    fn checkpoint(&mut self, c: Checkpoint) -> Result<(), SinkFailure> {
+    fn checkpoint(&mut self, request: CheckpointRequest) -> Result<(), SinkFailure> {
+        let CheckpointRequest {
+            checkpoint: c,
+            model,
+            swap_done,
+        } = request;
+        if swap_done.is_some() {
+            self.awaiting_swap = swap_done;
+        }
         let started = Instant::now();
         self.lake.flush().map_err(SinkFailure::lake)?;
         if let Err(e) = self.checkpoints.write(&c) {
@@ -115,6 +129,13 @@ impl SinkTask {
             self.status
                 .set_component("checkpoint", false, format!("write failed: {e}"));
             return Ok(());
+        }
+        // From here a restart runs this checkpoint's model: a swap is done.
+        if !Arc::ptr_eq(&self.model_slot.committed(), &model) {
+            self.model_slot.commit(model);
+        }
+        if let Some(done) = self.awaiting_swap.take() {
+            let _ = done.send(Ok(()));
         }
         self.lake.set_epoch(c.epoch + 1);
         let took = started.elapsed();
