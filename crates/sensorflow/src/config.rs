@@ -294,8 +294,12 @@ impl Config {
         Ok(())
     }
 
-    /// The lake writer's settings from `[lake]`, for a lake rooted at `root`.
-    pub(crate) fn lake_config(&self, root: PathBuf) -> sensorflow_lake::LakeConfig {
+    /// The lake writer's settings from `[lake]`, for a lake at `root` (a directory or a
+    /// [`sensorflow_lake::LakeLocation`]).
+    pub(crate) fn lake_config(
+        &self,
+        root: impl Into<sensorflow_lake::LakeLocation>,
+    ) -> sensorflow_lake::LakeConfig {
         sensorflow_lake::LakeConfig {
             target_file_bytes: self.lake.target_file_bytes,
             max_file_age: std::time::Duration::from_secs(self.lake.max_file_age_secs),
@@ -307,7 +311,21 @@ impl Config {
         }
     }
 
-    /// Root directory of the lake.
+    /// Where the lake lives: `lake.root` (a directory, or `s3://bucket/prefix` configured by
+    /// the standard AWS variables) or `{data_dir}/lake`. An object-store lake encodes its files
+    /// in `{data_dir}/lake-staging` before uploading them.
+    pub(crate) fn lake_location(&self) -> anyhow::Result<sensorflow_lake::LakeLocation> {
+        let root = self.lake_root();
+        match root.to_str() {
+            Some(url) if url.contains("://") => {
+                sensorflow_lake::LakeLocation::parse(url, self.data_dir.join("lake-staging"))
+                    .context("lake.root")
+            }
+            _ => Ok(sensorflow_lake::LakeLocation::Dir(root)),
+        }
+    }
+
+    /// Root of the lake as configured: a directory or a URL.
     pub(crate) fn lake_root(&self) -> PathBuf {
         self.lake
             .root
