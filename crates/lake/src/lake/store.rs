@@ -181,6 +181,7 @@ pub struct ObjectLake {
     prefix: ObjectPath,
     url: String,
     staging: PathBuf,
+    multipart_threshold: u64,
     driver: Arc<Driver>,
 }
 
@@ -229,6 +230,7 @@ impl ObjectLake {
             prefix,
             url,
             staging: staging_dir.into(),
+            multipart_threshold: MULTIPART_THRESHOLD,
             driver: Arc::new(Driver(Some(rt))),
         })
     }
@@ -258,6 +260,12 @@ impl ObjectLake {
             .build()
             .map_err(|e| invalid(e.to_string()))?;
         ObjectLake::new(Arc::new(store), prefix, url, staging_dir)
+    }
+
+    /// Uploads files of at least `bytes` in parts ([`MULTIPART_THRESHOLD`] by default).
+    pub fn with_multipart_threshold(mut self, bytes: u64) -> ObjectLake {
+        self.multipart_threshold = bytes;
+        self
     }
 
     /// The URL the lake was opened with.
@@ -346,7 +354,7 @@ impl ObjectLake {
     }
 
     /// Uploads the local file `path` to `key`: one PUT, or a multipart upload from
-    /// [`MULTIPART_THRESHOLD`] on (aborted on failure). Either way the object appears whole or
+    /// [`ObjectLake::with_multipart_threshold`] on (aborted on failure). Either way the object appears whole or
     /// not at all. Returns its size.
     pub(crate) fn upload(&self, path: &Path, key: &ObjectPath) -> Result<u64, LakeError> {
         let io_err = |source: io::Error| LakeError::Io {
@@ -355,7 +363,7 @@ impl ObjectLake {
         };
         let mut file = File::open(path).map_err(io_err)?;
         let len = file.metadata().map_err(io_err)?.len();
-        if len < MULTIPART_THRESHOLD {
+        if len < self.multipart_threshold {
             let mut buf = Vec::with_capacity(len as usize);
             file.read_to_end(&mut buf).map_err(io_err)?;
             self.put(key, Bytes::from(buf))?;
