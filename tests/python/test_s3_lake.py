@@ -114,8 +114,8 @@ def test_kill_9_with_the_lake_on_s3_loses_and_doubles_nothing(tmp_path, s3_serve
         wait_until(lambda: len(set(samples(s3_server, bucket))) >= SENSORS * PACKETS * 64, timeout=60, message="every sample in the S3 lake")
     finally:
         assert platform.stop() == 0, "\n".join(platform.log_lines[-40:])
-    assert sum(removed) > 0, f"no restart deleted files of an unfinished epoch from the bucket ({removed}): the kills did not exercise recovery"
     check_s3_lake_exactly_once(s3_server, bucket, acked)
+    assert sum(removed) > 0, f"no restart deleted files of an unfinished epoch from the bucket ({removed}): the kills did not exercise recovery"
     # Nothing of the lake is kept locally but staging leftovers, and those are cleaned up.
     assert not (data / "lake").exists()
     assert not [p for p in (data / "lake-staging").rglob("*") if p.is_file()]
