@@ -159,6 +159,12 @@ impl From<&str> for LakeLocation {
     }
 }
 
+impl From<&String> for LakeLocation {
+    fn from(p: &String) -> Self {
+        LakeLocation::Dir(PathBuf::from(p))
+    }
+}
+
 impl From<String> for LakeLocation {
     fn from(p: String) -> Self {
         LakeLocation::Dir(PathBuf::from(p))
