@@ -21,6 +21,11 @@
 //! are lost and the leftover `.tmp` is deleted by the next [`LakeWriter::open`]; the caller
 //! replays them from its last checkpoint (it commits the lake with `flush` on checkpoint).
 //!
+//! On an object store ([`LakeLocation::Objects`]) the same files are encoded in a staging
+//! directory laid out like the lake, and committing uploads the finished file in one PUT (or one
+//! multipart upload) instead of renaming it: see the `store` module. The local path is
+//! unchanged and pays nothing for it.
+//!
 //! # Compression
 //!
 //! LZ4 (Parquet's `LZ4_RAW`) by default: the sink encodes every sample, and at a million
@@ -53,8 +58,10 @@
 //! (or an I/O error) after 2 is rolled forward by `open` or by the next `compact` of the
 //! partition: it deletes whatever inputs remain, renames the `.tmp` if it is still there, and
 //! deletes the journal. A reader that listed the directory before step 3 and opens an input
-//! after it gets a "file not found" and must retry; object stores with listing-by-manifest
-//! (later work) remove that window.
+//! after it gets a "file not found" and must retry; table formats with a manifest (later work)
+//! would remove that window. On an object store the steps are the same, with the hidden output
+//! and the journal stored in the bucket and a server-side copy for the rename (see
+//! `compaction.rs`), so the same guarantee holds: fewer rows for a moment, never a row twice.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
