@@ -528,4 +528,29 @@ mod tests {
             (EngineChoice::Auto, LakeCompression::Lz4)
         );
     }
+
+    #[test]
+    fn the_lake_root_may_be_an_s3_url_staged_under_the_data_dir() {
+        use sensorflow_lake::LakeLocation;
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(
+            c.lake_location().unwrap(),
+            LakeLocation::Dir(c.data_dir.join("lake"))
+        );
+        let c = Config::load(
+            None,
+            env(&[("SENSORFLOW_LAKE_ROOT", "s3://sensor-lake/prod")]),
+        )
+        .unwrap();
+        match c.lake_location().unwrap() {
+            LakeLocation::Objects(o) => {
+                assert_eq!(o.url(), "s3://sensor-lake/prod");
+                assert_eq!(o.prefix().as_ref(), "prod");
+                assert_eq!(o.staging_dir(), c.data_dir.join("lake-staging"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Config::load(None, env(&[("SENSORFLOW_LAKE_ROOT", "gs://b/p")])).unwrap();
+        assert!(c.lake_location().is_err());
+    }
 }
