@@ -4,13 +4,14 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::UInt32Type;
 use bytes::Bytes;
 use chrono::NaiveDate;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -412,4 +413,266 @@ fn lake_urls_pick_a_directory_or_s3() {
         LakeLocation::parse("./data/lake", staging.path()).unwrap(),
         LakeLocation::Dir(_)
     ));
+}
+
+/// An `InMemory` store that checks after every change that the committed data files hold no
+/// sample twice (what a reader listing at that moment would see), and that fails every request
+/// from the `fail_from`-th change on: a process that crashed there, or lost the store.
+#[derive(Debug, Default)]
+struct Watched {
+    inner: InMemory,
+    changes: AtomicUsize,
+    fail_from: AtomicUsize,
+    violations: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Display for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watched")
+    }
+}
+
+impl Watched {
+    fn new() -> Arc<Watched> {
+        Arc::new(Watched {
+            fail_from: AtomicUsize::new(usize::MAX),
+            ..Watched::default()
+        })
+    }
+
+    fn down() -> object_store::Error {
+        object_store::Error::Generic {
+            store: "Watched",
+            source: "the store is down (injected)".into(),
+        }
+    }
+
+    /// Counts a change; fails once the store is down.
+    fn change(&self) -> object_store::Result<()> {
+        let n = self.changes.fetch_add(1, Ordering::SeqCst);
+        if n >= self.fail_from.load(Ordering::SeqCst) {
+            return Err(Watched::down());
+        }
+        Ok(())
+    }
+
+    fn is_down(&self) -> bool {
+        self.changes.load(Ordering::SeqCst) > self.fail_from.load(Ordering::SeqCst)
+    }
+
+    /// What a reader sees now: every committed data file's sample indices, none twice.
+    async fn check(&self) {
+        let metas: Vec<_> = self.inner.list(None).try_collect().await.unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for m in metas {
+            let key = m.location.to_string();
+            let name = key.rsplit('/').next().unwrap_or_default();
+            if !(key.contains("/samples/date=") && name.starts_with("part-")) {
+                continue;
+            }
+            let bytes = self
+                .inner
+                .get(&m.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
+                let batch = batch.unwrap();
+                let col = batch.column_by_name("sample_index").unwrap();
+                for &i in col.as_primitive::<UInt32Type>().values() {
+                    let mut violations = self.violations.lock().unwrap();
+                    if !seen.insert(i) && violations.len() < 5 {
+                        violations.push(format!("sample {i} visible twice (in {key})"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Watched {
+    async fn put_opts(
+        &self,
+        location: &ObjectPath,
+        payload: PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.change()?;
+        let r = self.inner.put_opts(location, payload, opts).await;
+        self.check().await;
+        r
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjectPath,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.change()?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjectPath,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        if self.is_down() {
+            return Err(Watched::down());
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
+        // Deletes one at a time so that every one is checked; `self` is not 'static, so collect
+        // first (the lake deletes one object per call).
+        let this: &Watched = self;
+        let results = futures::executor::block_on(async {
+            let locations: Vec<_> = locations.collect().await;
+            let mut out = Vec::new();
+            for l in locations {
+                let r = match l {
+                    Ok(l) => match this.change() {
+                        Ok(()) => {
+                            let r = this.inner.delete(&l).await.map(|()| l);
+                            this.check().await;
+                            r
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                out.push(r);
+            }
+            out
+        });
+        futures::stream::iter(results).boxed()
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjectPath>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        if self.is_down() {
+            return futures::stream::once(async { Err(Watched::down()) }).boxed();
+        }
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjectPath>,
+    ) -> object_store::Result<object_store::ListResult> {
+        if self.is_down() {
+            return Err(Watched::down());
+        }
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjectPath,
+        to: &ObjectPath,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.change()?;
+        let r = self.inner.copy_opts(from, to, options).await;
+        self.check().await;
+        r
+    }
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_compaction_never_shows_a_row_twice_nor_loses_one() {
+    let mut crashed_at_steps = 0;
+    for step in 0.. {
+        let staging = tempfile::tempdir().unwrap();
+        let store = Watched::new();
+        let objects = ObjectLake::new(store.clone(), "l", "watched://l", staging.path()).unwrap();
+        let config = LakeConfig {
+            writer_id: "test".into(),
+            ..LakeConfig::new(objects)
+        };
+        let mut lake = LakeWriter::open(config.clone()).unwrap();
+        for i in 0..3u32 {
+            lake.write_samples(&[chunk(i * 64, MIDNIGHT_US + i64::from(i) * 320_000, 64)])
+                .unwrap();
+            lake.flush().unwrap();
+        }
+        // The store goes down `step` changes into the compaction.
+        let before = store.changes.load(Ordering::SeqCst);
+        store.fail_from.store(before + step, Ordering::SeqCst);
+        let result = lake.compact(Table::Samples, day2(), None);
+        drop(lake);
+        let changes = store.changes.load(Ordering::SeqCst) - before;
+        // Back up; a new process opens the lake (rolling the compaction forward) and compacts.
+        store.fail_from.store(usize::MAX, Ordering::SeqCst);
+        let mut lake = LakeWriter::open(config).unwrap();
+        lake.compact(Table::Samples, day2(), None).unwrap();
+        drop(staging);
+        let keys: Vec<String> = futures::executor::block_on(
+            store
+                .inner
+                .list(None)
+                .map_ok(|m| m.location.to_string())
+                .try_collect(),
+        )
+        .unwrap();
+        assert!(
+            keys.iter().all(|k| !k.contains("/.")),
+            "step {step}: hidden objects left: {keys:?}"
+        );
+        assert_eq!(keys.len(), 1, "step {step}: {keys:?}");
+        store.check_all_present(0..192, step);
+        let violations = store.violations.lock().unwrap().clone();
+        assert!(violations.is_empty(), "step {step}: {violations:?}");
+        if result.is_ok() {
+            // The compaction made all its changes before the store went down: done.
+            assert!(changes <= step, "step {step}");
+            break;
+        }
+        crashed_at_steps += 1;
+    }
+    // Upload of the hidden output, journal, 3 deletes, copy, delete, journal delete.
+    assert!(crashed_at_steps >= 8, "{crashed_at_steps}");
+}
+
+impl Watched {
+    fn check_all_present(&self, expected: std::ops::Range<u32>, step: usize) {
+        let mut got = Vec::new();
+        let metas: Vec<_> =
+            futures::executor::block_on(self.inner.list(None).try_collect::<Vec<_>>()).unwrap();
+        for m in metas {
+            let bytes = futures::executor::block_on(async {
+                self.inner
+                    .get(&m.location)
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap()
+            });
+            for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
+                let batch = batch.unwrap();
+                let col = batch.column_by_name("sample_index").unwrap();
+                got.extend(col.as_primitive::<UInt32Type>().values().iter().copied());
+            }
+        }
+        got.sort_unstable();
+        assert_eq!(got, expected.collect::<Vec<_>>(), "step {step}");
+    }
 }
