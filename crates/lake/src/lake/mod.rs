@@ -249,6 +249,9 @@ pub enum LakeError {
     /// The thread that syncs files as they grow could not be started.
     #[error("cannot start the lake's sync thread: {0}")]
     SyncThread(io::Error),
+    /// The runtime that drives an object store's requests could not be started.
+    #[error("cannot start the lake's object-store runtime: {0}")]
+    Runtime(io::Error),
     /// Encoding or decoding Parquet failed.
     #[error("parquet: {0}")]
     Parquet(#[from] ParquetError),

@@ -230,7 +230,7 @@ impl ObjectLake {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(LakeError::SyncThread)?;
+            .map_err(LakeError::Runtime)?;
         Ok(ObjectLake {
             store,
             prefix,
