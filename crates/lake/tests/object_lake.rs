@@ -179,6 +179,7 @@ fn walk(dir: &std::path::Path) -> usize {
 fn a_file_reaches_the_store_only_when_committed_and_whole() {
     let f = fixture();
     let mut lake = LakeWriter::open(f.config()).unwrap();
+    assert_eq!(lake.partition_dates(Table::Samples).unwrap(), vec![]);
     lake.write_samples(&[chunk(0, MIDNIGHT_US, 64)]).unwrap();
     // Encoded into the staging dir, nothing in the store yet.
     assert_eq!(f.keys(), Vec::<String>::new());
@@ -199,6 +200,18 @@ fn a_file_reaches_the_store_only_when_committed_and_whole() {
     let s = lake.stats();
     assert_eq!(s.table(Table::Samples).files_committed, 1);
     assert_eq!(lake.partition_dates(Table::Samples).unwrap(), vec![day2()]);
+    // Known from then on without listing: a partition written later is added by the commit.
+    lake.write_samples(&[chunk(64, MIDNIGHT_US - 86_400_000_000, 64)])
+        .unwrap();
+    lake.flush().unwrap();
+    let both = vec![day2().pred_opt().unwrap(), day2()];
+    assert_eq!(lake.partition_dates(Table::Samples).unwrap(), both);
+    assert_eq!(
+        LakeLocation::from(f.objects.clone())
+            .partition_dates(Table::Samples)
+            .unwrap(),
+        both
+    );
 }
 
 #[test]

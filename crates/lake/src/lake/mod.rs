@@ -63,7 +63,7 @@
 //! and the journal stored in the bucket and a server-side copy for the rename (see
 //! `compaction.rs`), so the same guarantee holds: fewer rows for a moment, never a row twice.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::hash::BuildHasher;
 use std::io;
@@ -384,6 +384,9 @@ struct Ctx {
     /// When this writer last committed a file to each (table index, day): what
     /// [`LakeWriter::partition_stamp`] reports for an object-store lake.
     last_commit: HashMap<(usize, i32), SystemTime>,
+    /// Partition dates of each table (by index) of an object-store lake, listed once and kept
+    /// up to date by this writer's commits (see [`LakeWriter::partition_dates`]).
+    known_dates: HashMap<usize, BTreeSet<NaiveDate>>,
 }
 
 impl Ctx {
@@ -648,6 +651,12 @@ impl<B: RowBuffer> TableWriter<B> {
                 ctx.stats.early_syncs += syncs;
                 ctx.last_commit
                     .insert((B::TABLE.index(), p.day), SystemTime::now());
+                if let (Some(dates), Some(date)) = (
+                    ctx.known_dates.get_mut(&B::TABLE.index()),
+                    date_of_day(p.day),
+                ) {
+                    dates.insert(date);
+                }
                 let s = &mut ctx.stats.tables[B::TABLE.index()];
                 s.rows_committed += p.row_count;
                 s.files_committed += 1;
@@ -771,6 +780,7 @@ impl LakeWriter {
             stats: LakeStats::default(),
             syncer: Syncer::start().map_err(LakeError::SyncThread)?,
             last_commit: HashMap::new(),
+            known_dates: HashMap::new(),
         };
         for table in Table::ALL {
             let dir = ctx.config.root.local_root().join(table.name());
@@ -805,10 +815,22 @@ impl LakeWriter {
         &self.ctx.config
     }
 
-    /// The dates of `table`'s partitions, oldest first (listed from the directory or the
-    /// object store).
-    pub fn partition_dates(&self, table: Table) -> Result<Vec<NaiveDate>, LakeError> {
-        self.ctx.config.root.partition_dates(table)
+    /// The dates of `table`'s partitions, oldest first. A directory is listed every time; an
+    /// object store (where a listing is a paid request, and the sink asks at every checkpoint)
+    /// only the first time: partitions then appear only through this writer's own commits (one
+    /// writer per prefix), which it adds, and never disappear (compaction leaves a file).
+    pub fn partition_dates(&mut self, table: Table) -> Result<Vec<NaiveDate>, LakeError> {
+        let ctx = &mut self.ctx;
+        if ctx.config.root.objects().is_none() {
+            return ctx.config.root.partition_dates(table);
+        }
+        if let Some(dates) = ctx.known_dates.get(&table.index()) {
+            return Ok(dates.iter().copied().collect());
+        }
+        let dates = ctx.config.root.partition_dates(table)?;
+        ctx.known_dates
+            .insert(table.index(), dates.iter().copied().collect());
+        Ok(dates)
     }
 
     /// A time that changes whenever a file lands in `table`'s partition `date`, so a caller can
