@@ -136,6 +136,7 @@ impl Dataflow {
             from_offset,
             replay_records = replay,
             lake_files_removed = files_removed,
+            lake = %s.lake.root,
             "recovering from checkpoint"
         );
         let reader = self
