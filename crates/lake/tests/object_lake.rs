@@ -217,7 +217,11 @@ fn a_file_reaches_the_store_only_when_committed_and_whole() {
 #[test]
 fn large_files_go_up_in_parts_and_read_back_intact() {
     let f = fixture();
-    let objects = f.objects.clone().with_multipart_threshold(1);
+    let objects = f
+        .objects
+        .clone()
+        .with_multipart_threshold(1)
+        .with_part_bytes(7_000);
     let mut lake = LakeWriter::open(LakeConfig {
         writer_id: "test".into(),
         ..LakeConfig::new(objects)

@@ -35,7 +35,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::NaiveDate;
-use futures::TryStreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
@@ -49,6 +50,9 @@ use crate::schema::Table;
 pub const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
 /// Size of each part of a multipart upload (S3's minimum is 5 MiB, except for the last part).
 const PART_BYTES: usize = 16 * 1024 * 1024;
+/// Parts of one upload sent at once: one connection rarely fills the link to S3, and the sink
+/// thread waits for the upload (bounds memory to this many parts).
+const PARTS_IN_FLIGHT: usize = 4;
 
 /// Where a lake lives.
 #[derive(Clone, Debug)]
@@ -188,6 +192,7 @@ pub struct ObjectLake {
     url: String,
     staging: PathBuf,
     multipart_threshold: u64,
+    part_bytes: usize,
     driver: Arc<Driver>,
 }
 
@@ -237,6 +242,7 @@ impl ObjectLake {
             url,
             staging: staging_dir.into(),
             multipart_threshold: MULTIPART_THRESHOLD,
+            part_bytes: PART_BYTES,
             driver: Arc::new(Driver(Some(rt))),
         })
     }
@@ -271,6 +277,13 @@ impl ObjectLake {
     /// Uploads files of at least `bytes` in parts ([`MULTIPART_THRESHOLD`] by default).
     pub fn with_multipart_threshold(mut self, bytes: u64) -> ObjectLake {
         self.multipart_threshold = bytes;
+        self
+    }
+
+    /// Sends multipart uploads in parts of `bytes` (16 MiB by default; S3 needs at least 5 MiB
+    /// for every part but the last).
+    pub fn with_part_bytes(mut self, bytes: usize) -> ObjectLake {
+        self.part_bytes = bytes.max(1);
         self
     }
 
@@ -378,21 +391,30 @@ impl ObjectLake {
         let store = &self.store;
         let result: Result<Result<(), LakeError>, object_store::Error> = self.block_on(async {
             let mut upload = store.put_multipart(key).await?;
+            let part_bytes = self.part_bytes;
             let parts = async {
+                // Parts are numbered in `put_part` order and may finish in any order.
+                let mut in_flight = FuturesUnordered::new();
                 loop {
-                    let mut part = Vec::with_capacity(PART_BYTES);
+                    let mut part = Vec::with_capacity(part_bytes);
                     (&mut file)
-                        .take(PART_BYTES as u64)
+                        .take(part_bytes as u64)
                         .read_to_end(&mut part)
                         .map_err(io_err)?;
                     if part.is_empty() {
-                        return Ok::<_, LakeError>(());
+                        break;
                     }
-                    upload
-                        .put_part(PutPayload::from(part))
-                        .await
-                        .map_err(self.err(key))?;
+                    in_flight.push(upload.put_part(PutPayload::from(part)));
+                    if in_flight.len() >= PARTS_IN_FLIGHT
+                        && let Some(r) = in_flight.next().await
+                    {
+                        r.map_err(self.err(key))?;
+                    }
                 }
+                while let Some(r) = in_flight.next().await {
+                    r.map_err(self.err(key))?;
+                }
+                Ok::<_, LakeError>(())
             }
             .await;
             match parts {
