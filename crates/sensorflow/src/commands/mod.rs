@@ -84,6 +84,24 @@ impl PlatformArgs {
     }
 }
 
+/// `--lake`, for the roles that write the lake (`run`, `demo`).
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct LakeArg {
+    /// Lake: a directory or s3://bucket/prefix (credentials, region and endpoint from the
+    /// standard AWS_* variables) [default: lake.root, else DATA_DIR/lake].
+    #[arg(long, value_name = "URL")]
+    pub(crate) lake: Option<String>,
+}
+
+impl LakeArg {
+    /// Overrides `lake.root` with the flag, if given.
+    pub(crate) fn apply(&self, config: &mut Config) {
+        if let Some(lake) = &self.lake {
+            config.lake.root = Some(PathBuf::from(lake));
+        }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -118,16 +118,27 @@ impl Dataflow {
             Some(c) => (c.epoch, c.log_offset, Some(c.snapshot), c.model),
             None => (0, self.log.start_offset(), None, None),
         };
-        std::fs::create_dir_all(&s.lake.root)
-            .with_context(|| format!("creating lake root {}", s.lake.root.display()))?;
-        let files_removed = sensorflow_lake::remove_files_after_epoch(&s.lake.root, epoch)
-            .context("removing lake files of incomplete epochs")?;
+        let local_root = s.lake.root.local_root();
+        std::fs::create_dir_all(local_root)
+            .with_context(|| format!("creating lake root {}", local_root.display()))?;
+        // On an object store, found by listing the prefix.
+        let files_removed = s
+            .lake
+            .root
+            .remove_files_after_epoch(epoch)
+            .with_context(|| {
+                format!(
+                    "removing lake files of incomplete epochs in {}",
+                    s.lake.root
+                )
+            })?;
         let replay = self.log.end_offset().saturating_sub(from_offset);
         tracing::info!(
             checkpoint_epoch = epoch,
             from_offset,
             replay_records = replay,
             lake_files_removed = files_removed,
+            lake = %s.lake.root,
             "recovering from checkpoint"
         );
         let reader = self

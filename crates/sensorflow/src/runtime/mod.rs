@@ -119,7 +119,7 @@ impl Embedded {
         // `Log::open` logs "log opened" with the report itself.
         let (log, report) = Log::open(log_config).context("opening the log")?;
 
-        let lake = config.lake_config(config.lake_root());
+        let lake = config.lake_config(config.lake_location()?);
         let sessions_path = config.data_dir.join("sessions.sqlite");
         // The API reads sessions through its own connection; the sink thread writes through
         // another, reopened by every (re)start of the dataflow.
