@@ -30,9 +30,10 @@ pub(crate) struct ReplayArgs {
     /// Reprocess records received at or after this time (RFC 3339, e.g. 2026-11-27T08:00:00Z).
     #[arg(long)]
     pub(crate) from: String,
-    /// New lake folder to write; must not exist or be empty.
+    /// New lake to write: a folder that must not exist or be empty, or s3://bucket/prefix
+    /// (an unused prefix; AWS_* variables as for `run`).
     #[arg(long)]
-    pub(crate) lake: PathBuf,
+    pub(crate) lake: String,
     /// Configuration file (TOML), as for `run`.
     #[arg(long, env = "SENSORFLOW_CONFIG")]
     pub(crate) config: Option<PathBuf>,
@@ -60,11 +61,15 @@ pub(crate) async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         model: args.model.clone(),
     };
     let mut config = platform.load_config()?;
-    if std::fs::read_dir(&args.lake).is_ok_and(|mut entries| entries.next().is_some()) {
-        bail!(
-            "{} is not empty: replay writes a new lake",
-            args.lake.display()
-        );
+    let lake = sensorflow_lake::LakeLocation::parse(
+        &args.lake,
+        config.data_dir.join("replay-staging"),
+    )
+    .context("--lake")?;
+    if let sensorflow_lake::LakeLocation::Dir(dir) = &lake
+        && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+    {
+        bail!("{} is not empty: replay writes a new lake", args.lake);
     }
     // One pipeline, so one model instance.
     config.runtime.pipeline_threads = 1;
@@ -82,12 +87,13 @@ pub(crate) async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         active.version,
         active.location.as_deref().unwrap_or("bundled demo model")
     );
-    tokio::task::spawn_blocking(move || replay(&args, &config, model, from_us)).await?
+    tokio::task::spawn_blocking(move || replay(&args, &config, lake, model, from_us)).await?
 }
 
 fn replay(
     args: &ReplayArgs,
     config: &Config,
+    lake: sensorflow_lake::LakeLocation,
     model: Arc<Model>,
     from_us: i64,
 ) -> anyhow::Result<()> {
@@ -95,7 +101,7 @@ fn replay(
         Pipeline::new(config.pipeline.clone(), model).context("building the pipeline")?;
     let mut lake = LakeWriter::open(LakeConfig {
         max_file_age: Duration::MAX,
-        ..config.lake_config(args.lake.clone())
+        ..config.lake_config(lake)
     })
     .context("opening the new lake")?;
     let log_dir = config.data_dir.join("log");
@@ -155,7 +161,7 @@ fn replay(
     eprintln!(
         "replayed {} of {read} log records ({skipped} before --from, {undecodable} undecodable) into {}: {} samples, {} files, {:.1} s",
         stats.records,
-        args.lake.display(),
+        args.lake,
         stats.samples_out,
         files,
         started.elapsed().as_secs_f64()
