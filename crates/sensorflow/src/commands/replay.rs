@@ -61,11 +61,9 @@ pub(crate) async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         model: args.model.clone(),
     };
     let mut config = platform.load_config()?;
-    let lake = sensorflow_lake::LakeLocation::parse(
-        &args.lake,
-        config.data_dir.join("replay-staging"),
-    )
-    .context("--lake")?;
+    let lake =
+        sensorflow_lake::LakeLocation::parse(&args.lake, config.data_dir.join("replay-staging"))
+            .context("--lake")?;
     if let sensorflow_lake::LakeLocation::Dir(dir) = &lake
         && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
     {
