@@ -14,7 +14,7 @@ use super::layout::{
     committed_files, epoch_writer_id, file_epoch, file_name_string, partition_dir, sync_dir,
 };
 use super::store::ObjectLake;
-use super::{FinishedFile, LakeError, LakeStats, LakeWriter, io_at};
+use super::{FinishedFile, LakeError, LakeStats, LakeWriter, OpenFile, io_at};
 use crate::schema::Table;
 
 /// What one [`LakeWriter::compact`] call did.
@@ -100,21 +100,12 @@ impl LakeWriter {
         // 1. The merged file, hidden.
         let writer_id = newest_epoch.map(epoch_writer_id);
         let mut out = ctx.new_file(table, &dir, writer_id.as_deref())?;
-        let schema = table.schema();
         let mut rows = 0u64;
         let copied = (|| {
             for name in &inputs {
                 let path = dir.join(name);
                 let file = File::open(&path).map_err(io_at(&path))?;
-                let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
-                if builder.schema().fields() != schema.fields() {
-                    return Err(LakeError::SchemaMismatch { table, path });
-                }
-                for batch in builder.with_batch_size(ctx.batch_rows).build()? {
-                    let batch = batch?;
-                    rows += batch.num_rows() as u64;
-                    out.writer.write(&batch)?;
-                }
+                rows += append_rows(&mut out, file, table, ctx.batch_rows, || path.clone())?;
             }
             Ok(())
         })();
@@ -367,7 +358,6 @@ impl LakeWriter {
         fs::create_dir_all(&staging).map_err(io_at(&staging))?;
         let writer_id = newest_epoch.map(epoch_writer_id);
         let mut out = ctx.new_file(table, &staging, writer_id.as_deref())?;
-        let schema = table.schema();
         let mut rows = 0u64;
         let copied = (|| {
             for name in &inputs {
@@ -381,18 +371,9 @@ impl LakeWriter {
                             .into(),
                     },
                 })?;
-                let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
-                if builder.schema().fields() != schema.fields() {
-                    return Err(LakeError::SchemaMismatch {
-                        table,
-                        path: PathBuf::from(key.as_ref()),
-                    });
-                }
-                for batch in builder.with_batch_size(ctx.batch_rows).build()? {
-                    let batch = batch?;
-                    rows += batch.num_rows() as u64;
-                    out.writer.write(&batch)?;
-                }
+                rows += append_rows(&mut out, bytes, table, ctx.batch_rows, || {
+                    PathBuf::from(key.as_ref())
+                })?;
             }
             Ok(())
         })();
@@ -556,6 +537,32 @@ pub(super) fn recover_objects(
         }
     }
     Ok(())
+}
+
+/// Appends every row of one compaction input (`input`, a file or the bytes of an object) to
+/// `out`, after checking that its schema is the table's; `name` names it in the error. Returns
+/// the rows copied.
+fn append_rows<R: parquet::file::reader::ChunkReader + 'static>(
+    out: &mut OpenFile,
+    input: R,
+    table: Table,
+    batch_rows: usize,
+    name: impl FnOnce() -> PathBuf,
+) -> Result<u64, LakeError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(input)?;
+    if builder.schema().fields() != table.schema().fields() {
+        return Err(LakeError::SchemaMismatch {
+            table,
+            path: name(),
+        });
+    }
+    let mut rows = 0;
+    for batch in builder.with_batch_size(batch_rows).build()? {
+        let batch = batch?;
+        rows += batch.num_rows() as u64;
+        out.writer.write(&batch)?;
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]
