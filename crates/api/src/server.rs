@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::ApiMetrics;
 use crate::status::StatusSource;
-use crate::{assets, openapi, rest, ws};
+use crate::{assets, auth, openapi, rest, ws};
 
 /// Configuration of the HTTP API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +34,11 @@ pub struct ApiConfig {
     pub max_connections_per_ip: usize,
     /// Open connections in total; more are closed right after accept. Default 10 000.
     pub max_connections: usize,
+    /// API bearer tokens; when set, every route but `/health`, `/ready`, the dashboard and its
+    /// assets (and `/docs`) needs one (see [`crate::auth`]). Default none.
+    pub tokens: Option<std::sync::Arc<crate::auth::ApiTokens>>,
+    /// Origins allowed by CORS (`*`: any). Default none: same origin only.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ApiConfig {
@@ -44,6 +49,8 @@ impl Default for ApiConfig {
             header_read_timeout: Duration::from_secs(10),
             max_connections_per_ip: 256,
             max_connections: 10_000,
+            tokens: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -103,15 +110,7 @@ impl std::fmt::Debug for ApiState {
 /// The API router: dashboard, REST, metrics, docs and WebSocket feeds (see DESIGN.md, "Output
 /// contract"). Unknown routes answer 404 and wrong methods 405, in the JSON error shape.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/", get(assets::dashboard))
-        .route("/docs", get(assets::docs))
-        .route("/assets/app.js", get(assets::app_js))
-        .route("/assets/style.css", get(assets::style_css))
-        .route("/assets/vendor/uPlot.iife.min.js", get(assets::uplot_js))
-        .route("/assets/vendor/uPlot.min.css", get(assets::uplot_css))
-        .route("/health", get(rest::health))
-        .route("/ready", get(rest::ready))
+    let protected = Router::new()
         .route("/sensors", get(rest::sensors))
         .route("/sensors/{sensor_id}", get(rest::sensor))
         .route("/sessions", get(rest::sessions))
@@ -123,9 +122,24 @@ pub fn router(state: ApiState) -> Router {
         .route("/ws/aggregate/{sensor_id}", get(ws::aggregate))
         .route("/ws/session/{session_id}", get(ws::session))
         .route("/ws/sessions", get(ws::all_sessions))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/", get(assets::dashboard))
+        .route("/docs", get(assets::docs))
+        .route("/assets/app.js", get(assets::app_js))
+        .route("/assets/style.css", get(assets::style_css))
+        .route("/assets/vendor/uPlot.iife.min.js", get(assets::uplot_js))
+        .route("/assets/vendor/uPlot.min.css", get(assets::uplot_css))
+        .route("/health", get(rest::health))
+        .route("/ready", get(rest::ready))
+        .merge(protected)
         .route_layer(middleware::from_fn_with_state(state.clone(), count_request))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), auth::cors))
         .with_state(state)
 }
 

@@ -150,6 +150,8 @@ pub struct IngestConfig {
     /// `allow_keep_alive_zero` is false): closed after this long without a packet. MQTT 5
     /// clients are told in CONNACK (Server Keep Alive). Default 300 s.
     pub idle_timeout: Duration,
+    /// Who may connect and what users may publish. Default: anonymous clients accepted.
+    pub auth: crate::auth::AuthPolicy,
 }
 
 /// Room above `max_message_bytes` for a PUBLISH's topic (at most 65 535 bytes), packet id and
@@ -183,6 +185,7 @@ impl Default for IngestConfig {
             session_expiry_max: Duration::from_secs(7 * 24 * 3600),
             allow_keep_alive_zero: false,
             idle_timeout: Duration::from_secs(300),
+            auth: crate::auth::AuthPolicy::default(),
         }
     }
 }

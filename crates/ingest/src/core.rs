@@ -16,6 +16,7 @@ use sensorflow_protocol::framing::BadReason;
 use sensorflow_protocol::{IngestRecord, PayloadFormat};
 use tokio::sync::{Notify, oneshot, watch};
 
+use crate::auth::{Authenticator, Identity};
 use crate::config::IngestConfig;
 use crate::session::{Attached, Expiry, SessionRegistry};
 use crate::sink::{IngestObserver, IngestSink, SinkError};
@@ -32,6 +33,8 @@ pub(crate) enum Verdict {
     Oversize,
     /// The sink did not store the record.
     SinkFailed(SinkError),
+    /// The connection's user may not publish to this topic (ACL); payload discarded.
+    NotAuthorized,
     /// Arrived after graceful stop began; not stored, must not be acknowledged.
     ShuttingDown,
     /// The payload stream broke (peer gone mid-message).
@@ -68,6 +71,7 @@ pub(crate) struct Core {
     /// Notified whenever the number of open connections drops to zero.
     all_closed: Notify,
     next_serial: AtomicU64,
+    pub(crate) auth: Authenticator,
 }
 
 impl Core {
@@ -76,15 +80,21 @@ impl Core {
         sink: Arc<dyn IngestSink>,
         observer: Arc<dyn IngestObserver>,
     ) -> Self {
+        let stats = Arc::<IngestStats>::default();
         Self {
             sessions: SessionRegistry::new(
                 config.max_persistent_sessions,
                 config.session_expiry_max,
             ),
+            auth: Authenticator::new(
+                config.auth.clone(),
+                tokio::runtime::Handle::current(),
+                Arc::clone(&stats),
+            ),
             config,
             sink,
             observer,
-            stats: Arc::default(),
+            stats,
             draining: AtomicBool::new(false),
             drain: watch::Sender::new(false),
             all_closed: Notify::new(),
@@ -154,6 +164,7 @@ impl Core {
     pub(crate) fn open(
         self: &Arc<Self>,
         client_id: Arc<str>,
+        identity: Identity,
         clean: bool,
         expiry: Expiry,
     ) -> Result<(Conn, Attached, oneshot::Receiver<()>), Refusal> {
@@ -172,6 +183,10 @@ impl Core {
         let conn = Conn {
             core: self.clone(),
             client_id,
+            user: match identity {
+                Identity::Anonymous => None,
+                Identity::User(user) => Some(user),
+            },
             serial,
             inflight: Rc::new(Inflight::new(
                 usize::from(self.config.receive_maximum),
@@ -232,6 +247,15 @@ impl Core {
                 .bad_input(None, BadReason::UnknownTopic, topic);
             return discard(payload).await;
         };
+        if let Some(user) = &conn.user
+            && !self.auth.acl().allows(user, topic, sensor_id)
+        {
+            self.auth.publish_denied(user, topic);
+            return match discard(payload).await {
+                Verdict::UnknownTopic => Verdict::NotAuthorized,
+                other => other,
+            };
+        }
         if payload_size > self.config.max_message_bytes {
             bump(&self.stats.oversize);
             let detail = format!(
@@ -301,6 +325,8 @@ fn now_us() -> i64 {
 pub(crate) struct Conn {
     pub(crate) core: Arc<Core>,
     client_id: Arc<str>,
+    /// The authenticated user; `None` for an anonymous client (not ACL-restricted).
+    user: Option<Arc<str>>,
     serial: u64,
     pub(crate) inflight: Rc<Inflight>,
     order: Rc<Order>,
@@ -312,6 +338,7 @@ impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
             .field("client_id", &self.client_id)
+            .field("user", &self.user)
             .field("serial", &self.serial)
             .finish()
     }

@@ -20,10 +20,14 @@
 //!   fixed header, counted in `packets_too_large`.
 //! - Input that is not stored is never dropped silently: unknown topics and oversize payloads
 //!   are counted in [`IngestStats`] and reported to the [`IngestObserver`].
+//! - A publish outside an authenticated user's ACL is never handed to the sink: MQTT 5 gets
+//!   PUBACK 0x87, MQTT 3.1.1 (QoS ≥ 1) has its connection closed; counted as `acl_denied`.
 //! - Ingest does not decode payloads and delivers nothing to subscribers.
 //!
 //! # Layout
 //!
+//! - [`auth`] — device authentication (argon2id password file, off the I/O thread, cached,
+//!   failed CONNECTs rate-limited per source address) and the publish ACL.
 //! - [`config`] — [`IngestConfig`] and [`TopicPattern`] (`stream/{sensor_id}`, ...).
 //! - [`sink`] — the [`IngestSink`] and [`IngestObserver`] seams.
 //! - [`stats`] — counters.
@@ -55,6 +59,7 @@
 //! - `max_connections` counts MQTT sessions; TCP connections that never send CONNECT are
 //!   closed after `connect_timeout`.
 
+pub mod auth;
 pub mod config;
 mod core;
 mod mqtt;
@@ -63,6 +68,7 @@ mod session;
 pub mod sink;
 pub mod stats;
 
+pub use auth::{Acl, AuthFailure, AuthFileError, AuthPolicy, PasswordFile};
 pub use config::{ConfigError, IngestConfig, TopicPattern};
 pub use server::{IngestError, IngestServer};
 pub use sink::{IngestObserver, IngestSink, NoopObserver, SinkError};

@@ -22,7 +22,14 @@ pub struct IngestStats {
     pub(crate) packets_too_large: AtomicU64,
     pub(crate) client_id_too_long: AtomicU64,
     pub(crate) sessions_evicted: AtomicU64,
+    /// Indexed like [`crate::auth::AuthFailure::ALL`].
+    pub(crate) auth_failures: [AtomicU64; 4],
+    /// ACL refusals per user (at most [`MAX_USERS_TRACKED`] users).
+    acl_denied_by_user: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
 }
+
+/// Users whose ACL refusals are counted individually; beyond it only the total counts.
+pub const MAX_USERS_TRACKED: usize = 1000;
 
 /// Counter values at one instant. All counters are totals since start except
 /// `connections_current`.
@@ -62,6 +69,9 @@ pub struct IngestStatsSnapshot {
     pub client_id_too_long: u64,
     /// Persistent sessions forgotten because `max_persistent_sessions` was reached.
     pub sessions_evicted: u64,
+    /// Refused CONNECTs and publishes by reason, indexed like
+    /// [`crate::auth::AuthFailure::ALL`] (`sensorflow_auth_failures_total{reason}`).
+    pub auth_failures: [u64; 4],
 }
 
 impl IngestStats {
@@ -92,6 +102,29 @@ impl IngestStats {
             packets_too_large: self.packets_too_large.load(Relaxed),
             client_id_too_long: self.client_id_too_long.load(Relaxed),
             sessions_evicted: self.sessions_evicted.load(Relaxed),
+            auth_failures: std::array::from_fn(|i| self.auth_failures[i].load(Relaxed)),
+        }
+    }
+
+    /// Publishes refused by the ACL per user (the first [`MAX_USERS_TRACKED`] users refused).
+    pub fn acl_denied_by_user(&self) -> Vec<(String, u64)> {
+        self.acl_denied_by_user
+            .lock()
+            .iter()
+            .map(|(u, n)| (u.clone(), *n))
+            .collect()
+    }
+
+    pub(crate) fn auth_failure(&self, failure: crate::auth::AuthFailure) {
+        bump(&self.auth_failures[failure as usize]);
+    }
+
+    pub(crate) fn acl_denied_for(&self, user: &str) {
+        let mut map = self.acl_denied_by_user.lock();
+        if let Some(n) = map.get_mut(user) {
+            *n += 1;
+        } else if map.len() < MAX_USERS_TRACKED {
+            map.insert(user.to_owned(), 1);
         }
     }
 }

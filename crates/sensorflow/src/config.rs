@@ -16,7 +16,10 @@ use serde::Deserialize;
 pub(crate) const DEFAULT_TOML: &str = include_str!("../default.toml");
 
 /// Keys without a default (commented out in default.toml): absent means `None`.
-const OPTIONAL_KEYS: [(&str, &str); 4] = [
+const OPTIONAL_KEYS: [(&str, &str); 7] = [
+    ("auth", "password_file"),
+    ("auth", "acl_file"),
+    ("auth", "api_tokens_file"),
     ("pipeline", "movement_threshold"),
     ("model", "path"),
     ("model", "onnxruntime_library"),
@@ -32,6 +35,7 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     pub(crate) mqtt: MqttConfig,
     pub(crate) http: HttpConfig,
+    pub(crate) auth: AuthConfig,
     pub(crate) log: LogSettings,
     pub(crate) pipeline: PipelineConfig,
     pub(crate) runtime: RuntimeConfig,
@@ -66,6 +70,20 @@ pub(crate) struct HttpConfig {
     pub(crate) header_read_timeout_secs: u64,
     pub(crate) max_connections_per_ip: usize,
     pub(crate) max_connections: usize,
+}
+
+/// `[auth]`: MQTT users, ACL, anonymous access, API tokens, CORS (see default.toml).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuthConfig {
+    pub(crate) password_file: Option<PathBuf>,
+    pub(crate) acl_file: Option<PathBuf>,
+    pub(crate) allow_anonymous: bool,
+    pub(crate) max_failed_connects: u32,
+    pub(crate) failed_connect_window_secs: u64,
+    pub(crate) verify_cache_secs: u64,
+    pub(crate) api_tokens_file: Option<PathBuf>,
+    pub(crate) cors_origins: Vec<String>,
 }
 
 /// How appends are made durable before a QoS 1 publish is acknowledged.

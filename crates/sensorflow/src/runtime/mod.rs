@@ -20,6 +20,7 @@ mod dead_letter;
 mod engine;
 mod log_sink;
 mod pipeline_task;
+mod security;
 mod sink_queue;
 mod sink_task;
 mod status;
@@ -88,6 +89,9 @@ pub(crate) struct Embedded {
 impl Embedded {
     /// Opens the log, lake and store under the data dir, loads the model and starts every role.
     pub(crate) async fn start(config: &Config) -> anyhow::Result<Embedded> {
+        // Security first: a platform that must not start should not touch its data.
+        let mqtt_auth = security::mqtt_policy(&config.auth, config.mqtt.listen)?;
+        let api_tokens = security::api_tokens(&config.auth)?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let models = load_models(config)?;
@@ -159,6 +163,7 @@ impl Embedded {
             session_expiry_max: Duration::from_secs(config.mqtt.session_expiry_max_secs),
             allow_keep_alive_zero: config.mqtt.allow_keep_alive_zero,
             idle_timeout: Duration::from_secs(config.mqtt.idle_timeout_secs),
+            auth: mqtt_auth,
             ..IngestConfig::default()
         };
         let ingest = IngestServer::start(
@@ -186,6 +191,8 @@ impl Embedded {
                 header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
                 max_connections_per_ip: config.http.max_connections_per_ip,
                 max_connections: config.http.max_connections,
+                tokens: api_tokens,
+                cors_origins: config.auth.cors_origins.clone(),
                 ..ApiConfig::default()
             },
         );

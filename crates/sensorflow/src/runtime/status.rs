@@ -693,6 +693,37 @@ impl StatusSource for SharedStatus {
             );
             family(
                 out,
+                "sensorflow_auth_failures_total",
+                "counter",
+                "Refused MQTT CONNECTs and publishes by reason.",
+            );
+            for (reason, n) in sensorflow_ingest::AuthFailure::ALL
+                .iter()
+                .zip(i.auth_failures)
+            {
+                sample(
+                    out,
+                    "sensorflow_auth_failures_total",
+                    &[("reason", reason.as_str())],
+                    n,
+                );
+            }
+            family(
+                out,
+                "sensorflow_auth_acl_denied_total",
+                "counter",
+                "Publishes refused by the ACL, per user.",
+            );
+            for (user, n) in stats.acl_denied_by_user() {
+                sample(
+                    out,
+                    "sensorflow_auth_acl_denied_total",
+                    &[("user", &user)],
+                    n,
+                );
+            }
+            family(
+                out,
                 "sensorflow_mqtt_publishes_total",
                 "counter",
                 "PUBLISH packets received by QoS.",

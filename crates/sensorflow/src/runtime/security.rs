@@ -1,0 +1,82 @@
+//! `[auth]` → the MQTT listener's [`AuthPolicy`] and the API's tokens, and the DESIGN rule on
+//! anonymous access: anonymous clients are accepted when `auth.allow_anonymous` is set, or when
+//! no password file is configured and the MQTT listener is a loopback address; on any other
+//! address without a way to authenticate, the platform refuses to start.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sensorflow_api::ApiTokens;
+use sensorflow_ingest::{Acl, AuthPolicy, PasswordFile};
+
+use crate::config::AuthConfig;
+
+/// The MQTT listener's policy, or why the platform must not start.
+pub(crate) fn mqtt_policy(auth: &AuthConfig, listen: SocketAddr) -> anyhow::Result<AuthPolicy> {
+    let users = match &auth.password_file {
+        Some(path) => Some(Arc::new(
+            PasswordFile::load(path).context("loading auth.password_file")?,
+        )),
+        None => None,
+    };
+    let acl = match &auth.acl_file {
+        Some(path) => Acl::load(path).context("loading auth.acl_file")?,
+        None => Acl::default(),
+    };
+    let loopback_dev = users.is_none() && listen.ip().is_loopback();
+    if users.is_none() && !auth.allow_anonymous && !loopback_dev {
+        bail!(
+            "refusing to start: the MQTT listener {listen} is not a loopback address and no \
+             device can authenticate. Add a user with `sensorflow passwd /etc/sensorflow/passwd \
+             USER` (password on stdin) and set auth.password_file \
+             (SENSORFLOW_AUTH_PASSWORD_FILE), or accept anonymous devices with \
+             auth.allow_anonymous = true (SENSORFLOW_AUTH_ALLOW_ANONYMOUS=true)"
+        );
+    }
+    let allow_anonymous = auth.allow_anonymous || loopback_dev;
+    match (&users, allow_anonymous) {
+        (Some(users), true) => tracing::warn!(
+            users = users.len(),
+            "mqtt: password users configured and anonymous clients allowed (auth.allow_anonymous)"
+        ),
+        (Some(users), false) => tracing::info!(
+            users = users.len(),
+            "mqtt: password authentication required"
+        ),
+        (None, _) if auth.allow_anonymous => {
+            tracing::warn!("mqtt: anonymous clients allowed (auth.allow_anonymous = true)")
+        }
+        (None, _) => tracing::info!(
+            "mqtt: anonymous clients allowed on the loopback listener (no auth.password_file)"
+        ),
+    }
+    Ok(AuthPolicy {
+        users,
+        acl: Arc::new(acl),
+        allow_anonymous,
+        max_failed_connects: auth.max_failed_connects,
+        failure_window: Duration::from_secs(auth.failed_connect_window_secs),
+        cache_ttl: Duration::from_secs(auth.verify_cache_secs),
+        ..AuthPolicy::default()
+    })
+}
+
+/// The API tokens of `auth.api_tokens_file`, if set. An empty file is an error: it would lock
+/// every client out, which is never what was meant.
+pub(crate) fn api_tokens(auth: &AuthConfig) -> anyhow::Result<Option<Arc<ApiTokens>>> {
+    let Some(path) = &auth.api_tokens_file else {
+        return Ok(None);
+    };
+    let tokens = ApiTokens::load(path).context("loading auth.api_tokens_file")?;
+    if tokens.is_empty() {
+        bail!(
+            "auth.api_tokens_file {} holds no token: create one with `sensorflow token {} NAME`",
+            path.display(),
+            path.display()
+        );
+    }
+    tracing::info!("http: bearer tokens required (auth.api_tokens_file)");
+    Ok(Some(Arc::new(tokens)))
+}
