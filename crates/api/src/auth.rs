@@ -296,6 +296,70 @@ pub(crate) async fn cors(State(state): State<ApiState>, request: Request, next: 
     response
 }
 
+/// Documented paths open without a token (the dashboard's assets are not in the document).
+pub(crate) const PUBLIC_PATHS: [&str; 4] = ["/", "/docs", "/health", "/ready"];
+
+/// Adds the bearer scheme to the OpenAPI document, and to every operation but those of
+/// [`PUBLIC_PATHS`] its security requirement and the 401 answer.
+pub(crate) struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Required when auth.api_tokens_file is set (`sensorflow token FILE NAME`). \
+                         WebSocket upgrades may send it as the subprotocol `bearer.TOKEN` instead.",
+                    ))
+                    .build(),
+            ),
+        );
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if PUBLIC_PATHS.contains(&path.as_str()) {
+                continue;
+            }
+            for op in [
+                item.get.as_mut(),
+                item.post.as_mut(),
+                item.put.as_mut(),
+                item.delete.as_mut(),
+                item.patch.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.security = Some(vec![SecurityRequirement::new(
+                    "bearer",
+                    Vec::<String>::new(),
+                )]);
+                op.responses.responses.insert(
+                    "401".into(),
+                    RefOr::T(
+                        ResponseBuilder::new()
+                            .description("No bearer token, or not a valid one (only when tokens are configured)")
+                            .content(
+                                "application/json",
+                                ContentBuilder::new()
+                                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                    .build(),
+                            )
+                            .build(),
+                    ),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -10,6 +10,7 @@
 
 use utoipa::{OpenApi, ToSchema};
 
+use crate::auth::SecurityAddon;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::rest::{ActiveFilter, Health};
 use crate::status::{ComponentStatus, ReadyStatus, SensorStatus};
@@ -22,6 +23,7 @@ use crate::{assets, rest, ws};
         title = "sensorflow",
         description = "Real-time IoT sensor streaming: live sensor status, sessions, metrics and WebSocket feeds of processed samples. Every error has the shape {\"error\":{\"code\":..,\"message\":..}}."
     ),
+    modifiers(&SecurityAddon),
     paths(
         assets::dashboard, assets::docs, rest::health, rest::ready, rest::sensors, rest::sensor,
         rest::sessions, rest::session, rest::metrics, rest::openapi, ws::raw, ws::windows,

@@ -1,0 +1,420 @@
+"""Security (DESIGN.md, "Security"), with real clients against the real binary: MQTT password
+authentication and the publish ACL with paho-mqtt on 3.1.1 and 5.0, the failed-CONNECT rate
+limit under a flood, API bearer tokens on every route of the OpenAPI document, WebSocket
+upgrades with the `bearer.TOKEN` subprotocol, and the refusal to start an open listener."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pyarrow.parquet as pq
+import pytest
+import requests
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from testkit import Platform, binary_path, encode_packet, synthetic_samples, wait_until
+
+USERS = {"imu-1": "correct horse 1", "imu-2": "battery staple 2", "gw-1": "gateway secret"}
+
+
+def sensorflow(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary_path()), *args], input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def make_credentials(tmp: Path) -> dict:
+    """Users, ACL and an API token made with the platform's own subcommands."""
+    passwd = tmp / "passwd"
+    for user, password in USERS.items():
+        done = sensorflow("passwd", str(passwd), user, stdin=password + "\n")
+        assert done.returncode == 0, done.stderr
+    acl = tmp / "acl"
+    acl.write_text("# gw-1 forwards binary packets of any sensor, and JSON of one\ngw-1 stream/+\ngw-1 sensors/line4-a/data\n")
+    tokens = tmp / "tokens"
+    done = sensorflow("token", str(tokens), "tests")
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    return {"passwd": passwd, "acl": acl, "tokens": tokens, "token": token}
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("secured")
+    creds = make_credentials(tmp)
+    env = {
+        "SENSORFLOW_AUTH_PASSWORD_FILE": str(creds["passwd"]),
+        "SENSORFLOW_AUTH_ACL_FILE": str(creds["acl"]),
+        "SENSORFLOW_AUTH_API_TOKENS_FILE": str(creds["tokens"]),
+        # Every client of this module connects from 127.0.0.1; the rate limit has its own test.
+        "SENSORFLOW_AUTH_MAX_FAILED_CONNECTS": "1000",
+        "SENSORFLOW_LAKE_MAX_FILE_AGE_SECS": "1",
+        "SENSORFLOW_CHECKPOINT_INTERVAL_SECS": "0.5",
+    }
+    platform = Platform(tmp / "data", env=env)
+    platform.token = creds["token"]
+    yield platform
+    platform.stop()
+
+
+def auth_headers(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ---- MQTT helpers ------------------------------------------------------------------------------
+
+
+def raw_connect_311(host: str, port: int, username: str | None = None, password: str | None = None) -> int:
+    """Sends an MQTT 3.1.1 CONNECT on a raw socket and returns the CONNACK return code byte."""
+
+    def field(s: str) -> bytes:
+        b = s.encode()
+        return struct.pack(">H", len(b)) + b
+
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = field("MQTT") + bytes([4, flags]) + struct.pack(">H", 30) + field(f"raw-{uuid.uuid4().hex[:8]}")
+    if username is not None:
+        body += field(username)
+    if password is not None:
+        body += field(password)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(bytes([0x10, len(body)]) + body)
+        ack = b""
+        while len(ack) < 4:
+            chunk = s.recv(4 - len(ack))
+            if not chunk:
+                raise AssertionError(f"connection closed before CONNACK ({ack!r})")
+            ack += chunk
+    assert ack[0] == 0x20 and ack[1] == 2, ack
+    return ack[3]
+
+
+class Client:
+    """A paho client (3.1.1 or 5.0) that records CONNACK, PUBACK reason codes and disconnects."""
+
+    def __init__(self, platform: Platform, protocol, username: str | None = None, password: str | None = None):
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.connack = None
+        self.pubacks: dict[int, int] = {}
+        self.lock = threading.Lock()
+        kw = {"clean_session": True} if protocol != mqtt.MQTTv5 else {}
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:10]}", protocol=protocol, **kw)
+        if username is not None:
+            self.c.username_pw_set(username, password)
+        self.c.on_connect = self._on_connect
+        self.c.on_publish = self._on_publish
+        self.c.on_disconnect = self._on_disconnect
+        self.c.connect(platform.mqtt_host, platform.mqtt_port, keepalive=30)
+        self.c.loop_start()
+        assert self.connected.wait(15), "no CONNACK"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self.connack = reason_code
+        if reason_code.is_failure:
+            # Not reconnecting: the test looks at this one answer.
+            client.disconnect()
+        self.connected.set()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self.lock:
+            self.pubacks[mid] = reason_code.value
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.disconnected.set()
+
+    def publish(self, topic: str, payload: bytes):
+        return self.c.publish(topic, payload, qos=1)
+
+    def wait_puback(self, info, timeout: float = 15) -> int:
+        wait_until(lambda: info.mid in self.pubacks, timeout=timeout, message="PUBACK")
+        return self.pubacks[info.mid]
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def lake_indexes(platform: Platform, sensor_id: str) -> set[int]:
+    root = platform.data_dir / "lake" / "samples"
+    if not any(root.glob("date=*/*.parquet")):
+        return set()
+    rows = pq.read_table(str(root), columns=["sensor_id", "sample_index"]).to_pylist()
+    return {r["sample_index"] for r in rows if r["sensor_id"] == sensor_id}
+
+
+def packet(base: int, n: int = 8) -> bytes:
+    return encode_packet(base, int(time.time() * 1e6), synthetic_samples(n, seed=base))
+
+
+def auth_failures(platform: Platform) -> dict[str, float]:
+    text = platform.get("/metrics", headers=auth_headers(platform.token)).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("sensorflow_auth_failures_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = float(line.rsplit(" ", 1)[1])
+    assert set(out) >= {"bad_credentials", "not_authorized", "rate_limited", "acl_denied"}, out
+    return out
+
+
+# ---- MQTT authentication -----------------------------------------------------------------------
+
+
+def test_anonymous_and_wrong_password_are_refused_with_the_right_connack_codes(secured):
+    before = auth_failures(secured)
+    host, port = secured.mqtt_host, secured.mqtt_port
+    # The exact 3.1.1 return codes on the wire: 5 not authorised, 4 bad user name or password.
+    assert raw_connect_311(host, port) == 5
+    assert raw_connect_311(host, port, "imu-1", "wrong") == 4
+    assert raw_connect_311(host, port, "nobody", "whatever") == 4
+    assert raw_connect_311(host, port, "imu-1") == 4
+    # What paho reports, on both protocol versions.
+    for protocol in (mqtt.MQTTv311, mqtt.MQTTv5):
+        anon = Client(secured, protocol)
+        assert anon.connack.value == 0x87, (protocol, anon.connack)
+        anon.close()
+        wrong = Client(secured, protocol, "imu-1", "not the password")
+        assert wrong.connack.value == 0x86, (protocol, wrong.connack)
+        wrong.close()
+    after = auth_failures(secured)
+    assert after["not_authorized"] - before["not_authorized"] == 3
+    assert after["bad_credentials"] - before["bad_credentials"] == 5
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5], ids=["3.1.1", "5.0"])
+def test_the_right_password_is_accepted_and_its_samples_reach_the_lake(secured, protocol):
+    sensor = "imu-1" if protocol == mqtt.MQTTv311 else "imu-2"
+    c = Client(secured, protocol, sensor, USERS[sensor])
+    assert c.connack.value == 0, c.connack
+    base = 1000 if protocol == mqtt.MQTTv311 else 2000
+    infos = [c.publish(f"stream/{sensor}", packet(base + i * 8)) for i in range(3)]
+    for info in infos:
+        assert c.wait_puback(info) == 0
+    c.close()
+    expected = set(range(base, base + 24))
+    wait_until(lambda: expected <= lake_indexes(secured, sensor), timeout=60, message=f"samples of {sensor} in the lake")
+
+
+def test_publishing_to_another_devices_topic_is_refused_counted_and_never_stored(secured):
+    before = auth_failures(secured)
+    # MQTT 5: PUBACK 0x87 and the connection stays usable.
+    c5 = Client(secured, mqtt.MQTTv5, "imu-1", USERS["imu-1"])
+    refused = c5.publish("stream/imu-2", packet(50_000))
+    assert c5.wait_puback(refused) == 0x87
+    refused_json = c5.publish("sensors/imu-2/data", b"{}")
+    assert c5.wait_puback(refused_json) == 0x87
+    ok = c5.publish("stream/imu-1", packet(3000))
+    assert c5.wait_puback(ok) == 0
+    c5.close()
+    # MQTT 3.1.1 has no negative PUBACK: the connection is closed and nothing is acknowledged.
+    c3 = Client(secured, mqtt.MQTTv311, "imu-1", USERS["imu-1"])
+    c3.c.reconnect_delay_set(min_delay=30, max_delay=60)
+    refused3 = c3.publish("stream/imu-2", packet(60_000))
+    assert c3.disconnected.wait(15), "3.1.1 connection not closed after a refused publish"
+    assert refused3.mid not in c3.pubacks
+    c3.close()
+    after = auth_failures(secured)
+    assert after["acl_denied"] - before["acl_denied"] == 3
+    per_user = secured.get("/metrics", headers=auth_headers(secured.token)).text
+    assert 'sensorflow_auth_acl_denied_total{user="imu-1"}' in per_user
+    # imu-2's own later publish reaches the lake; the refused ones never do.
+    owner = Client(secured, mqtt.MQTTv5, "imu-2", USERS["imu-2"])
+    witness = owner.publish("stream/imu-2", packet(70_000))
+    assert owner.wait_puback(witness) == 0
+    owner.close()
+    wait_until(lambda: 70_000 in lake_indexes(secured, "imu-2"), timeout=60, message="the witness sample in the lake")
+    stored = lake_indexes(secured, "imu-2")
+    assert not stored & set(range(50_000, 50_008)), "a refused 5.0 publish reached the lake"
+    assert not stored & set(range(60_000, 60_008)), "a refused 3.1.1 publish reached the lake"
+    sensors = secured.get("/sensors", headers=auth_headers(secured.token)).json()
+    assert "imu-2" in str(sensors)
+
+
+def test_the_acl_file_grants_other_sensors_topics(secured):
+    gw = Client(secured, mqtt.MQTTv5, "gw-1", USERS["gw-1"])
+    assert gw.wait_puback(gw.publish("stream/line4-a", packet(100))) == 0
+    assert gw.wait_puback(gw.publish("stream/any-sensor", packet(100))) == 0
+    assert gw.wait_puback(gw.publish("sensors/line4-a/data", b"{}")) == 0
+    # Granted only `stream/+`: the JSON topic of another sensor stays refused.
+    assert gw.wait_puback(gw.publish("sensors/any-sensor/data", b"{}")) == 0x87
+    gw.close()
+
+
+def test_a_flood_of_bad_connects_is_rate_limited_while_a_connected_sensor_keeps_publishing(tmp_path):
+    creds = make_credentials(tmp_path)
+    env = {
+        "SENSORFLOW_AUTH_PASSWORD_FILE": str(creds["passwd"]),
+        "SENSORFLOW_AUTH_API_TOKENS_FILE": str(creds["tokens"]),
+        "SENSORFLOW_AUTH_MAX_FAILED_CONNECTS": "10",
+        "SENSORFLOW_LAKE_MAX_FILE_AGE_SECS": "1",
+        "SENSORFLOW_CHECKPOINT_INTERVAL_SECS": "0.5",
+    }
+    platform = Platform(tmp_path / "data", env=env)
+    platform.token = creds["token"]
+    try:
+        good = Client(platform, mqtt.MQTTv311, "imu-1", USERS["imu-1"])
+        assert good.connack.value == 0
+        codes: list[int] = []
+
+        def flood():
+            for i in range(1000):
+                codes.append(raw_connect_311(platform.mqtt_host, platform.mqtt_port, "imu-1", f"guess-{i}"))
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        infos = []
+        base = 0
+        while flooder.is_alive() or len(infos) < 20:
+            infos.append((base, good.publish("stream/imu-1", packet(base))))
+            base += 8
+            time.sleep(0.01)  # a device's pace, not synchronisation
+        flooder.join()
+        for _, info in infos:
+            assert good.wait_puback(info, timeout=30) == 0
+        good.close()
+        # The first ten were verified and refused; the rest without verification.
+        assert codes[:10] == [4] * 10, codes[:12]
+        assert set(codes[10:]) == {3}, set(codes[10:])
+        # Even the right password is refused from that address until the window ends.
+        assert raw_connect_311(platform.mqtt_host, platform.mqtt_port, "imu-2", USERS["imu-2"]) == 3
+        failures = auth_failures(platform)
+        assert failures["bad_credentials"] == 10 and failures["rate_limited"] == 991, failures
+        expected = {b + i for b, _ in infos for i in range(8)}
+        wait_until(lambda: expected <= lake_indexes(platform, "imu-1"), timeout=60, message="every acknowledged sample in the lake")
+    finally:
+        platform.stop()
+
+
+# ---- HTTP bearer tokens ------------------------------------------------------------------------
+
+# Routes the DESIGN leaves open: liveness, readiness, the dashboard page and the docs page.
+PUBLIC = {"/health", "/ready", "/", "/docs"}
+
+
+def protected_paths(platform: Platform) -> list[str]:
+    """Every GET path of the OpenAPI document but the public ones, path parameters filled."""
+    doc = platform.get("/openapi.json", headers=auth_headers(platform.token)).json()
+    paths = []
+    for template, ops in doc["paths"].items():
+        if template in PUBLIC or "get" not in ops:
+            continue
+        paths.append((template, template.replace("{sensor_id}", "imu-1").replace("{session_id}", "imu-1_0")))
+    assert len(paths) >= 10, paths
+    return paths
+
+
+def test_every_protected_route_of_the_openapi_document_needs_the_token(secured):
+    assert secured.get("/openapi.json").status_code == 401
+    for template, path in protected_paths(secured):
+        none = secured.get(path)
+        assert none.status_code == 401, (path, none.status_code)
+        assert none.json()["error"]["code"] == "unauthorized"
+        assert none.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = secured.get(path, headers=auth_headers("0" * 64))
+        assert wrong.status_code == 401, (path, wrong.status_code)
+        ok = secured.get(path, headers=auth_headers(secured.token))
+        # WebSocket routes answer a plain GET with 426; an id that does not exist gets 404.
+        assert ok.status_code not in (401, 403) and ok.status_code < 500, (path, ok.status_code)
+        if not path.startswith("/ws/") and "{" not in template:
+            assert ok.status_code == 200, (path, ok.status_code)
+    for path in ["/health", "/ready", "/", "/assets/app.js", "/assets/style.css", "/docs"]:
+        assert secured.get(path).status_code == 200, path
+
+
+def test_websocket_upgrades_need_the_token_as_header_or_subprotocol(secured):
+    url = secured.ws + "/ws/raw/imu-1"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(url, open_timeout=10)
+    assert refused.value.response.status_code == 401
+    with pytest.raises(InvalidStatus) as wrong:
+        ws_connect(url, open_timeout=10, subprotocols=["bearer." + "0" * 64])
+    assert wrong.value.response.status_code == 401
+    protocol = "bearer." + secured.token
+    with ws_connect(url, open_timeout=10, subprotocols=[protocol]) as ws:
+        assert ws.subprotocol == protocol
+    with ws_connect(url, open_timeout=10, additional_headers=auth_headers(secured.token)) as ws:
+        assert ws.subprotocol is None
+
+
+def test_tokens_never_appear_in_the_log(secured):
+    secured.get("/sensors", headers=auth_headers(secured.token))
+    secured.get("/sensors", headers=auth_headers("f" * 64))
+    assert not any(secured.token in line or "f" * 64 in line for line in secured.log_lines)
+
+
+def test_cors_allows_only_the_configured_origins(tmp_path):
+    creds = make_credentials(tmp_path)
+    env = {
+        "SENSORFLOW_AUTH_API_TOKENS_FILE": str(creds["tokens"]),
+        "SENSORFLOW_AUTH_CORS_ORIGINS": '["https://ops.example.com"]',
+    }
+    platform = Platform(tmp_path / "data", env=env)
+    try:
+        preflight = requests.options(
+            platform.http + "/sensors",
+            headers={"Origin": "https://ops.example.com", "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"},
+            timeout=10,
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["Access-Control-Allow-Origin"] == "https://ops.example.com"
+        assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+        ok = platform.get("/sensors", headers={"Origin": "https://ops.example.com", **auth_headers(creds["token"])})
+        assert ok.status_code == 200 and ok.headers["Access-Control-Allow-Origin"] == "https://ops.example.com"
+        other = platform.get("/sensors", headers={"Origin": "https://evil.example", **auth_headers(creds["token"])})
+        assert "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        platform.stop()
+
+
+# ---- Starting --------------------------------------------------------------------------------
+
+
+def test_run_on_a_public_address_without_a_way_to_authenticate_refuses_to_start(tmp_path):
+    data = tmp_path / "data"
+    done = subprocess.run(
+        [str(binary_path()), "run", "--data-dir", str(data), "--mqtt-listen", "0.0.0.0:0", "--http-listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "sensorflow passwd" in done.stderr and "allow_anonymous" in done.stderr, done.stderr
+    assert not data.exists(), "a platform that refuses to start must not create its data"
+
+
+def test_run_on_a_public_address_starts_with_a_password_file_or_anonymous_allowed(tmp_path):
+    creds = make_credentials(tmp_path)
+    for name, env in [
+        ("users", {"SENSORFLOW_AUTH_PASSWORD_FILE": str(creds["passwd"])}),
+        ("anonymous", {"SENSORFLOW_AUTH_ALLOW_ANONYMOUS": "true"}),
+    ]:
+        platform = Platform(tmp_path / name, env=env, mqtt_listen="0.0.0.0:0")
+        try:
+            code = raw_connect_311("127.0.0.1", platform.mqtt_port)
+            assert code == (5 if name == "users" else 0), (name, code)
+        finally:
+            platform.stop()
+
+
+def test_passwd_refuses_an_empty_password_and_a_username_that_is_not_a_topic_level(tmp_path):
+    passwd = tmp_path / "passwd"
+    assert sensorflow("passwd", str(passwd), "imu-1", stdin="\n").returncode != 0
+    assert sensorflow("passwd", str(passwd), "a/b", stdin="pw\n").returncode != 0
+    assert not passwd.exists()
+    assert sensorflow("passwd", str(passwd), "imu-1", stdin="pw\n").returncode == 0
+    assert passwd.stat().st_mode & 0o777 == 0o600
+    line = passwd.read_text().strip()
+    assert line.startswith("imu-1:$argon2id$") and "pw" not in line.split("$")[-1]
+    done = sensorflow("token", str(tmp_path / "tokens"), "ci")
+    assert done.returncode == 0 and len(done.stdout.strip()) == 64 and done.stdout.count("\n") == 1
+    import hashlib
+
+    stored = (tmp_path / "tokens").read_text().strip()
+    assert stored == "ci:" + hashlib.sha256(done.stdout.strip().encode()).hexdigest()
