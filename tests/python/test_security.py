@@ -111,9 +111,14 @@ class Client:
         self.c.on_connect = self._on_connect
         self.c.on_publish = self._on_publish
         self.c.on_disconnect = self._on_disconnect
-        self.c.connect(platform.mqtt_host, platform.mqtt_port, keepalive=30)
+        port = self._prepare(self.c) or platform.mqtt_port
+        self.c.connect(platform.mqtt_host, port, keepalive=30)
         self.c.loop_start()
         assert self.connected.wait(15), "no CONNACK"
+
+    def _prepare(self, client) -> int | None:
+        """Hook for TLS clients: configures `client`, returns the port to use."""
+        return None
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self.connack = reason_code
@@ -418,3 +423,229 @@ def test_passwd_refuses_an_empty_password_and_a_username_that_is_not_a_topic_lev
 
     stored = (tmp_path / "tokens").read_text().strip()
     assert stored == "ci:" + hashlib.sha256(done.stdout.strip().encode()).hexdigest()
+
+
+# ---- TLS and client certificates ---------------------------------------------------------------
+
+
+class Pki:
+    """A CA made in the test (Python `cryptography`), a server certificate for 127.0.0.1 and
+    client certificates whose CN is the username; plus a second, untrusted CA."""
+
+    def __init__(self, tmp: Path):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        self.tmp = tmp
+        self._x509, self._hashes, self._ser, self._ec = x509, hashes, serialization, ec
+        self._oid, self._eku = NameOID, ExtendedKeyUsageOID
+        self._now = datetime.datetime.now(datetime.timezone.utc)
+        self._day = datetime.timedelta(days=1)
+        self.ca_key, self.ca_cert = self._ca("sensorflow test CA")
+        self.ca_file = self._write("ca.pem", self.ca_cert)
+        self.rogue_key, self.rogue_cert = self._ca("rogue CA")
+        self.rogue_ca_file = self._write("rogue-ca.pem", self.rogue_cert)
+
+    def _name(self, cn: str):
+        return self._x509.Name([self._x509.NameAttribute(self._oid.COMMON_NAME, cn)])
+
+    def _ca(self, cn: str):
+        x509 = self._x509
+        key = self._ec.generate_private_key(self._ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(self._name(cn))
+            .issuer_name(self._name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._now - self._day)
+            .not_valid_after(self._now + 30 * self._day)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+            .sign(key, self._hashes.SHA256())
+        )
+        return key, cert
+
+    def _write(self, name: str, cert) -> str:
+        path = self.tmp / name
+        path.write_bytes(cert.public_bytes(self._ser.Encoding.PEM))
+        return str(path)
+
+    def _write_key(self, name: str, key) -> str:
+        path = self.tmp / name
+        path.write_bytes(key.private_bytes(self._ser.Encoding.PEM, self._ser.PrivateFormat.PKCS8, self._ser.NoEncryption()))
+        return str(path)
+
+    def leaf(self, name: str, cn: str, server: bool, rogue: bool = False) -> tuple[str, str, int]:
+        """Writes NAME.pem and NAME.key; returns their paths and the certificate's serial."""
+        import ipaddress
+
+        x509 = self._x509
+        ca_key, ca_cert = (self.rogue_key, self.rogue_cert) if rogue else (self.ca_key, self.ca_cert)
+        key = self._ec.generate_private_key(self._ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(self._name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._now - self._day)
+            .not_valid_after(self._now + 30 * self._day)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([self._eku.SERVER_AUTH if server else self._eku.CLIENT_AUTH]), critical=False)
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False
+            )
+        cert = builder.sign(ca_key, self._hashes.SHA256())
+        return self._write(f"{name}.pem", cert), self._write_key(f"{name}.key", key), cert.serial_number
+
+
+def served_serial(port: int, ca_file: str) -> int:
+    """Serial number of the certificate a TLS server presents, verified against `ca_file`."""
+    import ssl
+
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cafile=ca_file)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        return x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).serial_number
+
+
+class TlsClient(Client):
+    """A paho client over TLS: verifies the server against `ca_file`, optionally with a client
+    certificate."""
+
+    def __init__(self, platform, protocol, ca_file, cert=None, username=None, password=None):
+        self._tls = (ca_file, cert)
+        self._port = platform.mqtts_port
+        super().__init__(platform, protocol, username, password)
+
+    def _prepare(self, client) -> int:
+        ca_file, cert = self._tls
+        client.tls_set(ca_certs=ca_file, certfile=cert[0] if cert else None, keyfile=cert[1] if cert else None)
+        return self._port
+
+
+@pytest.fixture(scope="module")
+def tls_platform(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tls")
+    pki = Pki(tmp)
+    cert, key, serial = pki.leaf("server", "sensorflow test server", server=True)
+    creds = make_credentials(tmp)
+    env = {
+        "SENSORFLOW_TLS_CERT_FILE": cert,
+        "SENSORFLOW_TLS_KEY_FILE": key,
+        "SENSORFLOW_TLS_CLIENT_CA_FILE": pki.ca_file,
+        "SENSORFLOW_TLS_MQTT_LISTEN": "127.0.0.1:0",
+        "SENSORFLOW_AUTH_PASSWORD_FILE": str(creds["passwd"]),
+        "SENSORFLOW_AUTH_API_TOKENS_FILE": str(creds["tokens"]),
+        "SENSORFLOW_AUTH_MAX_FAILED_CONNECTS": "1000",
+    }
+    platform = Platform(tmp / "data", env=env, tls_ca=pki.ca_file)
+    platform.token, platform.pki, platform.serial = creds["token"], pki, serial
+    platform.cert_paths = (cert, key)
+    yield platform
+    platform.stop()
+
+
+def tls_connect(platform, protocol, ca_file, cert=None, username=None, password=None):
+    return TlsClient(platform, protocol, ca_file, cert, username, password)
+
+
+def test_mqtts_handshake_is_verified_against_the_ca_and_passwords_work_over_it(tls_platform):
+    p = tls_platform
+    assert any("mqtts listening on" in line for line in p.log_lines)
+    assert served_serial(p.mqtts_port, p.pki.ca_file) == p.serial
+    c = tls_connect(p, mqtt.MQTTv311, p.pki.ca_file, username="imu-1", password=USERS["imu-1"])
+    assert c.connack.value == 0
+    assert c.wait_puback(c.publish("stream/imu-1", packet(10))) == 0
+    c.close()
+    # A client that trusts another CA refuses the server's certificate.
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=p.pki.rogue_ca_file)
+    with socket.create_connection(("127.0.0.1", p.mqtts_port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5], ids=["3.1.1", "5.0"])
+def test_a_client_certificate_from_the_ca_authenticates_its_cn(tls_platform, protocol):
+    p = tls_platform
+    cert = p.pki.leaf(f"client-imu-2-{protocol}", "imu-2", server=False)[:2]
+    c = tls_connect(p, protocol, p.pki.ca_file, cert=cert)
+    assert c.connack.value == 0, c.connack
+    assert c.wait_puback(c.publish("stream/imu-2", packet(20_000 + protocol * 100))) == 0
+    if protocol == mqtt.MQTTv5:
+        # The CN is the username: the ACL applies to it.
+        assert c.wait_puback(c.publish("stream/imu-1", packet(30_000))) == 0x87
+    c.close()
+
+
+def test_mtls_without_a_certificate_or_with_one_from_another_ca_is_refused(tls_platform):
+    import ssl
+
+    p = tls_platform
+    # No certificate and no credentials: not authorised (a client CA means no anonymous access).
+    for protocol in (mqtt.MQTTv311, mqtt.MQTTv5):
+        c = tls_connect(p, protocol, p.pki.ca_file)
+        assert c.connack.value == 0x87, c.connack
+        c.close()
+    # A certificate the CA did not sign fails the handshake.
+    rogue = p.pki.leaf("rogue-client", "imu-1", server=False, rogue=True)
+    ctx = ssl.create_default_context(cafile=p.pki.ca_file)
+    ctx.load_cert_chain(rogue[0], rogue[1])
+    with socket.create_connection(("127.0.0.1", p.mqtts_port), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            # TLS 1.3: the server's verdict on the client certificate arrives after the client's
+            # handshake finished, as an alert on the first read.
+            s.sendall(bytes([0x10, 12]) + b"\x00\x04MQTT\x04\x02\x00\x1e\x00\x00")
+            if not s.recv(4):
+                raise ConnectionError("closed without an answer")
+
+
+def test_https_and_wss_serve_the_api_with_the_token(tls_platform):
+    import ssl
+
+    p = tls_platform
+    assert p.http.startswith("https://")
+    assert p.get("/health").status_code == 200
+    assert p.get("/sensors").status_code == 401
+    assert p.get("/sensors", headers=auth_headers(p.token)).status_code == 200
+    port = int(p.http.rsplit(":", 1)[1])
+    assert served_serial(port, p.pki.ca_file) == p.serial
+    ctx = ssl.create_default_context(cafile=p.pki.ca_file)
+    protocol = "bearer." + p.token
+    with ws_connect(p.ws + "/ws/raw/imu-1", open_timeout=10, ssl=ctx, subprotocols=[protocol]) as ws:
+        assert ws.subprotocol == protocol
+
+
+def test_sighup_reloads_the_certificate_without_dropping_connections(tls_platform):
+    import os
+    import signal
+
+    p = tls_platform
+    c = tls_connect(p, mqtt.MQTTv5, p.pki.ca_file, username="imu-1", password=USERS["imu-1"])
+    assert c.connack.value == 0
+    new_cert, new_key, new_serial = p.pki.leaf("server-renewed", "sensorflow test server", server=True)
+    cert, key = p.cert_paths
+    os.replace(new_key, key)
+    os.replace(new_cert, cert)
+    reloads = sum("tls certificate and key reloaded" in line for line in p.log_lines)
+    p.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: sum("tls certificate and key reloaded" in line for line in p.log_lines) > reloads, timeout=15, message="the reload log line")
+    assert served_serial(p.mqtts_port, p.pki.ca_file) == new_serial
+    assert served_serial(int(p.http.rsplit(":", 1)[1]), p.pki.ca_file) == new_serial
+    # The connection made before the reload still works.
+    assert not c.disconnected.is_set()
+    assert c.wait_puback(c.publish("stream/imu-1", packet(40_000))) == 0
+    c.close()
+    p.serial = new_serial
+    assert p.proc.poll() is None

@@ -20,7 +20,7 @@ use crate::status::StatusSource;
 use crate::{assets, auth, openapi, rest, ws};
 
 /// Configuration of the HTTP API.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ApiConfig {
     /// Address to listen on (the caller binds it and passes the listener to [`serve`]).
     pub listen: SocketAddr,
@@ -39,7 +39,28 @@ pub struct ApiConfig {
     pub tokens: Option<std::sync::Arc<crate::auth::ApiTokens>>,
     /// Origins allowed by CORS (`*`: any). Default none: same origin only.
     pub cors_origins: Vec<String>,
+    /// Serve HTTPS (and WSS) with this rustls configuration instead of plain HTTP; the
+    /// handshake must finish within `header_read_timeout`. Default none.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+impl PartialEq for ApiConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.listen == other.listen
+            && self.ws_send_timeout == other.ws_send_timeout
+            && self.header_read_timeout == other.header_read_timeout
+            && self.max_connections_per_ip == other.max_connections_per_ip
+            && self.max_connections == other.max_connections
+            && self.tokens == other.tokens
+            && self.cors_origins == other.cors_origins
+            && match (&self.tls, &other.tls) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            }
+    }
+}
+
+impl Eq for ApiConfig {}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -51,6 +72,7 @@ impl Default for ApiConfig {
             max_connections: 10_000,
             tokens: None,
             cors_origins: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -185,6 +207,7 @@ pub async fn serve(
         .header_read_timeout(config.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(ConnectionCounts::default());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -215,14 +238,37 @@ pub async fn serve(
         };
         metrics.http_connections.fetch_add(1, Ordering::Relaxed);
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
         let metrics = Arc::clone(&metrics);
+        let Some(acceptor) = tls.clone() else {
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::trace!(%peer, error = %err, "http connection ended with an error");
+                }
+                metrics.http_connections.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
+            });
+            continue;
+        };
+        // HTTPS: the handshake runs in the connection's task, bounded like a request's headers.
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let handshake_timeout = config.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::trace!(%peer, error = %err, "http connection ended with an error");
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(err) = watcher.watch(connection).await {
+                        tracing::trace!(%peer, error = %err, "https connection ended with an error");
+                    }
+                }
+                Ok(Err(err)) => tracing::debug!(%peer, error = %err, "tls handshake failed"),
+                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
             }
             metrics.http_connections.fetch_sub(1, Ordering::Relaxed);
             drop(slot);

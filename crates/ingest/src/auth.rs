@@ -287,6 +287,9 @@ pub struct AuthPolicy {
     pub cache_ttl: Duration,
     /// Password verifications running at once. Default 2.
     pub verify_concurrency: usize,
+    /// Whether a client certificate verified by the TLS listener's client CA authenticates
+    /// its subject's common name as the username (DESIGN: `tls.client_ca_file`). Default false.
+    pub client_certs: bool,
 }
 
 impl Default for AuthPolicy {
@@ -299,6 +302,7 @@ impl Default for AuthPolicy {
             failure_window: Duration::from_secs(60),
             cache_ttl: Duration::from_secs(300),
             verify_concurrency: 2,
+            client_certs: false,
         }
     }
 }
@@ -399,6 +403,7 @@ impl Authenticator {
     pub(crate) async fn authenticate(
         &self,
         peer: Option<IpAddr>,
+        certificate_cn: Option<String>,
         username: Option<&str>,
         password: Option<&[u8]>,
     ) -> Result<Identity, AuthFailure> {
@@ -406,6 +411,18 @@ impl Authenticator {
             && self.is_limited(ip)
         {
             return Err(self.refused(peer, username, AuthFailure::RateLimited));
+        }
+        // The TLS layer verified the certificate against the client CA already.
+        if self.policy.client_certs
+            && let Some(cn) = certificate_cn
+        {
+            if validate_username(&cn).is_ok() {
+                return Ok(Identity::User(Arc::from(cn)));
+            }
+            if let Some(ip) = peer {
+                self.record_failure(ip);
+            }
+            return Err(self.refused(peer, Some(&cn), AuthFailure::BadCredentials));
         }
         let result = self.decide(username, password).await;
         if let Err(failure) = result {
@@ -531,6 +548,85 @@ impl Authenticator {
     }
 }
 
+/// The subject common name of a DER certificate (the last CN if several), or `None` when the
+/// certificate has none or is not well-formed DER. Only the structure is read: call it on a
+/// certificate the TLS layer verified.
+pub fn certificate_common_name(der: &[u8]) -> Option<String> {
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const CN_OID: [u8; 3] = [0x55, 0x04, 0x03];
+    let (tag, cert, _) = der_tlv(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, tbs, _) = der_tlv(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut rest = tbs;
+    let (tag, _, after) = der_tlv(rest)?;
+    if tag == 0xA0 {
+        rest = after; // [0] version
+    }
+    // serialNumber, signature, issuer, validity, then subject.
+    for _ in 0..4 {
+        rest = der_tlv(rest)?.2;
+    }
+    let (tag, mut subject, _) = der_tlv(rest)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut cn = None;
+    while !subject.is_empty() {
+        let (tag, mut rdn, after) = der_tlv(subject)?;
+        subject = after;
+        if tag != SET {
+            return None;
+        }
+        while !rdn.is_empty() {
+            let (tag, attribute, after) = der_tlv(rdn)?;
+            rdn = after;
+            if tag != SEQUENCE {
+                return None;
+            }
+            let (oid_tag, oid, value) = der_tlv(attribute)?;
+            if oid_tag == 0x06 && oid == CN_OID {
+                let (value_tag, value, _) = der_tlv(value)?;
+                // UTF8String, PrintableString, IA5String, TeletexString (as Latin-1 is rare).
+                if matches!(value_tag, 0x0C | 0x13 | 0x16 | 0x14) {
+                    cn = Some(std::str::from_utf8(value).ok()?.to_owned());
+                }
+            }
+        }
+    }
+    cn
+}
+
+/// One DER tag-length-value: (tag, contents, the bytes after it). Single-byte tags only (all
+/// the X.509 fields read here), definite lengths up to 4 bytes.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7F);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let (bytes, after) = rest.split_at(n);
+        rest = after;
+        bytes
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (contents, after) = rest.split_at(len);
+    Some((tag, contents, after))
+}
+
 fn cache_key(user: &str, password: &[u8], phc: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [user.as_bytes(), password, phc.as_bytes()] {
@@ -654,6 +750,42 @@ mod tests {
         }
     }
 
+    /// A certificate made with Python's `cryptography` (subject C=DE, O=Acme, CN=imu-7;
+    /// issuer CN=test CA; a serial number of 9 bytes), as DER.
+    const CERT_HEX: [&str; 8] = [
+        "308201313081d9a003020102020900ab54a98ceb1f0ad2300a06082a8648ce3d04030230123110300e060355",
+        "04030c0774657374204341301e170d3236303130313030303030305a170d3335313233303030303030305a30",
+        "2c310b3009060355040613024445310d300b060355040a0c0441636d65310e300c06035504030c05696d752d",
+        "373059301306072a8648ce3d020106082a8648ce3d030107034200041ed0283f1461eceb1363a6847fd48e3c",
+        "edc825e4f633062c5dafff481c16bd7e6c48b775f4491c0c8b15cab4353eadf3f3df6c9e9d12034708507ade",
+        "4e66f42a300a06082a8648ce3d040302034700304402206cae370b86d0c9f643a03b49863cf454c3e77e5077",
+        "b047cb787ecf2e7360693c022017014f77dfdd230694c13247f9b6901c8ad27c62bf83e5fffb264eb6a1da4e",
+        "b7",
+    ];
+
+    fn cert_der() -> Vec<u8> {
+        let hex: String = CERT_HEX.concat();
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_subject_common_name_is_read_from_a_certificate() {
+        let der = cert_der();
+        assert_eq!(certificate_common_name(&der).as_deref(), Some("imu-7"));
+        // Truncated anywhere: no name, no panic.
+        for cut in 0..der.len() {
+            assert_eq!(certificate_common_name(&der[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(certificate_common_name(&[]), None);
+        assert_eq!(
+            certificate_common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+    }
+
     fn authenticator(policy: AuthPolicy) -> Authenticator {
         Authenticator::new(
             policy,
@@ -673,24 +805,28 @@ mod tests {
         });
         let ip = Some(IpAddr::from([10, 0, 0, 1]));
         assert_eq!(
-            auth.authenticate(ip, Some("imu-1"), Some(b"pw")).await,
+            auth.authenticate(ip, None, Some("imu-1"), Some(b"pw"))
+                .await,
             Ok(Identity::User(Arc::from("imu-1")))
         );
         // Cached now; a wrong password still fails.
         assert_eq!(
-            auth.authenticate(ip, Some("imu-1"), Some(b"pw")).await,
+            auth.authenticate(ip, None, Some("imu-1"), Some(b"pw"))
+                .await,
             Ok(Identity::User(Arc::from("imu-1")))
         );
         assert_eq!(
-            auth.authenticate(ip, Some("imu-1"), Some(b"px")).await,
+            auth.authenticate(ip, None, Some("imu-1"), Some(b"px"))
+                .await,
             Err(AuthFailure::BadCredentials)
         );
         assert_eq!(
-            auth.authenticate(ip, Some("nobody"), Some(b"pw")).await,
+            auth.authenticate(ip, None, Some("nobody"), Some(b"pw"))
+                .await,
             Err(AuthFailure::BadCredentials)
         );
         assert_eq!(
-            auth.authenticate(ip, None, None).await,
+            auth.authenticate(ip, None, None, None).await,
             Err(AuthFailure::NotAuthorized)
         );
         let snapshot = auth.stats.snapshot();
@@ -707,17 +843,17 @@ mod tests {
         let flood = Some(IpAddr::from([10, 0, 0, 2]));
         for _ in 0..3 {
             assert_eq!(
-                auth.authenticate(flood, None, None).await,
+                auth.authenticate(flood, None, None, None).await,
                 Err(AuthFailure::NotAuthorized)
             );
         }
         assert_eq!(
-            auth.authenticate(flood, None, None).await,
+            auth.authenticate(flood, None, None, None).await,
             Err(AuthFailure::RateLimited)
         );
         // Another address is not affected.
         assert_eq!(
-            auth.authenticate(Some(IpAddr::from([10, 0, 0, 3])), None, None)
+            auth.authenticate(Some(IpAddr::from([10, 0, 0, 3])), None, None, None)
                 .await,
             Err(AuthFailure::NotAuthorized)
         );

@@ -152,6 +152,27 @@ pub struct IngestConfig {
     pub idle_timeout: Duration,
     /// Who may connect and what users may publish. Default: anonymous clients accepted.
     pub auth: crate::auth::AuthPolicy,
+    /// The MQTT-over-TLS listener, if any. Default none.
+    pub tls: Option<MqttTls>,
+}
+
+/// A second listener speaking MQTT over TLS (rustls), served like the plain one.
+#[derive(Clone)]
+pub struct MqttTls {
+    /// Listen address; port 0 picks a free port (see [`crate::IngestServer::tls_addr`]).
+    pub listen: SocketAddr,
+    /// The rustls configuration. With a client certificate verifier, a verified certificate's
+    /// subject common name is the connection's username (see [`crate::auth`]). A certificate
+    /// resolver that swaps its key pair reloads certificates without a restart.
+    pub server_config: std::sync::Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for MqttTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttTls")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Room above `max_message_bytes` for a PUBLISH's topic (at most 65 535 bytes), packet id and
@@ -186,6 +207,7 @@ impl Default for IngestConfig {
             allow_keep_alive_zero: false,
             idle_timeout: Duration::from_secs(300),
             auth: crate::auth::AuthPolicy::default(),
+            tls: None,
         }
     }
 }

@@ -69,7 +69,7 @@ pub mod sink;
 pub mod stats;
 
 pub use auth::{Acl, AuthFailure, AuthFileError, AuthPolicy, PasswordFile};
-pub use config::{ConfigError, IngestConfig, TopicPattern};
+pub use config::{ConfigError, IngestConfig, MqttTls, TopicPattern};
 pub use server::{IngestError, IngestServer};
 pub use sink::{IngestObserver, IngestSink, NoopObserver, SinkError};
 pub use stats::{IngestStats, IngestStatsSnapshot};

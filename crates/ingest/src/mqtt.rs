@@ -150,6 +150,13 @@ fn peer_ip(io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
         .map(|addr| addr.0.ip())
 }
 
+/// The subject CN of the client certificate of a TLS connection, if it presented one.
+fn certificate_cn(io: &ntex::io::IoBoxed) -> Option<String> {
+    let cert = io.query::<ntex_tls::rustls::PeerCert<'static>>();
+    cert.as_ref()
+        .and_then(|c| crate::auth::certificate_common_name(c.0.as_ref()))
+}
+
 fn client_id_or_generated(core: &Core, given: &ByteString) -> (Arc<str>, bool) {
     if given.is_empty() {
         (Arc::from(core.generated_client_id()), true)
@@ -177,6 +184,7 @@ pub(crate) async fn connect_v3(
         .auth
         .authenticate(
             peer_ip(connect.io()),
+            certificate_cn(connect.io()),
             pkt.username.as_ref().map(|u| u.as_str()),
             pkt.password.as_deref(),
         )
@@ -280,6 +288,7 @@ pub(crate) async fn connect_v5(
         .auth
         .authenticate(
             peer_ip(connect.io()),
+            certificate_cn(connect.io()),
             pkt.username.as_ref().map(|u| u.as_str()),
             pkt.password.as_deref(),
         )

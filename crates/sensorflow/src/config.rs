@@ -16,7 +16,10 @@ use serde::Deserialize;
 pub(crate) const DEFAULT_TOML: &str = include_str!("../default.toml");
 
 /// Keys without a default (commented out in default.toml): absent means `None`.
-const OPTIONAL_KEYS: [(&str, &str); 7] = [
+const OPTIONAL_KEYS: [(&str, &str); 10] = [
+    ("tls", "cert_file"),
+    ("tls", "key_file"),
+    ("tls", "client_ca_file"),
     ("auth", "password_file"),
     ("auth", "acl_file"),
     ("auth", "api_tokens_file"),
@@ -36,6 +39,7 @@ pub(crate) struct Config {
     pub(crate) mqtt: MqttConfig,
     pub(crate) http: HttpConfig,
     pub(crate) auth: AuthConfig,
+    pub(crate) tls: TlsSettings,
     pub(crate) log: LogSettings,
     pub(crate) pipeline: PipelineConfig,
     pub(crate) runtime: RuntimeConfig,
@@ -84,6 +88,16 @@ pub(crate) struct AuthConfig {
     pub(crate) verify_cache_secs: u64,
     pub(crate) api_tokens_file: Option<PathBuf>,
     pub(crate) cors_origins: Vec<String>,
+}
+
+/// `[tls]`: certificates for the MQTT TLS listener and HTTPS (see default.toml).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSettings {
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
+    pub(crate) mqtt_listen: SocketAddr,
+    pub(crate) client_ca_file: Option<PathBuf>,
 }
 
 /// How appends are made durable before a QoS 1 publish is acknowledged.

@@ -1,7 +1,8 @@
 //! `[auth]` → the MQTT listener's [`AuthPolicy`] and the API's tokens, and the DESIGN rule on
 //! anonymous access: anonymous clients are accepted when `auth.allow_anonymous` is set, or when
-//! no password file is configured and the MQTT listener is a loopback address; on any other
-//! address without a way to authenticate, the platform refuses to start.
+//! no password file and no client CA are configured and every MQTT listener (plain and TLS) is
+//! on a loopback address; on any other address without a way to authenticate, the platform
+//! refuses to start.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +15,11 @@ use sensorflow_ingest::{Acl, AuthPolicy, PasswordFile};
 use crate::config::AuthConfig;
 
 /// The MQTT listener's policy, or why the platform must not start.
-pub(crate) fn mqtt_policy(auth: &AuthConfig, listen: SocketAddr) -> anyhow::Result<AuthPolicy> {
+pub(crate) fn mqtt_policy(
+    auth: &AuthConfig,
+    listeners: &[SocketAddr],
+    client_ca: bool,
+) -> anyhow::Result<AuthPolicy> {
     let users = match &auth.password_file {
         Some(path) => Some(Arc::new(
             PasswordFile::load(path).context("loading auth.password_file")?,
@@ -25,8 +30,13 @@ pub(crate) fn mqtt_policy(auth: &AuthConfig, listen: SocketAddr) -> anyhow::Resu
         Some(path) => Acl::load(path).context("loading auth.acl_file")?,
         None => Acl::default(),
     };
-    let loopback_dev = users.is_none() && listen.ip().is_loopback();
-    if users.is_none() && !auth.allow_anonymous && !loopback_dev {
+    let can_authenticate = users.is_some() || client_ca;
+    let public = listeners.iter().find(|a| !a.ip().is_loopback());
+    let loopback_dev = !can_authenticate && public.is_none();
+    if let Some(listen) = public
+        && !can_authenticate
+        && !auth.allow_anonymous
+    {
         bail!(
             "refusing to start: the MQTT listener {listen} is not a loopback address and no \
              device can authenticate. Add a user with `sensorflow passwd /etc/sensorflow/passwd \
@@ -45,6 +55,9 @@ pub(crate) fn mqtt_policy(auth: &AuthConfig, listen: SocketAddr) -> anyhow::Resu
             users = users.len(),
             "mqtt: password authentication required"
         ),
+        (None, _) if client_ca && !allow_anonymous => {
+            tracing::info!("mqtt: client certificate authentication required")
+        }
         (None, _) if auth.allow_anonymous => {
             tracing::warn!("mqtt: anonymous clients allowed (auth.allow_anonymous = true)")
         }
@@ -59,6 +72,7 @@ pub(crate) fn mqtt_policy(auth: &AuthConfig, listen: SocketAddr) -> anyhow::Resu
         max_failed_connects: auth.max_failed_connects,
         failure_window: Duration::from_secs(auth.failed_connect_window_secs),
         cache_ttl: Duration::from_secs(auth.verify_cache_secs),
+        client_certs: client_ca,
         ..AuthPolicy::default()
     })
 }
