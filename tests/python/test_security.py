@@ -649,3 +649,74 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(tls_platfor
     c.close()
     p.serial = new_serial
     assert p.proc.poll() is None
+
+
+# ---- Abuse limits ------------------------------------------------------------------------------
+
+
+def metric_value(platform: Platform, name: str) -> float:
+    for line in platform.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_new_sensor_ids_beyond_the_cap_are_refused_while_known_ones_keep_publishing(tmp_path):
+    from testkit import rss_mb
+
+    env = {
+        "SENSORFLOW_MQTT_MAX_SENSOR_IDS": "50",
+        "SENSORFLOW_MQTT_MAX_PUBLISHES_PER_SEC": "0",
+        "SENSORFLOW_LAKE_MAX_FILE_AGE_SECS": "1",
+        "SENSORFLOW_CHECKPOINT_INTERVAL_SECS": "0.5",
+    }
+    platform = Platform(tmp_path / "data", env=env)
+    try:
+        good = [Client(platform, mqtt.MQTTv5) for _ in range(3)]
+        acked = []
+        for i, c in enumerate(good):
+            assert c.wait_puback(c.publish(f"stream/good-{i}", packet(0))) == 0
+            acked.append((f"good-{i}", 0))
+        rss_before = rss_mb(platform.proc.pid)
+        flood = Client(platform, mqtt.MQTTv5)
+        infos = [flood.publish(f"stream/junk-{n}", packet(0, n=1)) for n in range(10_000)]
+        base = 8
+        while any(i.mid not in flood.pubacks for i in infos[-1:]):
+            for i, c in enumerate(good):
+                assert c.wait_puback(c.publish(f"stream/good-{i}", packet(base))) == 0
+                acked.append((f"good-{i}", base))
+            base += 8
+        codes = [flood.wait_puback(i) for i in infos]
+        flood.close()
+        # 47 junk ids fit under the cap of 50 with the 3 good ones; every other one is refused.
+        assert codes.count(0) == 47 and codes.count(0x97) == 10_000 - 47, (codes.count(0), codes.count(0x97))
+        assert metric_value(platform, "sensorflow_mqtt_sensor_ids") == 50
+        assert metric_value(platform, "sensorflow_mqtt_sensor_ids_refused_total") == 10_000 - 47
+        for i, c in enumerate(good):
+            assert c.wait_puback(c.publish(f"stream/good-{i}", packet(base))) == 0
+            acked.append((f"good-{i}", base))
+            c.close()
+        for sid in {s for s, _ in acked}:
+            expected = {b + k for s, b in acked if s == sid for k in range(8)}
+            wait_until(lambda: expected <= lake_indexes(platform, sid), timeout=60, message=f"{sid}'s acknowledged samples in the lake")
+        assert rss_mb(platform.proc.pid) - rss_before < 64, "RSS grew with refused sensor ids"
+    finally:
+        platform.stop()
+
+
+def test_a_fast_publisher_is_slowed_down_not_refused(tmp_path):
+    env = {"SENSORFLOW_MQTT_MAX_PUBLISHES_PER_SEC": "50"}
+    platform = Platform(tmp_path / "data", env=env)
+    try:
+        c = Client(platform, mqtt.MQTTv311)
+        start = time.monotonic()
+        infos = [c.publish("stream/fast", packet(i * 8)) for i in range(150)]
+        codes = [c.wait_puback(i, timeout=30) for i in infos]
+        elapsed = time.monotonic() - start
+        c.close()
+        assert codes == [0] * 150
+        # 50 in the first second's burst, the other 100 at 50/s.
+        assert elapsed >= 1.5, elapsed
+        assert metric_value(platform, "sensorflow_mqtt_publishes_throttled_total") >= 99
+    finally:
+        platform.stop()

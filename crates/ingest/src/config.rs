@@ -150,6 +150,14 @@ pub struct IngestConfig {
     /// `allow_keep_alive_zero` is false): closed after this long without a packet. MQTT 5
     /// clients are told in CONNACK (Server Keep Alive). Default 300 s.
     pub idle_timeout: Duration,
+    /// Distinct sensor ids accepted; a message for a new id beyond it is refused (MQTT 5:
+    /// PUBACK 0x97) while known ids keep working. Default 100 000.
+    pub max_sensor_ids: usize,
+    /// A sensor id silent this long is forgotten when room is needed. Default 1 h.
+    pub sensor_id_idle: Duration,
+    /// Publishes per second per connection (one second of burst); beyond it publishes are
+    /// delayed, which slows the client down. 0: unlimited. Default 1000.
+    pub max_publishes_per_sec: u32,
     /// Who may connect and what users may publish. Default: anonymous clients accepted.
     pub auth: crate::auth::AuthPolicy,
     /// The MQTT-over-TLS listener, if any. Default none.
@@ -206,6 +214,9 @@ impl Default for IngestConfig {
             session_expiry_max: Duration::from_secs(7 * 24 * 3600),
             allow_keep_alive_zero: false,
             idle_timeout: Duration::from_secs(300),
+            max_sensor_ids: 100_000,
+            sensor_id_idle: Duration::from_secs(3600),
+            max_publishes_per_sec: 1000,
             auth: crate::auth::AuthPolicy::default(),
             tls: None,
         }
@@ -246,6 +257,9 @@ impl IngestConfig {
         }
         if self.max_client_id_bytes == 0 {
             return invalid("max_client_id_bytes", "must be > 0");
+        }
+        if self.max_sensor_ids == 0 {
+            return invalid("max_sensor_ids", "must be > 0");
         }
         if self.max_persistent_sessions == 0 {
             return invalid("max_persistent_sessions", "must be > 0");

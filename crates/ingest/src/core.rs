@@ -18,6 +18,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::auth::{Authenticator, Identity};
 use crate::config::IngestConfig;
+use crate::limits::{PublishRate, SensorIdAdmission, SensorIds};
 use crate::session::{Attached, Expiry, SessionRegistry};
 use crate::sink::{IngestObserver, IngestSink, SinkError};
 use crate::stats::{IngestStats, bump};
@@ -33,6 +34,8 @@ pub(crate) enum Verdict {
     Oversize,
     /// The sink did not store the record.
     SinkFailed(SinkError),
+    /// A new sensor id beyond `max_sensor_ids`; payload discarded.
+    SensorIdCap,
     /// The connection's user may not publish to this topic (ACL); payload discarded.
     NotAuthorized,
     /// Arrived after graceful stop began; not stored, must not be acknowledged.
@@ -72,6 +75,7 @@ pub(crate) struct Core {
     all_closed: Notify,
     next_serial: AtomicU64,
     pub(crate) auth: Authenticator,
+    sensor_ids: SensorIds,
 }
 
 impl Core {
@@ -86,6 +90,7 @@ impl Core {
                 config.max_persistent_sessions,
                 config.session_expiry_max,
             ),
+            sensor_ids: SensorIds::new(config.max_sensor_ids, config.sensor_id_idle),
             auth: Authenticator::new(
                 config.auth.clone(),
                 tokio::runtime::Handle::current(),
@@ -193,6 +198,7 @@ impl Core {
                 self.config.max_inflight_bytes,
             )),
             order: Rc::new(Order::default()),
+            rate: PublishRate::new(self.config.max_publishes_per_sec),
             _closed: closed_tx,
         };
         Ok((conn, attached, closed_rx))
@@ -239,6 +245,11 @@ impl Core {
             bump(&self.stats.dropped_on_shutdown);
             return Verdict::ShuttingDown;
         }
+        if let Some(wait) = conn.rate.take(std::time::Instant::now()) {
+            // Counted as in flight while it waits: a flood fills the window and stops reading.
+            bump(&self.stats.publishes_throttled);
+            tokio::time::sleep(wait).await;
+        }
 
         let Some((sensor_id, format)) = self.route(topic) else {
             bump(&self.stats.unknown_topic);
@@ -255,6 +266,20 @@ impl Core {
                 Verdict::UnknownTopic => Verdict::NotAuthorized,
                 other => other,
             };
+        }
+        match self.sensor_ids.admit(sensor_id) {
+            SensorIdAdmission::Known => {}
+            SensorIdAdmission::New { known } => {
+                self.stats.sensor_ids.store(known as u64, Ordering::Relaxed);
+            }
+            SensorIdAdmission::Refused => {
+                bump(&self.stats.sensor_ids_refused);
+                tracing::trace!(sensor_id, "new sensor id beyond max_sensor_ids");
+                return match discard(payload).await {
+                    Verdict::UnknownTopic => Verdict::SensorIdCap,
+                    other => other,
+                };
+            }
         }
         if payload_size > self.config.max_message_bytes {
             bump(&self.stats.oversize);
@@ -330,6 +355,7 @@ pub(crate) struct Conn {
     serial: u64,
     pub(crate) inflight: Rc<Inflight>,
     order: Rc<Order>,
+    rate: PublishRate,
     /// Dropping this tells the closer task the connection is gone.
     _closed: oneshot::Sender<()>,
 }

@@ -32,6 +32,7 @@
 //! - [`sink`] — the [`IngestSink`] and [`IngestObserver`] seams.
 //! - [`stats`] — counters.
 //! - `core` — routing, admission, the append, per-connection drain (protocol independent).
+//! - `limits` — the cap on distinct sensor ids and the per-connection publish rate.
 //! - `mqtt` — ntex-mqtt handlers for v3.1.1 and v5, and how each outcome maps to
 //!   PUBACK reason codes.
 //! - `session` — minimal per-client-id session state (`session_present`, takeover).
@@ -62,6 +63,7 @@
 pub mod auth;
 pub mod config;
 mod core;
+mod limits;
 mod mqtt;
 pub mod server;
 mod session;

@@ -7,6 +7,7 @@
 //! | stored             | PUBACK/PUBREC 0x00            | PUBACK/PUBREC                 |
 //! | unknown topic      | 0x90 topic name invalid       | PUBACK (counted, not stored)  |
 //! | oversize           | 0x97 quota exceeded           | PUBACK (counted, not stored)  |
+//! | new id beyond cap  | 0x97 quota exceeded           | PUBACK (counted, not stored)  |
 //! | ACL refused        | 0x87 not authorized           | connection closed, no PUBACK  |
 //! | sink `Unavailable` | 0x80 unspecified error        | connection closed, no PUBACK  |
 //! | sink `Rejected`    | 0x83 implementation specific  | connection closed, no PUBACK  |
@@ -243,7 +244,7 @@ pub(crate) async fn publish_v3(
     let size = publish.payload_size();
     let payload = publish.take_payload();
     match conn.core.ingest(conn, &topic, qos, size, payload).await {
-        Verdict::Stored | Verdict::UnknownTopic | Verdict::Oversize => {
+        Verdict::Stored | Verdict::UnknownTopic | Verdict::Oversize | Verdict::SensorIdCap => {
             if qos != v3::QoS::AtMostOnce {
                 conn.acked();
             }
@@ -390,6 +391,7 @@ pub(crate) async fn publish_v5(
         Verdict::NotAuthorized => (R::NotAuthorized, Some("topic not allowed for this user")),
         Verdict::UnknownTopic => (R::TopicNameInvalid, Some("topic matches no ingest pattern")),
         Verdict::Oversize => (R::QuotaExceeded, Some("payload exceeds max_message_bytes")),
+        Verdict::SensorIdCap => (R::QuotaExceeded, Some("too many distinct sensor ids")),
         Verdict::SinkFailed(SinkError::Unavailable(_)) => {
             (R::UnspecifiedError, Some("storage unavailable"))
         }

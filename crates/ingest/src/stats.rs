@@ -22,6 +22,9 @@ pub struct IngestStats {
     pub(crate) packets_too_large: AtomicU64,
     pub(crate) client_id_too_long: AtomicU64,
     pub(crate) sessions_evicted: AtomicU64,
+    pub(crate) sensor_ids_refused: AtomicU64,
+    pub(crate) publishes_throttled: AtomicU64,
+    pub(crate) sensor_ids: AtomicU64,
     /// Indexed like [`crate::auth::AuthFailure::ALL`].
     pub(crate) auth_failures: [AtomicU64; 4],
     /// ACL refusals per user (at most [`MAX_USERS_TRACKED`] users).
@@ -72,6 +75,12 @@ pub struct IngestStatsSnapshot {
     /// Refused CONNECTs and publishes by reason, indexed like
     /// [`crate::auth::AuthFailure::ALL`] (`sensorflow_auth_failures_total{reason}`).
     pub auth_failures: [u64; 4],
+    /// Messages refused because their sensor id was new and `max_sensor_ids` ids are known.
+    pub sensor_ids_refused: u64,
+    /// Publishes delayed by the per-connection rate limit (`max_publishes_per_sec`).
+    pub publishes_throttled: u64,
+    /// Distinct sensor ids currently known to ingest.
+    pub sensor_ids: u64,
 }
 
 impl IngestStats {
@@ -103,6 +112,9 @@ impl IngestStats {
             client_id_too_long: self.client_id_too_long.load(Relaxed),
             sessions_evicted: self.sessions_evicted.load(Relaxed),
             auth_failures: std::array::from_fn(|i| self.auth_failures[i].load(Relaxed)),
+            sensor_ids_refused: self.sensor_ids_refused.load(Relaxed),
+            publishes_throttled: self.publishes_throttled.load(Relaxed),
+            sensor_ids: self.sensor_ids.load(Relaxed),
         }
     }
 

@@ -64,6 +64,9 @@ pub(crate) struct MqttConfig {
     pub(crate) session_expiry_max_secs: u64,
     pub(crate) allow_keep_alive_zero: bool,
     pub(crate) idle_timeout_secs: u64,
+    pub(crate) max_sensor_ids: usize,
+    pub(crate) sensor_id_idle_secs: u64,
+    pub(crate) max_publishes_per_sec: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -270,6 +273,12 @@ impl Config {
                 self.mqtt.idle_timeout_secs,
                 1,
                 65_535,
+            ),
+            (
+                "mqtt.max_sensor_ids",
+                self.mqtt.max_sensor_ids as u64,
+                1,
+                u64::MAX,
             ),
             (
                 "http.header_read_timeout_secs",

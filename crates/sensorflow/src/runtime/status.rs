@@ -691,6 +691,27 @@ impl StatusSource for SharedStatus {
                 "MQTT connections refused.",
                 i.connections_refused,
             );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_sensor_ids",
+                "gauge",
+                "Distinct sensor ids known to ingest (capped by mqtt.max_sensor_ids).",
+                i.sensor_ids,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_sensor_ids_refused_total",
+                "counter",
+                "Messages refused because their sensor id was new and mqtt.max_sensor_ids were known.",
+                i.sensor_ids_refused,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_publishes_throttled_total",
+                "counter",
+                "Publishes delayed by the per-connection rate limit (mqtt.max_publishes_per_sec).",
+                i.publishes_throttled,
+            );
             family(
                 out,
                 "sensorflow_auth_failures_total",
