@@ -52,6 +52,7 @@ const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024;
 #[into_params(parameter_in = Query)]
 pub struct RawParams {
     /// Keep only samples whose `sample_index` is a multiple of `every` (1..=10000, default 1).
+    #[param(minimum = 1, maximum = 10000)]
     pub every: Option<u32>,
 }
 
