@@ -765,3 +765,24 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation_with_a_token
     finally:
         platform.stop()
         shutil.rmtree(tmp_path / "schemathesis", ignore_errors=True)
+
+
+def test_connections_per_source_address_are_capped(tmp_path):
+    platform = Platform(tmp_path / "data", env={"SENSORFLOW_MQTT_MAX_CONNECTIONS_PER_IP": "3"})
+    try:
+        held = [Client(platform, mqtt.MQTTv5) for _ in range(3)]
+        assert all(c.connack.value == 0 for c in held)
+        fourth = Client(platform, mqtt.MQTTv5)
+        assert fourth.connack.value == 0x97, fourth.connack
+        fourth.close()
+        assert raw_connect_311(platform.mqtt_host, platform.mqtt_port) == 3
+        assert metric_value(platform, "sensorflow_mqtt_connections_refused_per_ip_total") == 2
+        # A slot is free again once a connection closes.
+        held.pop().close()
+        wait_until(lambda: metric_value(platform, "sensorflow_mqtt_connections") == 2, timeout=10, message="the closed connection released")
+        again = Client(platform, mqtt.MQTTv311)
+        assert again.connack.value == 0
+        for c in [*held, again]:
+            c.close()
+    finally:
+        platform.stop()

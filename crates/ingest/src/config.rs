@@ -150,6 +150,9 @@ pub struct IngestConfig {
     /// `allow_keep_alive_zero` is false): closed after this long without a packet. MQTT 5
     /// clients are told in CONNACK (Server Keep Alive). Default 300 s.
     pub idle_timeout: Duration,
+    /// Concurrent MQTT sessions from one source address; further CONNECTs from it are refused
+    /// (3.1.1: server unavailable, 5.0: 0x97 quota exceeded). Default 1000.
+    pub max_connections_per_ip: usize,
     /// Distinct sensor ids accepted; a message for a new id beyond it is refused (MQTT 5:
     /// PUBACK 0x97) while known ids keep working. Default 100 000.
     pub max_sensor_ids: usize,
@@ -214,6 +217,7 @@ impl Default for IngestConfig {
             session_expiry_max: Duration::from_secs(7 * 24 * 3600),
             allow_keep_alive_zero: false,
             idle_timeout: Duration::from_secs(300),
+            max_connections_per_ip: 1000,
             max_sensor_ids: 100_000,
             sensor_id_idle: Duration::from_secs(3600),
             max_publishes_per_sec: 1000,
@@ -257,6 +261,9 @@ impl IngestConfig {
         }
         if self.max_client_id_bytes == 0 {
             return invalid("max_client_id_bytes", "must be > 0");
+        }
+        if self.max_connections_per_ip == 0 {
+            return invalid("max_connections_per_ip", "must be > 0");
         }
         if self.max_sensor_ids == 0 {
             return invalid("max_sensor_ids", "must be > 0");

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::auth::{Authenticator, Identity};
 use crate::config::IngestConfig;
-use crate::limits::{PublishRate, SensorIdAdmission, SensorIds};
+use crate::limits::{PerIp, PublishRate, SensorIdAdmission, SensorIds};
 use crate::session::{Attached, Expiry, SessionRegistry};
 use crate::sink::{IngestObserver, IngestSink, SinkError};
 use crate::stats::{IngestStats, bump};
@@ -51,6 +51,8 @@ pub(crate) enum Refusal {
     Busy,
     /// Graceful stop is in progress.
     ShuttingDown,
+    /// `max_connections_per_ip` sessions of this source address are open.
+    PerIp,
 }
 
 /// Why the server closes a connection on its own.
@@ -76,6 +78,7 @@ pub(crate) struct Core {
     next_serial: AtomicU64,
     pub(crate) auth: Authenticator,
     sensor_ids: SensorIds,
+    per_ip: PerIp,
 }
 
 impl Core {
@@ -90,6 +93,7 @@ impl Core {
                 config.max_persistent_sessions,
                 config.session_expiry_max,
             ),
+            per_ip: PerIp::default(),
             sensor_ids: SensorIds::new(config.max_sensor_ids, config.sensor_id_idle),
             auth: Authenticator::new(
                 config.auth.clone(),
@@ -169,12 +173,23 @@ impl Core {
     pub(crate) fn open(
         self: &Arc<Self>,
         client_id: Arc<str>,
+        peer: Option<std::net::IpAddr>,
         identity: Identity,
         clean: bool,
         expiry: Expiry,
     ) -> Result<(Conn, Attached, oneshot::Receiver<()>), Refusal> {
+        if let Some(ip) = peer
+            && !self.per_ip.acquire(ip, self.config.max_connections_per_ip)
+        {
+            bump(&self.stats.connections_refused);
+            bump(&self.stats.connections_refused_per_ip);
+            return Err(Refusal::PerIp);
+        }
         if let Err(refusal) = self.admit() {
             bump(&self.stats.connections_refused);
+            if let Some(ip) = peer {
+                self.per_ip.release(ip);
+            }
             return Err(refusal);
         }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
@@ -188,6 +203,7 @@ impl Core {
         let conn = Conn {
             core: self.clone(),
             client_id,
+            peer,
             user: match identity {
                 Identity::Anonymous => None,
                 Identity::User(user) => Some(user),
@@ -350,6 +366,8 @@ fn now_us() -> i64 {
 pub(crate) struct Conn {
     pub(crate) core: Arc<Core>,
     client_id: Arc<str>,
+    /// Source address, holding a slot of `max_connections_per_ip`.
+    peer: Option<std::net::IpAddr>,
     /// The authenticated user; `None` for an anonymous client (not ACL-restricted).
     user: Option<Arc<str>>,
     serial: u64,
@@ -391,6 +409,9 @@ impl Drop for Conn {
         tracing::debug!(client_id = %self.client_id, "mqtt connection closed");
         self.core.sessions.detach(&self.client_id, self.serial);
         self.core.release_slot();
+        if let Some(ip) = self.peer {
+            self.core.per_ip.release(ip);
+        }
     }
 }
 

@@ -19,6 +19,39 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
+/// Open MQTT connections per source address, capped. The map holds only addresses with an
+/// open connection, so it is bounded by `max_connections`.
+#[derive(Debug, Default)]
+pub(crate) struct PerIp {
+    open: Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+impl PerIp {
+    /// Takes a slot for `ip` unless `max` are taken.
+    pub(crate) fn acquire(&self, ip: std::net::IpAddr, max: usize) -> bool {
+        let mut open = self.open.lock();
+        let n = open.entry(ip).or_default();
+        if *n >= max {
+            if *n == 0 {
+                open.remove(&ip);
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub(crate) fn release(&self, ip: std::net::IpAddr) {
+        let mut open = self.open.lock();
+        if let Some(n) = open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
 /// Distinct sensor ids seen, capped.
 #[derive(Debug)]
 pub(crate) struct SensorIds {

@@ -206,13 +206,14 @@ pub(crate) async fn connect_v3(
     } else {
         Expiry::After(Duration::MAX)
     };
-    let (conn, attached, closed) = match core.open(client_id, identity, clean, expiry) {
-        Ok(opened) => opened,
-        Err(refusal) => {
-            tracing::debug!(?refusal, "mqtt v3 connect refused");
-            return Ok(connect.service_unavailable());
-        }
-    };
+    let (conn, attached, closed) =
+        match core.open(client_id, peer_ip(connect.io()), identity, clean, expiry) {
+            Ok(opened) => opened,
+            Err(refusal) => {
+                tracing::debug!(?refusal, "mqtt v3 connect refused");
+                return Ok(connect.service_unavailable());
+            }
+        };
     tracing::debug!(
         client_id = conn.client_id(),
         clean,
@@ -312,17 +313,19 @@ pub(crate) async fn connect_v5(
         u32::MAX => Expiry::After(Duration::MAX),
         secs => Expiry::After(Duration::from_secs(u64::from(secs))),
     };
-    let (conn, attached, closed) = match core.open(client_id, identity, clean, expiry) {
-        Ok(opened) => opened,
-        Err(refusal) => {
-            tracing::debug!(?refusal, "mqtt v5 connect refused");
-            let code = match refusal {
-                Refusal::Busy => v5::codec::ConnectAckReason::ServerBusy,
-                Refusal::ShuttingDown => v5::codec::ConnectAckReason::ServerUnavailable,
-            };
-            return Ok(connect.failed(code));
-        }
-    };
+    let (conn, attached, closed) =
+        match core.open(client_id, peer_ip(connect.io()), identity, clean, expiry) {
+            Ok(opened) => opened,
+            Err(refusal) => {
+                tracing::debug!(?refusal, "mqtt v5 connect refused");
+                let code = match refusal {
+                    Refusal::Busy => v5::codec::ConnectAckReason::ServerBusy,
+                    Refusal::ShuttingDown => v5::codec::ConnectAckReason::ServerUnavailable,
+                    Refusal::PerIp => v5::codec::ConnectAckReason::QuotaExceeded,
+                };
+                return Ok(connect.failed(code));
+            }
+        };
     tracing::debug!(
         client_id = conn.client_id(),
         clean,

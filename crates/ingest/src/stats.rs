@@ -23,6 +23,7 @@ pub struct IngestStats {
     pub(crate) client_id_too_long: AtomicU64,
     pub(crate) sessions_evicted: AtomicU64,
     pub(crate) sensor_ids_refused: AtomicU64,
+    pub(crate) connections_refused_per_ip: AtomicU64,
     pub(crate) publishes_throttled: AtomicU64,
     pub(crate) sensor_ids: AtomicU64,
     /// Indexed like [`crate::auth::AuthFailure::ALL`].
@@ -75,6 +76,9 @@ pub struct IngestStatsSnapshot {
     /// Refused CONNECTs and publishes by reason, indexed like
     /// [`crate::auth::AuthFailure::ALL`] (`sensorflow_auth_failures_total{reason}`).
     pub auth_failures: [u64; 4],
+    /// CONNECTs refused because `max_connections_per_ip` sessions of that address were open
+    /// (also counted in `connections_refused`).
+    pub connections_refused_per_ip: u64,
     /// Messages refused because their sensor id was new and `max_sensor_ids` ids are known.
     pub sensor_ids_refused: u64,
     /// Publishes delayed by the per-connection rate limit (`max_publishes_per_sec`).
@@ -113,6 +117,7 @@ impl IngestStats {
             sessions_evicted: self.sessions_evicted.load(Relaxed),
             auth_failures: std::array::from_fn(|i| self.auth_failures[i].load(Relaxed)),
             sensor_ids_refused: self.sensor_ids_refused.load(Relaxed),
+            connections_refused_per_ip: self.connections_refused_per_ip.load(Relaxed),
             publishes_throttled: self.publishes_throttled.load(Relaxed),
             sensor_ids: self.sensor_ids.load(Relaxed),
         }

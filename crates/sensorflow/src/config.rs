@@ -64,6 +64,7 @@ pub(crate) struct MqttConfig {
     pub(crate) session_expiry_max_secs: u64,
     pub(crate) allow_keep_alive_zero: bool,
     pub(crate) idle_timeout_secs: u64,
+    pub(crate) max_connections_per_ip: usize,
     pub(crate) max_sensor_ids: usize,
     pub(crate) sensor_id_idle_secs: u64,
     pub(crate) max_publishes_per_sec: u32,
@@ -273,6 +274,12 @@ impl Config {
                 self.mqtt.idle_timeout_secs,
                 1,
                 65_535,
+            ),
+            (
+                "mqtt.max_connections_per_ip",
+                self.mqtt.max_connections_per_ip as u64,
+                1,
+                u64::MAX,
             ),
             (
                 "mqtt.max_sensor_ids",

@@ -173,6 +173,7 @@ impl Embedded {
             session_expiry_max: Duration::from_secs(config.mqtt.session_expiry_max_secs),
             allow_keep_alive_zero: config.mqtt.allow_keep_alive_zero,
             idle_timeout: Duration::from_secs(config.mqtt.idle_timeout_secs),
+            max_connections_per_ip: config.mqtt.max_connections_per_ip,
             max_sensor_ids: config.mqtt.max_sensor_ids,
             sensor_id_idle: Duration::from_secs(config.mqtt.sensor_id_idle_secs),
             max_publishes_per_sec: config.mqtt.max_publishes_per_sec,

@@ -693,6 +693,13 @@ impl StatusSource for SharedStatus {
             );
             gauge_like(
                 out,
+                "sensorflow_mqtt_connections_refused_per_ip_total",
+                "counter",
+                "MQTT connections refused because mqtt.max_connections_per_ip were open from that address.",
+                i.connections_refused_per_ip,
+            );
+            gauge_like(
+                out,
                 "sensorflow_mqtt_sensor_ids",
                 "gauge",
                 "Distinct sensor ids known to ingest (capped by mqtt.max_sensor_ids).",
