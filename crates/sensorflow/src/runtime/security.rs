@@ -5,6 +5,8 @@
 //! refuses to start.
 
 use std::net::SocketAddr;
+#[cfg(test)]
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,4 +95,70 @@ pub(crate) fn api_tokens(auth: &AuthConfig) -> anyhow::Result<Option<Arc<ApiToke
     }
     tracing::info!("http: bearer tokens required (auth.api_tokens_file)");
     Ok(Some(Arc::new(tokens)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn auth(allow_anonymous: bool, password_file: Option<PathBuf>) -> AuthConfig {
+        AuthConfig {
+            password_file,
+            acl_file: None,
+            allow_anonymous,
+            max_failed_connects: 20,
+            failed_connect_window_secs: 60,
+            verify_cache_secs: 300,
+            api_tokens_file: None,
+            cors_origins: Vec::new(),
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn anonymous_only_on_loopback_without_users_or_client_ca_unless_allowed() {
+        let local = [addr("127.0.0.1:1883"), addr("[::1]:8883")];
+        let policy = mqtt_policy(&auth(false, None), &local, false).unwrap();
+        assert!(policy.allow_anonymous);
+        // A client CA is a way to authenticate: no anonymous access even on loopback.
+        let policy = mqtt_policy(&auth(false, None), &local, true).unwrap();
+        assert!(!policy.allow_anonymous && policy.client_certs);
+        let policy = mqtt_policy(&auth(true, None), &[addr("0.0.0.0:1883")], false).unwrap();
+        assert!(policy.allow_anonymous);
+    }
+
+    #[test]
+    fn a_public_listener_without_a_way_to_authenticate_refuses_to_start() {
+        for listeners in [
+            vec![addr("0.0.0.0:1883")],
+            // The plain listener on loopback does not make a public TLS listener safe.
+            vec![addr("127.0.0.1:1883"), addr("0.0.0.0:8883")],
+        ] {
+            let err = format!(
+                "{:#}",
+                mqtt_policy(&auth(false, None), &listeners, false).unwrap_err()
+            );
+            assert!(
+                err.contains("sensorflow passwd") && err.contains("allow_anonymous"),
+                "{err}"
+            );
+        }
+        assert!(mqtt_policy(&auth(false, None), &[addr("0.0.0.0:1883")], true).is_ok());
+    }
+
+    #[test]
+    fn users_turn_anonymous_access_off_on_loopback_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        let phc = sensorflow_ingest::auth::hash_password(b"pw", b"0123456789abcdef").unwrap();
+        std::fs::write(&path, format!("imu-1:{phc}\n")).unwrap();
+        let policy =
+            mqtt_policy(&auth(false, Some(path)), &[addr("127.0.0.1:1883")], false).unwrap();
+        assert!(!policy.allow_anonymous);
+        assert_eq!(policy.users.unwrap().len(), 1);
+    }
 }
