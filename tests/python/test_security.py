@@ -822,3 +822,35 @@ def test_sighup_reloads_the_client_ca(tls_platform):
     assert c.wait_puback(c.publish("stream/imu-2", packet(90_000))) == 0
     c.close()
     assert client_certificate_refused(p, trusted), "a certificate of the replaced CA was accepted"
+
+
+def test_websockets_per_token_are_capped(tmp_path):
+    creds = make_credentials(tmp_path)
+    env = {"SENSORFLOW_AUTH_API_TOKENS_FILE": str(creds["tokens"]), "SENSORFLOW_AUTH_MAX_WEBSOCKETS_PER_TOKEN": "2"}
+    platform = Platform(tmp_path / "data", env=env)
+    protocol = ["bearer." + creds["token"]]
+    url = platform.ws + "/ws/raw/imu-1"
+    try:
+        first = ws_connect(url, open_timeout=10, subprotocols=protocol)
+        second = ws_connect(url + "?every=2", open_timeout=10, subprotocols=protocol)
+        with pytest.raises(InvalidStatus) as third:
+            ws_connect(url, open_timeout=10, subprotocols=protocol)
+        assert third.value.response.status_code == 429
+        first.close()
+
+        def reconnects():
+            try:
+                return ws_connect(url, open_timeout=10, subprotocols=protocol)
+            except InvalidStatus as e:
+                assert e.response.status_code == 429
+                return None
+
+        again = wait_until(reconnects, timeout=10, message="a slot freed by the closed WebSocket")
+        again.close()
+        second.close()
+        refused = platform.get("/metrics", headers=auth_headers(creds["token"])).text
+        assert "sensorflow_ws_refused_per_token_total" in refused
+        n = float(refused.split("sensorflow_ws_refused_per_token_total ")[-1].split()[0])
+        assert n >= 1
+    finally:
+        platform.stop()

@@ -214,8 +214,26 @@ pub(crate) async fn require_token(
         Some(Presented::Subprotocol(p, t)) => (t, Some(p.to_owned())),
         None => return unauthorized("a bearer token is required"),
     };
-    if tokens.verify(token).is_none() {
+    let Some(name) = tokens.verify(token) else {
         return unauthorized("the bearer token is not valid");
+    };
+    let mut request = request;
+    if request.headers().contains_key(header::SEC_WEBSOCKET_KEY) {
+        match state
+            .ws_per_token
+            .acquire(name, state.config.max_websockets_per_token)
+        {
+            Some(permit) => {
+                request.extensions_mut().insert(permit);
+            }
+            None => {
+                state
+                    .metrics()
+                    .ws_refused_per_token
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return too_many_websockets(state.config.max_websockets_per_token);
+            }
+        }
     }
     let mut response = next.run(request).await;
     if let Some(protocol) = subprotocol
@@ -230,6 +248,60 @@ pub(crate) async fn require_token(
             .insert(header::SEC_WEBSOCKET_PROTOCOL, value);
     }
     response
+}
+
+/// Open WebSockets per token name.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct WsPerToken {
+    open: std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// One open WebSocket of a token; released when the socket's task drops it. Handlers move it
+/// into their `on_upgrade` future (see `ws.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct WsPermit(#[allow(dead_code)] std::sync::Arc<PermitSlot>);
+
+#[derive(Debug)]
+pub(crate) struct PermitSlot {
+    counts: WsPerToken,
+    name: String,
+}
+
+impl Drop for PermitSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock();
+        if let Some(n) = open.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl WsPerToken {
+    fn acquire(&self, name: &str, max: usize) -> Option<WsPermit> {
+        let mut open = self.open.lock();
+        let n = open.entry(name.to_owned()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(WsPermit(std::sync::Arc::new(PermitSlot {
+            counts: self.clone(),
+            name: name.to_owned(),
+        })))
+    }
+}
+
+fn too_many_websockets(max: usize) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: "too_many_websockets".into(),
+            message: format!("this token already has {max} open WebSockets"),
+        },
+    };
+    (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response()
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -337,6 +409,24 @@ impl utoipa::Modify for SecurityAddon {
             .into_iter()
             .flatten()
             {
+                if path.starts_with("/ws/") {
+                    op.responses.responses.insert(
+                        "429".into(),
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description(
+                                    "The token has max_websockets_per_token open WebSockets",
+                                )
+                                .content(
+                                    "application/json",
+                                    ContentBuilder::new()
+                                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                        .build(),
+                                )
+                                .build(),
+                        ),
+                    );
+                }
                 op.security = Some(vec![SecurityRequirement::new(
                     "bearer",
                     Vec::<String>::new(),

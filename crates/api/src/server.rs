@@ -42,6 +42,9 @@ pub struct ApiConfig {
     /// Serve HTTPS (and WSS) with this rustls configuration instead of plain HTTP; the
     /// handshake must finish within `header_read_timeout`. Default none.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Open WebSockets per API token (when tokens are configured); more upgrades get 429.
+    /// Default 100.
+    pub max_websockets_per_token: usize,
 }
 
 impl PartialEq for ApiConfig {
@@ -53,6 +56,7 @@ impl PartialEq for ApiConfig {
             && self.max_connections == other.max_connections
             && self.tokens == other.tokens
             && self.cors_origins == other.cors_origins
+            && self.max_websockets_per_token == other.max_websockets_per_token
             && match (&self.tls, &other.tls) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 (a, b) => a.is_none() && b.is_none(),
@@ -73,6 +77,7 @@ impl Default for ApiConfig {
             tokens: None,
             cors_origins: Vec::new(),
             tls: None,
+            max_websockets_per_token: 100,
         }
     }
 }
@@ -89,6 +94,7 @@ pub struct ApiState {
     metrics: Arc<ApiMetrics>,
     shutdown: CancellationToken,
     openapi: Arc<str>,
+    pub(crate) ws_per_token: crate::auth::WsPerToken,
 }
 
 impl ApiState {
@@ -101,6 +107,7 @@ impl ApiState {
             metrics: Arc::new(ApiMetrics::default()),
             shutdown: CancellationToken::new(),
             openapi: Arc::from(openapi::document()),
+            ws_per_token: crate::auth::WsPerToken::default(),
         }
     }
 

@@ -92,6 +92,7 @@ pub(crate) struct AuthConfig {
     pub(crate) verify_cache_secs: u64,
     pub(crate) api_tokens_file: Option<PathBuf>,
     pub(crate) cors_origins: Vec<String>,
+    pub(crate) max_websockets_per_token: usize,
 }
 
 /// `[tls]`: certificates for the MQTT TLS listener and HTTPS (see default.toml).

@@ -219,6 +219,7 @@ impl Embedded {
                 tokens: api_tokens,
                 tls: tls.as_ref().map(|t| Arc::clone(&t.https)),
                 cors_origins: config.auth.cors_origins.clone(),
+                max_websockets_per_token: config.auth.max_websockets_per_token,
                 ..ApiConfig::default()
             },
         );

@@ -112,6 +112,7 @@ mod tests {
             verify_cache_secs: 300,
             api_tokens_file: None,
             cors_origins: Vec::new(),
+            max_websockets_per_token: 100,
         }
     }
 
