@@ -854,3 +854,14 @@ def test_websockets_per_token_are_capped(tmp_path):
         assert n >= 1
     finally:
         platform.stop()
+
+
+def test_an_oversized_request_head_is_refused(secured):
+    assert secured.get("/health", params={"q": "x" * 1000}).status_code == 200
+    for kw in ({"params": {"q": "x" * 100_000}}, {"headers": {"X-Big": "y" * 100_000}}):
+        try:
+            r = secured.get("/health", **kw)
+        except requests.ConnectionError:
+            continue  # closed while the client was still sending: refused too
+        assert r.status_code == 431, r.status_code
+    assert secured.get("/health").status_code == 200

@@ -42,6 +42,9 @@ pub struct ApiConfig {
     /// Serve HTTPS (and WSS) with this rustls configuration instead of plain HTTP; the
     /// handshake must finish within `header_read_timeout`. Default none.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Largest request head (request line with its query, and headers) read; a larger one is
+    /// answered 431 and the connection closed. At least 8192. Default 64 KiB.
+    pub max_request_head_bytes: usize,
     /// Open WebSockets per API token (when tokens are configured); more upgrades get 429.
     /// Default 100.
     pub max_websockets_per_token: usize,
@@ -57,6 +60,7 @@ impl PartialEq for ApiConfig {
             && self.tokens == other.tokens
             && self.cors_origins == other.cors_origins
             && self.max_websockets_per_token == other.max_websockets_per_token
+            && self.max_request_head_bytes == other.max_request_head_bytes
             && match (&self.tls, &other.tls) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 (a, b) => a.is_none() && b.is_none(),
@@ -78,6 +82,7 @@ impl Default for ApiConfig {
             cors_origins: Vec::new(),
             tls: None,
             max_websockets_per_token: 100,
+            max_request_head_bytes: 64 * 1024,
         }
     }
 }
@@ -211,7 +216,8 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout);
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_request_head_bytes.max(8192));
     builder.http2().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);

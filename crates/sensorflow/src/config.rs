@@ -78,6 +78,7 @@ pub(crate) struct HttpConfig {
     pub(crate) header_read_timeout_secs: u64,
     pub(crate) max_connections_per_ip: usize,
     pub(crate) max_connections: usize,
+    pub(crate) max_request_head_bytes: usize,
 }
 
 /// `[auth]`: MQTT users, ACL, anonymous access, API tokens, CORS (see default.toml).
@@ -275,6 +276,12 @@ impl Config {
                 self.mqtt.idle_timeout_secs,
                 1,
                 65_535,
+            ),
+            (
+                "http.max_request_head_bytes",
+                self.http.max_request_head_bytes as u64,
+                8192,
+                16 << 20,
             ),
             (
                 "mqtt.max_connections_per_ip",

@@ -220,6 +220,7 @@ impl Embedded {
                 tls: tls.as_ref().map(|t| Arc::clone(&t.https)),
                 cors_origins: config.auth.cors_origins.clone(),
                 max_websockets_per_token: config.auth.max_websockets_per_token,
+                max_request_head_bytes: config.http.max_request_head_bytes,
                 ..ApiConfig::default()
             },
         );
