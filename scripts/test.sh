@@ -63,7 +63,7 @@ rust_tests() {
 }
 
 python_tests() {
-    step "end-to-end, crash, fault, lake reader, inference cross-check and browser tests (pytest)"
+    step "end-to-end, crash, fault, lake reader, inference cross-check, security and browser tests (pytest)"
     local rc=0
     SENSORFLOW_BIN="$ROOT/target/debug/sensorflow" SENSORFLOW_INFER_JSON="$ROOT/target/debug/examples/infer_json" \
         SENSORFLOW_WRITE_SAMPLE_LAKE="$ROOT/target/debug/examples/write_sample_lake" \

@@ -6,6 +6,9 @@
 // sensor table has rows and the first live chart's received-points counter keeps increasing,
 // checks that no console error or page error happened, and saves out/dashboard.png.
 // Skips (does not fail) when SENSORFLOW_URL is unset or Chromium is not installed.
+// With SENSORFLOW_TOKEN set (a server with auth.api_tokens_file), the page must ask for the
+// token exactly once, keep it in localStorage (a reload does not ask again) and use it for
+// REST calls and WebSockets; the 401 answers before it was given are the only errors allowed.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync } from 'node:fs';
@@ -20,6 +23,32 @@ const skip = !baseUrl ? 'SENSORFLOW_URL is not set'
   : !existsSync(executablePath) ? `no Chromium at ${executablePath}` : false;
 
 const TIMEOUT_MS = 30_000;
+const token = process.env.SENSORFLOW_TOKEN || null;
+
+// Answers the page's token prompts with SENSORFLOW_TOKEN (none expected without it).
+function answerPrompts(page) {
+  const asked = { count: 0 };
+  page.on('dialog', async (dialog) => {
+    asked.count += 1;
+    if (dialog.type() === 'prompt' && token) await dialog.accept(token);
+    else await dialog.dismiss();
+  });
+  return asked;
+}
+
+// Console errors that are not the expected 401s of a page that has not got the token yet.
+function unexpected(errors) {
+  return token ? errors.filter((e) => !/status of 401/.test(e)) : errors;
+}
+
+// In-page fetch with the token the page stored.
+async function pageFetchJSON(page, url) {
+  return page.evaluate(async (u) => {
+    const t = localStorage.getItem('sensorflow.api_token');
+    const r = await fetch(u, { headers: t ? { Authorization: `Bearer ${t}` } : {} });
+    return r.json();
+  }, url);
+}
 
 // Polls `probe` (which runs in the page) until `accept(value)` holds; returns the value.
 async function waitFor(page, what, probe, accept, arg) {
@@ -45,14 +74,17 @@ test('dashboard shows sensors and live charts without console errors', { skip, t
     page.on('console', (m) => { if (m.type() === 'error') errors.push(`console: ${m.text()}`); });
     page.on('pageerror', (e) => errors.push(`page: ${e.message}`));
     page.on('requestfailed', (r) => errors.push(`request failed: ${r.url()} ${r.failure()?.errorText}`));
+    const asked = answerPrompts(page);
 
     const response = await page.goto(new URL('/', baseUrl).href, { waitUntil: 'load', timeout: TIMEOUT_MS });
     assert.equal(response.status(), 200);
-    assert.equal(await page.title(), 'sensorflow · live');
 
     const rows = await waitFor(page, 'sensor rows',
       () => document.querySelectorAll('[data-testid="sensor-row"]').length, (n) => n > 0);
     assert.ok(rows > 0);
+    // After the rows: with a token, the page's first API call opens the prompt, during which
+    // the page cannot answer.
+    assert.equal(await page.title(), 'sensorflow · live');
 
     // The first sensor is selected automatically and gets a chart.
     const charted = await waitFor(page, 'a chart card',
@@ -81,7 +113,7 @@ test('dashboard shows sensors and live charts without console errors', { skip, t
     }
 
     // Give the sessions table a chance to fill (only required when the server has sessions).
-    const sessions = await page.evaluate(async () => (await (await fetch('/sessions?active=true')).json()).length);
+    const sessions = (await pageFetchJSON(page, '/sessions?active=true')).length;
     if (sessions > 0) {
       await waitFor(page, 'session rows',
         () => document.querySelectorAll('[data-testid="sessions-row"]').length, (n) => n > 0);
@@ -93,7 +125,17 @@ test('dashboard shows sensors and live charts without console errors', { skip, t
     mkdirSync(outDir, { recursive: true });
     await page.screenshot({ path: join(outDir, 'dashboard.png'), fullPage: true });
 
-    assert.deepEqual(errors, []);
+    assert.deepEqual(unexpected(errors), []);
+    assert.equal(asked.count, token ? 1 : 0, 'token prompts');
+    if (token) {
+      assert.equal(await page.evaluate(() => localStorage.getItem('sensorflow.api_token')), token);
+      // Kept: a reload goes live again without asking.
+      errors.length = 0;
+      await page.reload({ waitUntil: 'load', timeout: TIMEOUT_MS });
+      await waitFor(page, 'chart points after a reload', points, (n) => n > 0);
+      assert.equal(asked.count, 1, 'asked again after a reload');
+      assert.deepEqual(errors, []);
+    }
   } finally {
     await browser.close();
   }
@@ -110,18 +152,21 @@ test('docs page renders every endpoint of the OpenAPI document', { skip, timeout
     const errors = [];
     page.on('console', (m) => { if (m.type() === 'error') errors.push(`console: ${m.text()}`); });
     page.on('pageerror', (e) => errors.push(`page: ${e.message}`));
+    const asked = answerPrompts(page);
     await page.goto(new URL('/docs', baseUrl).href, { waitUntil: 'load', timeout: TIMEOUT_MS });
-    const expected = await page.evaluate(async () => {
-      const doc = await (await fetch('/openapi.json')).json();
-      return Object.values(doc.paths).reduce((n, item) => n + Object.keys(item).length, 0);
-    });
+    const shownAny = await waitFor(page, 'endpoints',
+      () => document.querySelectorAll('#paths details').length, (n) => n > 0);
+    assert.ok(shownAny > 0);
+    const doc = await pageFetchJSON(page, '/openapi.json');
+    const expected = Object.values(doc.paths).reduce((n, item) => n + Object.keys(item).length, 0);
     const shown = await waitFor(page, 'rendered endpoints',
       () => document.querySelectorAll('#paths details').length, (n) => n >= expected);
     assert.equal(shown, expected);
     await page.locator('#paths details summary').first().click();
     mkdirSync(join(here, 'out'), { recursive: true });
     await page.screenshot({ path: join(here, 'out', 'docs.png'), fullPage: true });
-    assert.deepEqual(errors, []);
+    assert.deepEqual(unexpected(errors), []);
+    assert.equal(asked.count, token ? 1 : 0, 'token prompts');
   } finally {
     await browser.close();
   }

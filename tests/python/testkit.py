@@ -115,7 +115,10 @@ class Platform:
         env: dict | None = None,
         mqtt_listen: str = "127.0.0.1:0",
         http_listen: str = "127.0.0.1:0",
+        tls_ca: str | None = None,
     ):
+        # With tls_ca (a CA file that signed the platform's tls.cert_file), HTTP is HTTPS.
+        self.tls_ca = tls_ca
         self.data_dir = Path(data_dir)
         self.log_lines: list[str] = []
         args = [str(binary_path()), command, "--data-dir", str(self.data_dir), "--mqtt-listen", mqtt_listen, "--http-listen", http_listen]
@@ -138,11 +141,12 @@ class Platform:
             raise RuntimeError("platform exited before listening:\n" + "\n".join(self.log_lines[-50:]))
         host, port = self._addresses["mqtt"].rsplit(":", 1)
         self.mqtt_host, self.mqtt_port = host, int(port)
-        self.http = "http://" + self._addresses["http"]
+        self.http = ("https://" if tls_ca else "http://") + self._addresses["http"]
+        self.mqtts_port = int(self._addresses["mqtts"].rsplit(":", 1)[1]) if "mqtts" in self._addresses else None
         deadline = time.monotonic() + 30
         while True:
             try:
-                if requests.get(self.http + "/health", timeout=2).status_code == 200:
+                if requests.get(self.http + "/health", timeout=2, verify=tls_ca or True).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
@@ -151,7 +155,7 @@ class Platform:
             time.sleep(0.05)
 
     def _read_log(self):
-        pattern = re.compile(r"(mqtt|http) listening on (\S+)")
+        pattern = re.compile(r"(mqtts|mqtt|http) listening on (\S+)")
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             line = line.rstrip("\n")
@@ -159,15 +163,17 @@ class Platform:
             m = pattern.search(line)
             if m:
                 self._addresses[m.group(1)] = m.group(2)
-                if len(self._addresses) == 2:
+                if "mqtt" in self._addresses and "http" in self._addresses:
                     self._ready.set()
         self._ready.set()
 
     @property
     def ws(self) -> str:
-        return self.http.replace("http://", "ws://")
+        return self.http.replace("https://", "wss://").replace("http://", "ws://")
 
     def get(self, path: str, **kw):
+        if self.tls_ca:
+            kw.setdefault("verify", self.tls_ca)
         return requests.get(self.http + path, timeout=10, **kw)
 
     def stop(self, timeout: float = 60) -> int:

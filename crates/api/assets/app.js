@@ -41,8 +41,47 @@
     return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
   }
 
+  // ---------- API token ----------
+  // When the server requires bearer tokens (auth.api_tokens_file), the first API call answered
+  // 401 asks for the token, once per page load, and keeps it in localStorage. It is sent as
+  // `Authorization: Bearer` on fetches and as the `bearer.TOKEN` subprotocol on WebSockets
+  // (browsers cannot set headers on a WebSocket).
+  const TOKEN_KEY = 'sensorflow.api_token';
+  let apiToken = null;
+  try { apiToken = localStorage.getItem(TOKEN_KEY); } catch { /* storage disabled */ }
+  let tokenPrompt = null;
+
+  function askForToken() {
+    if (!tokenPrompt) {
+      tokenPrompt = Promise.resolve().then(() => {
+        const given = window.prompt('This sensorflow server needs an API token (create one with `sensorflow token FILE NAME`):');
+        const token = given ? given.trim() : '';
+        if (token) {
+          apiToken = token;
+          try { localStorage.setItem(TOKEN_KEY, token); } catch { /* kept for this page only */ }
+        }
+      });
+    }
+    return tokenPrompt;
+  }
+
+  function apiFetch(url) {
+    const headers = apiToken ? { Authorization: `Bearer ${apiToken}` } : {};
+    return fetch(url, { cache: 'no-store', headers });
+  }
+
   async function getJSON(url) {
-    const response = await fetch(url, { cache: 'no-store' });
+    const sent = apiToken;
+    let response = await apiFetch(url);
+    if (response.status === 401) {
+      if (sent && sent === apiToken) {
+        // The stored token is no longer valid.
+        apiToken = null;
+        try { localStorage.removeItem(TOKEN_KEY); } catch { /* nothing stored */ }
+      }
+      await askForToken();
+      if (apiToken && apiToken !== sent) response = await apiFetch(url);
+    }
     if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
     return response.json();
   }
@@ -99,7 +138,7 @@
     const open = () => {
       if (closed) return;
       onState('connecting');
-      socket = new WebSocket(wsUrl(path));
+      socket = apiToken ? new WebSocket(wsUrl(path), [`bearer.${apiToken}`]) : new WebSocket(wsUrl(path));
       socket.onopen = () => { delay = 500; onState('live'); };
       socket.onmessage = (ev) => onMessage(ev.data);
       socket.onclose = () => {
@@ -464,6 +503,9 @@
     }
   }, SESSIONS_REFRESH_MS);
 
-  liveSocket('/ws/sessions', { onMessage: onSessionMessage, onState: () => {} });
+  // Opened after the first API call succeeded, so that it carries the token when one is needed.
+  getJSON('/health').then(() => getJSON('/sensors?limit=1')).catch(() => {}).finally(() => {
+    liveSocket('/ws/sessions', { onMessage: onSessionMessage, onState: () => {} });
+  });
   requestAnimationFrame(renderLoop);
 })();

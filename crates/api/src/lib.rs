@@ -9,6 +9,7 @@
 //! - [`hub`]: fan-out of pipeline outputs to live clients; publishing never blocks.
 //! - [`status`]: the [`StatusSource`] trait the runtime implements and the status types it
 //!   returns; its sessions store is a `sensorflow_records::SessionsQuery`.
+//! - [`auth`]: bearer tokens (SHA-256 digests, constant-time comparison) and CORS.
 //! - `server`: [`ApiState`], [`router`], [`serve`].
 //! - `rest`: health, readiness, sensors, sessions, metrics and OpenAPI handlers.
 //! - `ws`: the WebSocket feeds and their slow-client policy.
@@ -24,6 +25,7 @@
 //! - Blocking sessions-store queries run on the blocking pool.
 
 mod assets;
+pub mod auth;
 mod error;
 pub mod hub;
 pub mod metrics;
@@ -34,6 +36,7 @@ mod server;
 pub mod status;
 mod ws;
 
+pub use auth::{ApiTokens, TokenFileError};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use hub::{Hub, HubConfig, RawFrame, SessionMessage, Subscription};
 pub use metrics::{ApiMetrics, WsKind};

@@ -70,6 +70,8 @@ pub struct ApiMetrics {
     pub(crate) http_refused_per_ip: AtomicU64,
     /// HTTP connections closed at accept: `max_connections` reached.
     pub(crate) http_refused_total_cap: AtomicU64,
+    /// WebSocket upgrades refused: `max_websockets_per_token` reached for the token.
+    pub(crate) ws_refused_per_token: AtomicU64,
 }
 
 impl ApiMetrics {
@@ -199,10 +201,6 @@ impl ApiMetrics {
         );
         let _ = writeln!(
             out,
-            "# HELP sensorflow_http_requests_total HTTP requests by route and status.\n# TYPE sensorflow_http_requests_total counter"
-        );
-        let _ = writeln!(
-            out,
             "# HELP sensorflow_http_connections Open HTTP connections.\n# TYPE sensorflow_http_connections gauge\nsensorflow_http_connections {}",
             self.http_connections.load(Ordering::Relaxed)
         );
@@ -211,6 +209,16 @@ impl ApiMetrics {
             "# HELP sensorflow_http_connections_refused_total HTTP connections closed at accept, by the limit reached.\n# TYPE sensorflow_http_connections_refused_total counter\nsensorflow_http_connections_refused_total{{reason=\"per_ip\"}} {}\nsensorflow_http_connections_refused_total{{reason=\"total\"}} {}",
             self.http_refused_per_ip.load(Ordering::Relaxed),
             self.http_refused_total_cap.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sensorflow_ws_refused_per_token_total WebSocket upgrades refused because the token had max_websockets_per_token open.\n# TYPE sensorflow_ws_refused_per_token_total counter\nsensorflow_ws_refused_per_token_total {}",
+            self.ws_refused_per_token.load(Ordering::Relaxed)
+        );
+        // A family's samples follow its HELP and TYPE lines, before any other family.
+        let _ = writeln!(
+            out,
+            "# HELP sensorflow_http_requests_total HTTP requests by route and status.\n# TYPE sensorflow_http_requests_total counter"
         );
         for ((route, status), n) in self.http.lock().iter() {
             let route = route.replace('\\', "\\\\").replace('"', "\\\"");

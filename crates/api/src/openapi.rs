@@ -10,6 +10,7 @@
 
 use utoipa::{OpenApi, ToSchema};
 
+use crate::auth::SecurityAddon;
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::model::{ModelInfo, SwapRequest};
 use crate::rest::{ActiveFilter, Health};
@@ -23,6 +24,7 @@ use crate::{assets, model, rest, ws};
         title = "sensorflow",
         description = "Real-time IoT sensor streaming: live sensor status, sessions, metrics and WebSocket feeds of processed samples. Every error has the shape {\"error\":{\"code\":..,\"message\":..}}."
     ),
+    modifiers(&SecurityAddon),
     paths(
         assets::dashboard, assets::docs, rest::health, rest::ready, rest::sensors, rest::sensor,
         rest::sessions, rest::session, rest::metrics, rest::openapi, ws::raw, ws::windows,

@@ -56,6 +56,7 @@ pub struct SessionsParams {
     /// Only sessions started before this time (µs since the epoch).
     pub to_us: Option<i64>,
     /// Maximum number of sessions, 1..=1000 (default 100). Newest first.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Number of sessions skipped (paging).
     pub offset: Option<usize>,
@@ -126,6 +127,7 @@ const MAX_SENSORS_LIMIT: usize = 1000;
 #[serde(deny_unknown_fields)]
 pub struct SensorsParams {
     /// Maximum number of sensors, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Number of sensors skipped (paging).
     pub offset: Option<usize>,

@@ -18,10 +18,10 @@ use crate::hub::Hub;
 use crate::metrics::ApiMetrics;
 use crate::model::ModelControl;
 use crate::status::StatusSource;
-use crate::{assets, model, openapi, rest, ws};
+use crate::{assets, auth, model, openapi, rest, ws};
 
 /// Configuration of the HTTP API.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ApiConfig {
     /// Address to listen on (the caller binds it and passes the listener to [`serve`]).
     pub listen: SocketAddr,
@@ -35,7 +35,41 @@ pub struct ApiConfig {
     pub max_connections_per_ip: usize,
     /// Open connections in total; more are closed right after accept. Default 10 000.
     pub max_connections: usize,
+    /// API bearer tokens; when set, every route but `/health`, `/ready`, the dashboard and its
+    /// assets (and `/docs`) needs one (see [`crate::auth`]). Default none.
+    pub tokens: Option<std::sync::Arc<crate::auth::ApiTokens>>,
+    /// Origins allowed by CORS (`*`: any). Default none: same origin only.
+    pub cors_origins: Vec<String>,
+    /// Serve HTTPS (and WSS) with this rustls configuration instead of plain HTTP; the
+    /// handshake must finish within `header_read_timeout`. Default none.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Largest request head (request line with its query, and headers) read; a larger one is
+    /// answered 431 and the connection closed. At least 8192. Default 64 KiB.
+    pub max_request_head_bytes: usize,
+    /// Open WebSockets per API token (when tokens are configured); more upgrades get 429.
+    /// Default 100.
+    pub max_websockets_per_token: usize,
 }
+
+impl PartialEq for ApiConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.listen == other.listen
+            && self.ws_send_timeout == other.ws_send_timeout
+            && self.header_read_timeout == other.header_read_timeout
+            && self.max_connections_per_ip == other.max_connections_per_ip
+            && self.max_connections == other.max_connections
+            && self.tokens == other.tokens
+            && self.cors_origins == other.cors_origins
+            && self.max_websockets_per_token == other.max_websockets_per_token
+            && self.max_request_head_bytes == other.max_request_head_bytes
+            && match (&self.tls, &other.tls) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            }
+    }
+}
+
+impl Eq for ApiConfig {}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -45,6 +79,11 @@ impl Default for ApiConfig {
             header_read_timeout: Duration::from_secs(10),
             max_connections_per_ip: 256,
             max_connections: 10_000,
+            tokens: None,
+            cors_origins: Vec::new(),
+            tls: None,
+            max_websockets_per_token: 100,
+            max_request_head_bytes: 64 * 1024,
         }
     }
 }
@@ -62,6 +101,7 @@ pub struct ApiState {
     shutdown: CancellationToken,
     openapi: Arc<str>,
     model: Option<Arc<dyn ModelControl>>,
+    pub(crate) ws_per_token: crate::auth::WsPerToken,
 }
 
 impl ApiState {
@@ -75,6 +115,7 @@ impl ApiState {
             shutdown: CancellationToken::new(),
             openapi: Arc::from(openapi::document()),
             model: None,
+            ws_per_token: crate::auth::WsPerToken::default(),
         }
     }
 
@@ -119,15 +160,7 @@ impl std::fmt::Debug for ApiState {
 /// The API router: dashboard, REST, metrics, docs and WebSocket feeds (see DESIGN.md, "Output
 /// contract"). Unknown routes answer 404 and wrong methods 405, in the JSON error shape.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/", get(assets::dashboard))
-        .route("/docs", get(assets::docs))
-        .route("/assets/app.js", get(assets::app_js))
-        .route("/assets/style.css", get(assets::style_css))
-        .route("/assets/vendor/uPlot.iife.min.js", get(assets::uplot_js))
-        .route("/assets/vendor/uPlot.min.css", get(assets::uplot_css))
-        .route("/health", get(rest::health))
-        .route("/ready", get(rest::ready))
+    let protected = Router::new()
         .route("/sensors", get(rest::sensors))
         .route("/sensors/{sensor_id}", get(rest::sensor))
         .route("/sessions", get(rest::sessions))
@@ -140,9 +173,24 @@ pub fn router(state: ApiState) -> Router {
         .route("/ws/aggregate/{sensor_id}", get(ws::aggregate))
         .route("/ws/session/{session_id}", get(ws::session))
         .route("/ws/sessions", get(ws::all_sessions))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/", get(assets::dashboard))
+        .route("/docs", get(assets::docs))
+        .route("/assets/app.js", get(assets::app_js))
+        .route("/assets/style.css", get(assets::style_css))
+        .route("/assets/vendor/uPlot.iife.min.js", get(assets::uplot_js))
+        .route("/assets/vendor/uPlot.min.css", get(assets::uplot_css))
+        .route("/health", get(rest::health))
+        .route("/ready", get(rest::ready))
+        .merge(protected)
         .route_layer(middleware::from_fn_with_state(state.clone(), count_request))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), auth::cors))
         .with_state(state)
 }
 
@@ -185,9 +233,11 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout);
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_request_head_bytes.max(8192));
     builder.http2().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(ConnectionCounts::default());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -218,14 +268,37 @@ pub async fn serve(
         };
         metrics.http_connections.fetch_add(1, Ordering::Relaxed);
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
         let metrics = Arc::clone(&metrics);
+        let Some(acceptor) = tls.clone() else {
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::trace!(%peer, error = %err, "http connection ended with an error");
+                }
+                metrics.http_connections.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
+            });
+            continue;
+        };
+        // HTTPS: the handshake runs in the connection's task, bounded like a request's headers.
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let handshake_timeout = config.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::trace!(%peer, error = %err, "http connection ended with an error");
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(err) = watcher.watch(connection).await {
+                        tracing::trace!(%peer, error = %err, "https connection ended with an error");
+                    }
+                }
+                Ok(Err(err)) => tracing::debug!(%peer, error = %err, "tls handshake failed"),
+                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
             }
             metrics.http_connections.fetch_sub(1, Ordering::Relaxed);
             drop(slot);

@@ -25,6 +25,7 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{
     CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code,
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::timeout;
 use utoipa::IntoParams;
 
+use crate::auth::WsPermit;
 use crate::error::{ApiError, ErrorBody};
 use crate::hub::{RawFrame, RecvError, Subscription};
 use crate::metrics::{ApiMetrics, WsKind};
@@ -52,6 +54,7 @@ const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024;
 #[into_params(parameter_in = Query)]
 pub struct RawParams {
     /// Keep only samples whose `sample_index` is a multiple of `every` (1..=10000, default 1).
+    #[param(minimum = 1, maximum = 10000)]
     pub every: Option<u32>,
 }
 
@@ -86,6 +89,7 @@ pub(crate) async fn raw(
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<RawParams>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    permit: Option<Extension<WsPermit>>,
 ) -> Result<Response, ApiError> {
     let sensor_id = path_id(path)?;
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -97,6 +101,8 @@ pub(crate) async fn raw(
     }
     let ws = upgrade(ws)?;
     Ok(ws.on_upgrade(move |socket| async move {
+        // Held while the socket is open: counts against its token's WebSocket limit.
+        let _permit = permit;
         let sub = state.hub.subscribe_raw(&sensor_id);
         pump(socket, sub, WsKind::Raw, state, move |f: &Arc<RawFrame>| {
             f.json(every)
@@ -115,9 +121,12 @@ pub(crate) async fn windows(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    permit: Option<Extension<WsPermit>>,
 ) -> Result<Response, ApiError> {
     let sensor_id = path_id(path)?;
     Ok(upgrade(ws)?.on_upgrade(move |socket| async move {
+        // Held while the socket is open: counts against its token's WebSocket limit.
+        let _permit = permit;
         let sub = state.hub.subscribe_windows(&sensor_id);
         pump(socket, sub, WsKind::Windows, state, |w| json(&**w)).await;
     }))
@@ -133,9 +142,12 @@ pub(crate) async fn aggregate(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    permit: Option<Extension<WsPermit>>,
 ) -> Result<Response, ApiError> {
     let sensor_id = path_id(path)?;
     Ok(upgrade(ws)?.on_upgrade(move |socket| async move {
+        // Held while the socket is open: counts against its token's WebSocket limit.
+        let _permit = permit;
         let sub = state.hub.subscribe_aggregate(&sensor_id);
         pump(socket, sub, WsKind::Aggregate, state, |a| json(&**a)).await;
     }))
@@ -151,9 +163,12 @@ pub(crate) async fn session(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    permit: Option<Extension<WsPermit>>,
 ) -> Result<Response, ApiError> {
     let session_id = path_id(path)?;
     Ok(upgrade(ws)?.on_upgrade(move |socket| async move {
+        // Held while the socket is open: counts against its token's WebSocket limit.
+        let _permit = permit;
         let sub = state.hub.subscribe_session(&session_id);
         pump(socket, sub, WsKind::Session, state, json).await;
     }))
@@ -167,8 +182,11 @@ pub(crate) async fn session(
 pub(crate) async fn all_sessions(
     State(state): State<ApiState>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    permit: Option<Extension<WsPermit>>,
 ) -> Result<Response, ApiError> {
     Ok(upgrade(ws)?.on_upgrade(move |socket| async move {
+        // Held while the socket is open: counts against its token's WebSocket limit.
+        let _permit = permit;
         let sub = state.hub.subscribe_sessions();
         pump(socket, sub, WsKind::Sessions, state, json).await;
     }))

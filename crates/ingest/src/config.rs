@@ -150,6 +150,40 @@ pub struct IngestConfig {
     /// `allow_keep_alive_zero` is false): closed after this long without a packet. MQTT 5
     /// clients are told in CONNACK (Server Keep Alive). Default 300 s.
     pub idle_timeout: Duration,
+    /// Concurrent MQTT sessions from one source address; further CONNECTs from it are refused
+    /// (3.1.1: server unavailable, 5.0: 0x97 quota exceeded). Default 1000.
+    pub max_connections_per_ip: usize,
+    /// Distinct sensor ids accepted; a message for a new id beyond it is refused (MQTT 5:
+    /// PUBACK 0x97) while known ids keep working. Default 100 000.
+    pub max_sensor_ids: usize,
+    /// A sensor id silent this long is forgotten when room is needed. Default 1 h.
+    pub sensor_id_idle: Duration,
+    /// Publishes per second per connection (one second of burst); beyond it publishes are
+    /// delayed, which slows the client down. 0: unlimited. Default 1000.
+    pub max_publishes_per_sec: u32,
+    /// Who may connect and what users may publish. Default: anonymous clients accepted.
+    pub auth: crate::auth::AuthPolicy,
+    /// The MQTT-over-TLS listener, if any. Default none.
+    pub tls: Option<MqttTls>,
+}
+
+/// A second listener speaking MQTT over TLS (rustls), served like the plain one.
+#[derive(Clone)]
+pub struct MqttTls {
+    /// Listen address; port 0 picks a free port (see [`crate::IngestServer::tls_addr`]).
+    pub listen: SocketAddr,
+    /// The rustls configuration. With a client certificate verifier, a verified certificate's
+    /// subject common name is the connection's username (see [`crate::auth`]). A certificate
+    /// resolver that swaps its key pair reloads certificates without a restart.
+    pub server_config: std::sync::Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for MqttTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttTls")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Room above `max_message_bytes` for a PUBLISH's topic (at most 65 535 bytes), packet id and
@@ -183,6 +217,12 @@ impl Default for IngestConfig {
             session_expiry_max: Duration::from_secs(7 * 24 * 3600),
             allow_keep_alive_zero: false,
             idle_timeout: Duration::from_secs(300),
+            max_connections_per_ip: 1000,
+            max_sensor_ids: 100_000,
+            sensor_id_idle: Duration::from_secs(3600),
+            max_publishes_per_sec: 1000,
+            auth: crate::auth::AuthPolicy::default(),
+            tls: None,
         }
     }
 }
@@ -221,6 +261,12 @@ impl IngestConfig {
         }
         if self.max_client_id_bytes == 0 {
             return invalid("max_client_id_bytes", "must be > 0");
+        }
+        if self.max_connections_per_ip == 0 {
+            return invalid("max_connections_per_ip", "must be > 0");
+        }
+        if self.max_sensor_ids == 0 {
+            return invalid("max_sensor_ids", "must be > 0");
         }
         if self.max_persistent_sessions == 0 {
             return invalid("max_persistent_sessions", "must be > 0");

@@ -16,7 +16,9 @@ use sensorflow_protocol::framing::BadReason;
 use sensorflow_protocol::{IngestRecord, PayloadFormat};
 use tokio::sync::{Notify, oneshot, watch};
 
+use crate::auth::{Authenticator, Identity};
 use crate::config::IngestConfig;
+use crate::limits::{PerIp, PublishRate, SensorIdAdmission, SensorIds};
 use crate::session::{Attached, Expiry, SessionRegistry};
 use crate::sink::{IngestObserver, IngestSink, SinkError};
 use crate::stats::{IngestStats, bump};
@@ -32,6 +34,10 @@ pub(crate) enum Verdict {
     Oversize,
     /// The sink did not store the record.
     SinkFailed(SinkError),
+    /// A new sensor id beyond `max_sensor_ids`; payload discarded.
+    SensorIdCap,
+    /// The connection's user may not publish to this topic (ACL); payload discarded.
+    NotAuthorized,
     /// Arrived after graceful stop began; not stored, must not be acknowledged.
     ShuttingDown,
     /// The payload stream broke (peer gone mid-message).
@@ -45,6 +51,8 @@ pub(crate) enum Refusal {
     Busy,
     /// Graceful stop is in progress.
     ShuttingDown,
+    /// `max_connections_per_ip` sessions of this source address are open.
+    PerIp,
 }
 
 /// Why the server closes a connection on its own.
@@ -68,6 +76,9 @@ pub(crate) struct Core {
     /// Notified whenever the number of open connections drops to zero.
     all_closed: Notify,
     next_serial: AtomicU64,
+    pub(crate) auth: Authenticator,
+    sensor_ids: SensorIds,
+    per_ip: PerIp,
 }
 
 impl Core {
@@ -76,15 +87,23 @@ impl Core {
         sink: Arc<dyn IngestSink>,
         observer: Arc<dyn IngestObserver>,
     ) -> Self {
+        let stats = Arc::<IngestStats>::default();
         Self {
             sessions: SessionRegistry::new(
                 config.max_persistent_sessions,
                 config.session_expiry_max,
             ),
+            per_ip: PerIp::default(),
+            sensor_ids: SensorIds::new(config.max_sensor_ids, config.sensor_id_idle),
+            auth: Authenticator::new(
+                config.auth.clone(),
+                tokio::runtime::Handle::current(),
+                Arc::clone(&stats),
+            ),
             config,
             sink,
             observer,
-            stats: Arc::default(),
+            stats,
             draining: AtomicBool::new(false),
             drain: watch::Sender::new(false),
             all_closed: Notify::new(),
@@ -154,11 +173,23 @@ impl Core {
     pub(crate) fn open(
         self: &Arc<Self>,
         client_id: Arc<str>,
+        peer: Option<std::net::IpAddr>,
+        identity: Identity,
         clean: bool,
         expiry: Expiry,
     ) -> Result<(Conn, Attached, oneshot::Receiver<()>), Refusal> {
+        if let Some(ip) = peer
+            && !self.per_ip.acquire(ip, self.config.max_connections_per_ip)
+        {
+            bump(&self.stats.connections_refused);
+            bump(&self.stats.connections_refused_per_ip);
+            return Err(Refusal::PerIp);
+        }
         if let Err(refusal) = self.admit() {
             bump(&self.stats.connections_refused);
+            if let Some(ip) = peer {
+                self.per_ip.release(ip);
+            }
             return Err(refusal);
         }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
@@ -172,12 +203,18 @@ impl Core {
         let conn = Conn {
             core: self.clone(),
             client_id,
+            peer,
+            user: match identity {
+                Identity::Anonymous => None,
+                Identity::User(user) => Some(user),
+            },
             serial,
             inflight: Rc::new(Inflight::new(
                 usize::from(self.config.receive_maximum),
                 self.config.max_inflight_bytes,
             )),
             order: Rc::new(Order::default()),
+            rate: PublishRate::new(self.config.max_publishes_per_sec),
             _closed: closed_tx,
         };
         Ok((conn, attached, closed_rx))
@@ -224,6 +261,11 @@ impl Core {
             bump(&self.stats.dropped_on_shutdown);
             return Verdict::ShuttingDown;
         }
+        if let Some(wait) = conn.rate.take(std::time::Instant::now()) {
+            // Counted as in flight while it waits: a flood fills the window and stops reading.
+            bump(&self.stats.publishes_throttled);
+            tokio::time::sleep(wait).await;
+        }
 
         let Some((sensor_id, format)) = self.route(topic) else {
             bump(&self.stats.unknown_topic);
@@ -232,6 +274,29 @@ impl Core {
                 .bad_input(None, BadReason::UnknownTopic, topic);
             return discard(payload).await;
         };
+        if let Some(user) = &conn.user
+            && !self.auth.acl().allows(user, topic, sensor_id)
+        {
+            self.auth.publish_denied(user, topic);
+            return match discard(payload).await {
+                Verdict::UnknownTopic => Verdict::NotAuthorized,
+                other => other,
+            };
+        }
+        match self.sensor_ids.admit(sensor_id) {
+            SensorIdAdmission::Known => {}
+            SensorIdAdmission::New { known } => {
+                self.stats.sensor_ids.store(known as u64, Ordering::Relaxed);
+            }
+            SensorIdAdmission::Refused => {
+                bump(&self.stats.sensor_ids_refused);
+                tracing::trace!(sensor_id, "new sensor id beyond max_sensor_ids");
+                return match discard(payload).await {
+                    Verdict::UnknownTopic => Verdict::SensorIdCap,
+                    other => other,
+                };
+            }
+        }
         if payload_size > self.config.max_message_bytes {
             bump(&self.stats.oversize);
             let detail = format!(
@@ -301,9 +366,14 @@ fn now_us() -> i64 {
 pub(crate) struct Conn {
     pub(crate) core: Arc<Core>,
     client_id: Arc<str>,
+    /// Source address, holding a slot of `max_connections_per_ip`.
+    peer: Option<std::net::IpAddr>,
+    /// The authenticated user; `None` for an anonymous client (not ACL-restricted).
+    user: Option<Arc<str>>,
     serial: u64,
     pub(crate) inflight: Rc<Inflight>,
     order: Rc<Order>,
+    rate: PublishRate,
     /// Dropping this tells the closer task the connection is gone.
     _closed: oneshot::Sender<()>,
 }
@@ -312,6 +382,7 @@ impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
             .field("client_id", &self.client_id)
+            .field("user", &self.user)
             .field("serial", &self.serial)
             .finish()
     }
@@ -338,6 +409,9 @@ impl Drop for Conn {
         tracing::debug!(client_id = %self.client_id, "mqtt connection closed");
         self.core.sessions.detach(&self.client_id, self.serial);
         self.core.release_slot();
+        if let Some(ip) = self.peer {
+            self.core.per_ip.release(ip);
+        }
     }
 }
 

@@ -20,14 +20,19 @@
 //!   fixed header, counted in `packets_too_large`.
 //! - Input that is not stored is never dropped silently: unknown topics and oversize payloads
 //!   are counted in [`IngestStats`] and reported to the [`IngestObserver`].
+//! - A publish outside an authenticated user's ACL is never handed to the sink: MQTT 5 gets
+//!   PUBACK 0x87, MQTT 3.1.1 (QoS ≥ 1) has its connection closed; counted as `acl_denied`.
 //! - Ingest does not decode payloads and delivers nothing to subscribers.
 //!
 //! # Layout
 //!
+//! - [`auth`] — device authentication (argon2id password file, off the I/O thread, cached,
+//!   failed CONNECTs rate-limited per source address) and the publish ACL.
 //! - [`config`] — [`IngestConfig`] and [`TopicPattern`] (`stream/{sensor_id}`, ...).
 //! - [`sink`] — the [`IngestSink`] and [`IngestObserver`] seams.
 //! - [`stats`] — counters.
 //! - `core` — routing, admission, the append, per-connection drain (protocol independent).
+//! - `limits` — the cap on distinct sensor ids and the per-connection publish rate.
 //! - `mqtt` — ntex-mqtt handlers for v3.1.1 and v5, and how each outcome maps to
 //!   PUBACK reason codes.
 //! - `session` — minimal per-client-id session state (`session_present`, takeover).
@@ -55,15 +60,18 @@
 //! - `max_connections` counts MQTT sessions; TCP connections that never send CONNECT are
 //!   closed after `connect_timeout`.
 
+pub mod auth;
 pub mod config;
 mod core;
+mod limits;
 mod mqtt;
 pub mod server;
 mod session;
 pub mod sink;
 pub mod stats;
 
-pub use config::{ConfigError, IngestConfig, TopicPattern};
+pub use auth::{Acl, AuthFailure, AuthFileError, AuthPolicy, PasswordFile};
+pub use config::{ConfigError, IngestConfig, MqttTls, TopicPattern};
 pub use server::{IngestError, IngestServer};
 pub use sink::{IngestObserver, IngestSink, NoopObserver, SinkError};
 pub use stats::{IngestStats, IngestStatsSnapshot};

@@ -7,6 +7,8 @@
 //! | stored             | PUBACK/PUBREC 0x00            | PUBACK/PUBREC                 |
 //! | unknown topic      | 0x90 topic name invalid       | PUBACK (counted, not stored)  |
 //! | oversize           | 0x97 quota exceeded           | PUBACK (counted, not stored)  |
+//! | new id beyond cap  | 0x97 quota exceeded           | PUBACK (counted, not stored)  |
+//! | ACL refused        | 0x87 not authorized           | connection closed, no PUBACK  |
 //! | sink `Unavailable` | 0x80 unspecified error        | connection closed, no PUBACK  |
 //! | sink `Rejected`    | 0x83 implementation specific  | connection closed, no PUBACK  |
 //! | shutting down      | no answer, connection closed  | no answer, connection closed  |
@@ -33,6 +35,7 @@ use ntex::time::Seconds;
 use ntex::util::ByteString;
 use ntex_mqtt::{v3, v5};
 
+use crate::auth::AuthFailure;
 use crate::core::{CloseReason, Conn, Core, Refusal, Verdict, closer};
 use crate::session::Expiry;
 use crate::sink::SinkError;
@@ -43,6 +46,9 @@ pub(crate) enum ConnError {
     /// MQTT 3.1.1 publish the sink did not store: closing is the only way not to ack it.
     #[error("sink did not store a QoS>0 publish: {0}")]
     Sink(SinkError),
+    /// MQTT 3.1.1 publish (QoS ≥ 1) outside the user's ACL: 3.1.1 has no negative PUBACK.
+    #[error("publish refused by the ACL")]
+    NotAuthorized,
     /// The payload stream of a publish broke.
     #[error("publish payload stream broke")]
     Payload,
@@ -138,6 +144,20 @@ pub(crate) async fn control_v5(
     Ok(None)
 }
 
+/// The source IP of a handshake's connection, for the failed-CONNECT rate limit.
+fn peer_ip(io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
+    io.query::<ntex::io::types::PeerAddr>()
+        .get()
+        .map(|addr| addr.0.ip())
+}
+
+/// The subject CN of the client certificate of a TLS connection, if it presented one.
+fn certificate_cn(io: &ntex::io::IoBoxed) -> Option<String> {
+    let cert = io.query::<ntex_tls::rustls::PeerCert<'static>>();
+    cert.as_ref()
+        .and_then(|c| crate::auth::certificate_common_name(c.0.as_ref()))
+}
+
 fn client_id_or_generated(core: &Core, given: &ByteString) -> (Arc<str>, bool) {
     if given.is_empty() {
         (Arc::from(core.generated_client_id()), true)
@@ -161,6 +181,24 @@ pub(crate) async fn connect_v3(
     if client_id_too_long(&core, &pkt.client_id) {
         return Ok(connect.identifier_rejected());
     }
+    let identity = match core
+        .auth
+        .authenticate(
+            peer_ip(connect.io()),
+            certificate_cn(connect.io()),
+            pkt.username.as_ref().map(|u| u.as_str()),
+            pkt.password.as_deref(),
+        )
+        .await
+    {
+        Ok(identity) => identity,
+        Err(AuthFailure::BadCredentials) => return Ok(connect.bad_username_or_pwd()),
+        Err(AuthFailure::NotAuthorized | AuthFailure::AclDenied) => {
+            return Ok(connect.not_authorized());
+        }
+        Err(AuthFailure::RateLimited) => return Ok(connect.service_unavailable()),
+    };
+    let pkt = connect.packet();
     let (client_id, _) = client_id_or_generated(&core, &pkt.client_id);
     // No expiry in 3.1.1: kept until `session_expiry_max` (the registry's bound).
     let expiry = if clean {
@@ -168,13 +206,14 @@ pub(crate) async fn connect_v3(
     } else {
         Expiry::After(Duration::MAX)
     };
-    let (conn, attached, closed) = match core.open(client_id, clean, expiry) {
-        Ok(opened) => opened,
-        Err(refusal) => {
-            tracing::debug!(?refusal, "mqtt v3 connect refused");
-            return Ok(connect.service_unavailable());
-        }
-    };
+    let (conn, attached, closed) =
+        match core.open(client_id, peer_ip(connect.io()), identity, clean, expiry) {
+            Ok(opened) => opened,
+            Err(refusal) => {
+                tracing::debug!(?refusal, "mqtt v3 connect refused");
+                return Ok(connect.service_unavailable());
+            }
+        };
     tracing::debug!(
         client_id = conn.client_id(),
         clean,
@@ -206,12 +245,14 @@ pub(crate) async fn publish_v3(
     let size = publish.payload_size();
     let payload = publish.take_payload();
     match conn.core.ingest(conn, &topic, qos, size, payload).await {
-        Verdict::Stored | Verdict::UnknownTopic | Verdict::Oversize => {
+        Verdict::Stored | Verdict::UnknownTopic | Verdict::Oversize | Verdict::SensorIdCap => {
             if qos != v3::QoS::AtMostOnce {
                 conn.acked();
             }
             Ok(())
         }
+        Verdict::NotAuthorized if qos == v3::QoS::AtMostOnce => Ok(()),
+        Verdict::NotAuthorized => Err(ConnError::NotAuthorized),
         Verdict::SinkFailed(_) if qos == v3::QoS::AtMostOnce => Ok(()),
         Verdict::SinkFailed(err) => Err(ConnError::Sink(err)),
         Verdict::ShuttingDown if qos == v3::QoS::AtMostOnce => Ok(()),
@@ -245,23 +286,46 @@ pub(crate) async fn connect_v5(
     if client_id_too_long(&core, &pkt.client_id) {
         return Ok(connect.failed(v5::codec::ConnectAckReason::ClientIdentifierNotValid));
     }
+    let identity = match core
+        .auth
+        .authenticate(
+            peer_ip(connect.io()),
+            certificate_cn(connect.io()),
+            pkt.username.as_ref().map(|u| u.as_str()),
+            pkt.password.as_deref(),
+        )
+        .await
+    {
+        Ok(identity) => identity,
+        Err(failure) => {
+            use v5::codec::ConnectAckReason as C;
+            return Ok(connect.failed(match failure {
+                AuthFailure::BadCredentials => C::BadUserNameOrPassword,
+                AuthFailure::NotAuthorized | AuthFailure::AclDenied => C::NotAuthorized,
+                AuthFailure::RateLimited => C::ConnectionRateExceeded,
+            }));
+        }
+    };
+    let pkt = connect.packet();
     let (client_id, assigned) = client_id_or_generated(&core, &pkt.client_id);
     let expiry = match expiry_secs {
         0 => Expiry::OnClose,
         u32::MAX => Expiry::After(Duration::MAX),
         secs => Expiry::After(Duration::from_secs(u64::from(secs))),
     };
-    let (conn, attached, closed) = match core.open(client_id, clean, expiry) {
-        Ok(opened) => opened,
-        Err(refusal) => {
-            tracing::debug!(?refusal, "mqtt v5 connect refused");
-            let code = match refusal {
-                Refusal::Busy => v5::codec::ConnectAckReason::ServerBusy,
-                Refusal::ShuttingDown => v5::codec::ConnectAckReason::ServerUnavailable,
-            };
-            return Ok(connect.failed(code));
-        }
-    };
+    let (conn, attached, closed) =
+        match core.open(client_id, peer_ip(connect.io()), identity, clean, expiry) {
+            Ok(opened) => opened,
+            Err(refusal) => {
+                tracing::debug!(?refusal, "mqtt v5 connect refused");
+                let code = match refusal {
+                    Refusal::Busy => v5::codec::ConnectAckReason::ServerBusy,
+                    Refusal::ShuttingDown => v5::codec::ConnectAckReason::ServerUnavailable,
+                    Refusal::PerIp => v5::codec::ConnectAckReason::QuotaExceeded,
+                };
+                return Ok(connect.failed(code));
+            }
+        };
     tracing::debug!(
         client_id = conn.client_id(),
         clean,
@@ -327,8 +391,10 @@ pub(crate) async fn publish_v5(
     let payload = publish.take_payload();
     let (reason, text) = match conn.core.ingest(conn, &topic, qos, size, payload).await {
         Verdict::Stored => (R::Success, None),
+        Verdict::NotAuthorized => (R::NotAuthorized, Some("topic not allowed for this user")),
         Verdict::UnknownTopic => (R::TopicNameInvalid, Some("topic matches no ingest pattern")),
         Verdict::Oversize => (R::QuotaExceeded, Some("payload exceeds max_message_bytes")),
+        Verdict::SensorIdCap => (R::QuotaExceeded, Some("too many distinct sensor ids")),
         Verdict::SinkFailed(SinkError::Unavailable(_)) => {
             (R::UnspecifiedError, Some("storage unavailable"))
         }

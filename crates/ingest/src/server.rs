@@ -76,6 +76,7 @@ type NtexServer = ntex::server::Server;
 pub struct IngestServer {
     core: Arc<Core>,
     local_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     server: Option<NtexServer>,
     thread: Option<JoinHandle<()>>,
 }
@@ -105,13 +106,33 @@ impl IngestServer {
         let local_addr = listener
             .local_addr()
             .map_err(|source| IngestError::Bind { addr, source })?;
+        let tls_listener = match &config.tls {
+            Some(tls) => {
+                let addr = tls.listen;
+                let listener = ntex::server::create_tcp_listener(addr, BACKLOG)
+                    .map_err(|source| IngestError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| IngestError::Bind { addr, source })?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
+        let tls_addr = tls_listener.as_ref().map(|(_, a)| *a);
         let core = Arc::new(Core::new(config, sink, observer));
 
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let thread_core = Arc::clone(&core);
         let thread = std::thread::Builder::new()
             .name("sensorflow-mqtt".into())
-            .spawn(move || run_system(thread_core, listener, ready_tx))
+            .spawn(move || {
+                run_system(
+                    thread_core,
+                    listener,
+                    tls_listener.map(|(l, _)| l),
+                    ready_tx,
+                )
+            })
             .map_err(IngestError::Startup)?;
         let server = match ready_rx.await {
             Ok(Ok(server)) => server,
@@ -126,6 +147,7 @@ impl IngestServer {
         Ok(IngestServer {
             core,
             local_addr,
+            tls_addr,
             server: Some(server),
             thread: Some(thread),
         })
@@ -134,6 +156,11 @@ impl IngestServer {
     /// The address actually bound (the chosen port when configured with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address the MQTT-over-TLS listener bound, if configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Current counters.
@@ -194,6 +221,7 @@ impl Drop for IngestServer {
 fn run_system(
     core: Arc<Core>,
     listener: std::net::TcpListener,
+    tls_listener: Option<std::net::TcpListener>,
     ready: tokio::sync::oneshot::Sender<io::Result<NtexServer>>,
 ) {
     ntex::rt::System::build()
@@ -201,7 +229,7 @@ fn run_system(
         .disable_signals()
         .build(ntex::rt::DefaultRuntime)
         .block_on(async move {
-            match build_server(core, listener) {
+            match build_server(core, listener, tls_listener) {
                 Ok(server) => {
                     let _ = ready.send(Ok(server.clone()));
                     let _ = server.await;
@@ -213,7 +241,38 @@ fn run_system(
         });
 }
 
-fn build_server(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<NtexServer> {
+/// The MQTT 3.1.1 + 5.0 service of one connection, for both listeners.
+macro_rules! mqtt_service {
+    ($core:expr) => {{
+        let core3 = Arc::clone(&$core);
+        let core5 = Arc::clone(&$core);
+        MqttServer::new()
+            .v3(
+                v3::MqttServer::new(async |session: &v3::Session<Conn>, publish| {
+                    mqtt::publish_v3(session, publish).await
+                })
+                .protocol(mqtt::protocol_v3)
+                .control(mqtt::control_v3)
+                .middleware(ReadGate)
+                .build(async move |connect| mqtt::connect_v3(Arc::clone(&core3), connect).await),
+            )
+            .v5(
+                v5::MqttServer::new(async |session: &v5::Session<Conn>, publish| {
+                    mqtt::publish_v5(session, publish).await
+                })
+                .protocol(mqtt::protocol_v5)
+                .control(mqtt::control_v5)
+                .middleware(ReadGate)
+                .build(async move |connect| mqtt::connect_v5(Arc::clone(&core5), connect).await),
+            )
+    }};
+}
+
+fn build_server(
+    core: Arc<Core>,
+    listener: std::net::TcpListener,
+    tls_listener: Option<std::net::TcpListener>,
+) -> io::Result<NtexServer> {
     let config = &core.config;
     let connect_timeout =
         Seconds(u16::try_from(config.connect_timeout.as_secs()).unwrap_or(u16::MAX));
@@ -230,49 +289,44 @@ fn build_server(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<
         .set_max_size(u32::try_from(config.max_packet_bytes()).unwrap_or(u32::MAX));
     let shared_cfg: SharedCfg = SharedCfg::new("sensorflow-mqtt").add(mqtt_config).into();
     let workers = config.workers;
+    let tls = config.tls.as_ref().map(|t| Arc::clone(&t.server_config));
 
-    let server = ntex::server::build()
+    let mut builder = ntex::server::build()
         .name("sensorflow-mqtt")
         .workers(workers)
         .disable_signals()
-        .listen("mqtt", listener, shared_cfg, async move |_| {
-            let core3 = Arc::clone(&core);
-            let core5 = Arc::clone(&core);
-            let core_err = Arc::clone(&core);
-            let server = MqttServer::new()
-                .v3(
-                    v3::MqttServer::new(async |session: &v3::Session<Conn>, publish| {
-                        mqtt::publish_v3(session, publish).await
-                    })
-                    .protocol(mqtt::protocol_v3)
-                    .control(mqtt::control_v3)
-                    .middleware(ReadGate)
-                    .build(async move |connect| {
-                        mqtt::connect_v3(Arc::clone(&core3), connect).await
-                    }),
-                )
-                .v5(
-                    v5::MqttServer::new(async |session: &v5::Session<Conn>, publish| {
-                        mqtt::publish_v5(session, publish).await
-                    })
-                    .protocol(mqtt::protocol_v5)
-                    .control(mqtt::control_v5)
-                    .middleware(ReadGate)
-                    .build(async move |connect| {
-                        mqtt::connect_v5(Arc::clone(&core5), connect).await
-                    }),
-                );
-            // A CONNECT that is too large fails the handshake, before any session exists
-            // for the control service to see it: counted here.
-            ntex::service::service(server).map_err(move |err| {
-                if let ntex_mqtt::MqttError::Connect(ntex_mqtt::MqttConnectError::Protocol(proto)) =
-                    &err
-                {
-                    mqtt::count_protocol_error(&core_err, proto);
-                }
-                err
-            })
-        })?
-        .run();
+        .listen("mqtt", listener, shared_cfg.clone(), {
+            let core = Arc::clone(&core);
+            async move |_| {
+                let core_err = Arc::clone(&core);
+                let server = mqtt_service!(core);
+                // A CONNECT that is too large fails the handshake, before any session exists
+                // for the control service to see it: counted here.
+                ntex::service::service(server).map_err(move |err| {
+                    if let ntex_mqtt::MqttError::Connect(ntex_mqtt::MqttConnectError::Protocol(
+                        proto,
+                    )) = &err
+                    {
+                        mqtt::count_protocol_error(&core_err, proto);
+                    }
+                    err
+                })
+            }
+        })?;
+    if let (Some(listener), Some(tls)) = (tls_listener, tls) {
+        builder = builder.listen("mqtts", listener, shared_cfg, async move |_| {
+            let server = mqtt_service!(core);
+            // A failed handshake ends that connection only; it is not an MQTT error.
+            ntex::service::service(ntex_tls::rustls::TlsAcceptor::new(Arc::clone(&tls)))
+                .map_err(|err| {
+                    tracing::debug!(error = %err, "mqtts handshake failed");
+                    ntex_mqtt::MqttError::Connect(ntex_mqtt::MqttConnectError::Disconnected(Some(
+                        err,
+                    )))
+                })
+                .and_then(server)
+        })?;
+    }
+    let server = builder.run();
     Ok(server)
 }

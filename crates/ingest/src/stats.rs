@@ -22,7 +22,18 @@ pub struct IngestStats {
     pub(crate) packets_too_large: AtomicU64,
     pub(crate) client_id_too_long: AtomicU64,
     pub(crate) sessions_evicted: AtomicU64,
+    pub(crate) sensor_ids_refused: AtomicU64,
+    pub(crate) connections_refused_per_ip: AtomicU64,
+    pub(crate) publishes_throttled: AtomicU64,
+    pub(crate) sensor_ids: AtomicU64,
+    /// Indexed like [`crate::auth::AuthFailure::ALL`].
+    pub(crate) auth_failures: [AtomicU64; 4],
+    /// ACL refusals per user (at most [`MAX_USERS_TRACKED`] users).
+    acl_denied_by_user: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
 }
+
+/// Users whose ACL refusals are counted individually; beyond it only the total counts.
+pub const MAX_USERS_TRACKED: usize = 1000;
 
 /// Counter values at one instant. All counters are totals since start except
 /// `connections_current`.
@@ -62,6 +73,18 @@ pub struct IngestStatsSnapshot {
     pub client_id_too_long: u64,
     /// Persistent sessions forgotten because `max_persistent_sessions` was reached.
     pub sessions_evicted: u64,
+    /// Refused CONNECTs and publishes by reason, indexed like
+    /// [`crate::auth::AuthFailure::ALL`] (`sensorflow_auth_failures_total{reason}`).
+    pub auth_failures: [u64; 4],
+    /// CONNECTs refused because `max_connections_per_ip` sessions of that address were open
+    /// (also counted in `connections_refused`).
+    pub connections_refused_per_ip: u64,
+    /// Messages refused because their sensor id was new and `max_sensor_ids` ids are known.
+    pub sensor_ids_refused: u64,
+    /// Publishes delayed by the per-connection rate limit (`max_publishes_per_sec`).
+    pub publishes_throttled: u64,
+    /// Distinct sensor ids currently known to ingest.
+    pub sensor_ids: u64,
 }
 
 impl IngestStats {
@@ -92,6 +115,33 @@ impl IngestStats {
             packets_too_large: self.packets_too_large.load(Relaxed),
             client_id_too_long: self.client_id_too_long.load(Relaxed),
             sessions_evicted: self.sessions_evicted.load(Relaxed),
+            auth_failures: std::array::from_fn(|i| self.auth_failures[i].load(Relaxed)),
+            sensor_ids_refused: self.sensor_ids_refused.load(Relaxed),
+            connections_refused_per_ip: self.connections_refused_per_ip.load(Relaxed),
+            publishes_throttled: self.publishes_throttled.load(Relaxed),
+            sensor_ids: self.sensor_ids.load(Relaxed),
+        }
+    }
+
+    /// Publishes refused by the ACL per user (the first [`MAX_USERS_TRACKED`] users refused).
+    pub fn acl_denied_by_user(&self) -> Vec<(String, u64)> {
+        self.acl_denied_by_user
+            .lock()
+            .iter()
+            .map(|(u, n)| (u.clone(), *n))
+            .collect()
+    }
+
+    pub(crate) fn auth_failure(&self, failure: crate::auth::AuthFailure) {
+        bump(&self.auth_failures[failure as usize]);
+    }
+
+    pub(crate) fn acl_denied_for(&self, user: &str) {
+        let mut map = self.acl_denied_by_user.lock();
+        if let Some(n) = map.get_mut(user) {
+            *n += 1;
+        } else if map.len() < MAX_USERS_TRACKED {
+            map.insert(user.to_owned(), 1);
         }
     }
 }

@@ -16,7 +16,13 @@ use serde::Deserialize;
 pub(crate) const DEFAULT_TOML: &str = include_str!("../default.toml");
 
 /// Keys without a default (commented out in default.toml): absent means `None`.
-const OPTIONAL_KEYS: [(&str, &str); 4] = [
+const OPTIONAL_KEYS: [(&str, &str); 10] = [
+    ("tls", "cert_file"),
+    ("tls", "key_file"),
+    ("tls", "client_ca_file"),
+    ("auth", "password_file"),
+    ("auth", "acl_file"),
+    ("auth", "api_tokens_file"),
     ("pipeline", "movement_threshold"),
     ("model", "path"),
     ("model", "onnxruntime_library"),
@@ -32,6 +38,8 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     pub(crate) mqtt: MqttConfig,
     pub(crate) http: HttpConfig,
+    pub(crate) auth: AuthConfig,
+    pub(crate) tls: TlsSettings,
     pub(crate) log: LogSettings,
     pub(crate) pipeline: PipelineConfig,
     pub(crate) runtime: RuntimeConfig,
@@ -56,6 +64,10 @@ pub(crate) struct MqttConfig {
     pub(crate) session_expiry_max_secs: u64,
     pub(crate) allow_keep_alive_zero: bool,
     pub(crate) idle_timeout_secs: u64,
+    pub(crate) max_connections_per_ip: usize,
+    pub(crate) max_sensor_ids: usize,
+    pub(crate) sensor_id_idle_secs: u64,
+    pub(crate) max_publishes_per_sec: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -66,6 +78,32 @@ pub(crate) struct HttpConfig {
     pub(crate) header_read_timeout_secs: u64,
     pub(crate) max_connections_per_ip: usize,
     pub(crate) max_connections: usize,
+    pub(crate) max_request_head_bytes: usize,
+}
+
+/// `[auth]`: MQTT users, ACL, anonymous access, API tokens, CORS (see default.toml).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuthConfig {
+    pub(crate) password_file: Option<PathBuf>,
+    pub(crate) acl_file: Option<PathBuf>,
+    pub(crate) allow_anonymous: bool,
+    pub(crate) max_failed_connects: u32,
+    pub(crate) failed_connect_window_secs: u64,
+    pub(crate) verify_cache_secs: u64,
+    pub(crate) api_tokens_file: Option<PathBuf>,
+    pub(crate) cors_origins: Vec<String>,
+    pub(crate) max_websockets_per_token: usize,
+}
+
+/// `[tls]`: certificates for the MQTT TLS listener and HTTPS (see default.toml).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSettings {
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
+    pub(crate) mqtt_listen: SocketAddr,
+    pub(crate) client_ca_file: Option<PathBuf>,
 }
 
 /// How appends are made durable before a QoS 1 publish is acknowledged.
@@ -249,6 +287,24 @@ impl Config {
                 self.mqtt.idle_timeout_secs,
                 1,
                 65_535,
+            ),
+            (
+                "http.max_request_head_bytes",
+                self.http.max_request_head_bytes as u64,
+                8192,
+                16 << 20,
+            ),
+            (
+                "mqtt.max_connections_per_ip",
+                self.mqtt.max_connections_per_ip as u64,
+                1,
+                u64::MAX,
+            ),
+            (
+                "mqtt.max_sensor_ids",
+                self.mqtt.max_sensor_ids as u64,
+                1,
+                u64::MAX,
             ),
             (
                 "http.header_read_timeout_secs",

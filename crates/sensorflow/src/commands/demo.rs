@@ -25,6 +25,10 @@ pub(crate) struct DemoArgs {
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut config = args.platform.load_config()?;
     args.lake.apply(&mut config);
+    // The demo's own simulator connects without credentials, and a newcomer's first run
+    // should just work; said loudly, because it is not a production setting.
+    config.auth.allow_anonymous = true;
+    tracing::warn!("demo: anonymous MQTT clients are allowed (auth.allow_anonymous = true)");
     let platform = Embedded::start(&config).await?;
     let mut target = platform.mqtt_addr;
     // A wildcard listener is reached through loopback.

@@ -2,9 +2,11 @@
 
 pub(crate) mod demo;
 pub(crate) mod loadtest;
+pub(crate) mod passwd;
 pub(crate) mod replay;
 pub(crate) mod run;
 pub(crate) mod simulate;
+pub(crate) mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +29,10 @@ pub(crate) enum Command {
     Replay(replay::ReplayArgs),
     /// Print the default configuration, every key documented.
     Config,
+    /// Add or update an MQTT user in a password file (password read from stdin).
+    Passwd(passwd::PasswdArgs),
+    /// Create an API bearer token: prints it once, stores only its SHA-256.
+    Token(token::TokenArgs),
 }
 
 pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
@@ -36,6 +42,8 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
         Command::Simulate(args) => simulate::run(args).await,
         Command::Loadtest(args) => loadtest::run(args).await,
         Command::Replay(args) => replay::run(args).await,
+        Command::Passwd(args) => passwd::run(args).await,
+        Command::Token(args) => token::run(args).await,
         Command::Config => {
             print!("{DEFAULT_TOML}");
             Ok(())

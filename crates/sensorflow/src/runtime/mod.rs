@@ -21,9 +21,11 @@ mod engine;
 mod log_sink;
 pub(crate) mod model_control;
 mod pipeline_task;
+mod security;
 mod sink_queue;
 mod sink_task;
 mod status;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -97,6 +99,18 @@ pub(crate) struct Embedded {
 impl Embedded {
     /// Opens the log, lake and store under the data dir, loads the model and starts every role.
     pub(crate) async fn start(config: &Config) -> anyhow::Result<Embedded> {
+        // Security first: a platform that must not start should not touch its data.
+        let tls = tls::Tls::load(&config.tls)?.map(Arc::new);
+        let mut mqtt_listeners = vec![config.mqtt.listen];
+        if tls.is_some() {
+            mqtt_listeners.push(config.tls.mqtt_listen);
+        }
+        let mqtt_auth = security::mqtt_policy(
+            &config.auth,
+            &mqtt_listeners,
+            config.tls.client_ca_file.is_some(),
+        )?;
+        let api_tokens = security::api_tokens(&config.auth)?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let loader = model_control::ModelLoader::new(config);
@@ -173,6 +187,15 @@ impl Embedded {
             session_expiry_max: Duration::from_secs(config.mqtt.session_expiry_max_secs),
             allow_keep_alive_zero: config.mqtt.allow_keep_alive_zero,
             idle_timeout: Duration::from_secs(config.mqtt.idle_timeout_secs),
+            max_connections_per_ip: config.mqtt.max_connections_per_ip,
+            max_sensor_ids: config.mqtt.max_sensor_ids,
+            sensor_id_idle: Duration::from_secs(config.mqtt.sensor_id_idle_secs),
+            max_publishes_per_sec: config.mqtt.max_publishes_per_sec,
+            auth: mqtt_auth,
+            tls: tls.as_ref().map(|t| sensorflow_ingest::MqttTls {
+                listen: config.tls.mqtt_listen,
+                server_config: Arc::clone(&t.mqtt),
+            }),
             ..IngestConfig::default()
         };
         let ingest = IngestServer::start(
@@ -185,12 +208,19 @@ impl Embedded {
         let mqtt_addr = ingest.local_addr();
         status.set_ingest(mqtt_addr, ingest.stats_handle());
         tracing::info!("mqtt listening on {mqtt_addr}");
+        if let Some(addr) = ingest.tls_addr() {
+            tracing::info!("mqtts listening on {addr}");
+        }
+        if let Some(tls) = &tls {
+            tls.reload_on_sighup();
+        }
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("binding HTTP listener {}", config.http.listen))?;
         let http_addr = listener.local_addr()?;
-        tracing::info!("http listening on {http_addr}");
+        let https = if tls.is_some() { " (https)" } else { "" };
+        tracing::info!("http listening on {http_addr}{https}");
         let (http_shutdown, mut shutdown_rx) = watch::channel(false);
         status.set_model_slot(model_slot.clone());
         spawn_sighup_reload(loader.clone(), model_slot.clone());
@@ -202,6 +232,11 @@ impl Embedded {
                 header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
                 max_connections_per_ip: config.http.max_connections_per_ip,
                 max_connections: config.http.max_connections,
+                tokens: api_tokens,
+                tls: tls.as_ref().map(|t| Arc::clone(&t.https)),
+                cors_origins: config.auth.cors_origins.clone(),
+                max_websockets_per_token: config.auth.max_websockets_per_token,
+                max_request_head_bytes: config.http.max_request_head_bytes,
                 ..ApiConfig::default()
             },
         )

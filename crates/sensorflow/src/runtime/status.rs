@@ -758,6 +758,65 @@ impl StatusSource for SharedStatus {
                 "MQTT connections refused.",
                 i.connections_refused,
             );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_connections_refused_per_ip_total",
+                "counter",
+                "MQTT connections refused because mqtt.max_connections_per_ip were open from that address.",
+                i.connections_refused_per_ip,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_sensor_ids",
+                "gauge",
+                "Distinct sensor ids known to ingest (capped by mqtt.max_sensor_ids).",
+                i.sensor_ids,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_sensor_ids_refused_total",
+                "counter",
+                "Messages refused because their sensor id was new and mqtt.max_sensor_ids were known.",
+                i.sensor_ids_refused,
+            );
+            gauge_like(
+                out,
+                "sensorflow_mqtt_publishes_throttled_total",
+                "counter",
+                "Publishes delayed by the per-connection rate limit (mqtt.max_publishes_per_sec).",
+                i.publishes_throttled,
+            );
+            family(
+                out,
+                "sensorflow_auth_failures_total",
+                "counter",
+                "Refused MQTT CONNECTs and publishes by reason.",
+            );
+            for (reason, n) in sensorflow_ingest::AuthFailure::ALL
+                .iter()
+                .zip(i.auth_failures)
+            {
+                sample(
+                    out,
+                    "sensorflow_auth_failures_total",
+                    &[("reason", reason.as_str())],
+                    n,
+                );
+            }
+            family(
+                out,
+                "sensorflow_auth_acl_denied_total",
+                "counter",
+                "Publishes refused by the ACL, per user.",
+            );
+            for (user, n) in stats.acl_denied_by_user() {
+                sample(
+                    out,
+                    "sensorflow_auth_acl_denied_total",
+                    &[("user", &user)],
+                    n,
+                );
+            }
             family(
                 out,
                 "sensorflow_mqtt_publishes_total",
