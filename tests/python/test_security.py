@@ -303,31 +303,40 @@ def test_a_flood_of_bad_connects_is_rate_limited_while_a_connected_sensor_keeps_
 PUBLIC = {"/health", "/ready", "/", "/docs"}
 
 
-def protected_paths(platform: Platform) -> list[str]:
-    """Every GET path of the OpenAPI document but the public ones, path parameters filled."""
+def protected_operations(platform: Platform) -> list[tuple[str, str, str]]:
+    """(method, template, path) of every operation of the OpenAPI document but the public
+    ones, path parameters filled."""
     doc = platform.get("/openapi.json", headers=auth_headers(platform.token)).json()
-    paths = []
+    operations = []
     for template, ops in doc["paths"].items():
-        if template in PUBLIC or "get" not in ops:
+        if template in PUBLIC:
             continue
-        paths.append((template, template.replace("{sensor_id}", "imu-1").replace("{session_id}", "imu-1_0")))
-    assert len(paths) >= 10, paths
-    return paths
+        path = template.replace("{sensor_id}", "imu-1").replace("{session_id}", "imu-1_0")
+        for method in ops:
+            if method in ("get", "post", "put", "patch", "delete"):
+                operations.append((method.upper(), template, path))
+    assert len(operations) >= 10, operations
+    return operations
 
 
 def test_every_protected_route_of_the_openapi_document_needs_the_token(secured):
     assert secured.get("/openapi.json").status_code == 401
-    for template, path in protected_paths(secured):
-        none = secured.get(path)
-        assert none.status_code == 401, (path, none.status_code)
+    for method, template, path in protected_operations(secured):
+
+        def call(headers=None):
+            return requests.request(method, secured.http + path, headers=headers, timeout=10)
+
+        none = call()
+        assert none.status_code == 401, (method, path, none.status_code)
         assert none.json()["error"]["code"] == "unauthorized"
         assert none.headers["WWW-Authenticate"].startswith("Bearer")
-        wrong = secured.get(path, headers=auth_headers("0" * 64))
-        assert wrong.status_code == 401, (path, wrong.status_code)
-        ok = secured.get(path, headers=auth_headers(secured.token))
-        # WebSocket routes answer a plain GET with 426; an id that does not exist gets 404.
-        assert ok.status_code not in (401, 403) and ok.status_code < 500, (path, ok.status_code)
-        if not path.startswith("/ws/") and "{" not in template:
+        wrong = call(auth_headers("0" * 64))
+        assert wrong.status_code == 401, (method, path, wrong.status_code)
+        ok = call(auth_headers(secured.token))
+        # WebSocket routes answer a plain GET with 426, an id that does not exist gets 404, a
+        # POST without its body 4xx: anything but 401/403 and 5xx.
+        assert ok.status_code not in (401, 403) and ok.status_code < 500, (method, path, ok.status_code)
+        if method == "GET" and not path.startswith("/ws/") and "{" not in template:
             assert ok.status_code == 200, (path, ok.status_code)
     for path in ["/health", "/ready", "/", "/assets/app.js", "/assets/style.css", "/docs"]:
         assert secured.get(path).status_code == 200, path
