@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sensorflow_pipeline::PipelineConfig;
@@ -39,6 +40,8 @@ pub(crate) struct Config {
     pub(crate) model: ModelConfig,
     pub(crate) lake: LakeSettings,
     pub(crate) demo: DemoConfig,
+    /// Distributed mode (`gateway`, `processor`, `api`).
+    pub(crate) kafka: sensorflow_kafka::KafkaConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -288,10 +291,31 @@ impl Config {
         if self.demo.rate_hz <= 0.0 {
             problems.push("demo.rate_hz: must be positive".into());
         }
+        problems.extend(self.kafka.validate().iter().map(|e| e.to_string()));
         if !problems.is_empty() {
             bail!("invalid configuration:\n  {}", problems.join("\n  "));
         }
         Ok(())
+    }
+
+    /// Ingest's settings from `[mqtt]` (the MQTT listener of `run` and `gateway`).
+    pub(crate) fn ingest_config(&self) -> anyhow::Result<sensorflow_ingest::IngestConfig> {
+        let mqtt = &self.mqtt;
+        Ok(sensorflow_ingest::IngestConfig {
+            listen: mqtt.listen,
+            binary_topic: sensorflow_ingest::TopicPattern::parse(&mqtt.binary_topic)?,
+            json_topic: sensorflow_ingest::TopicPattern::parse(&mqtt.json_topic)?,
+            max_message_bytes: mqtt.max_message_bytes,
+            receive_maximum: mqtt.receive_maximum,
+            max_connections: mqtt.max_connections,
+            connect_timeout: Duration::from_secs(mqtt.connect_timeout_secs),
+            max_client_id_bytes: mqtt.max_client_id_bytes,
+            max_persistent_sessions: mqtt.max_persistent_sessions,
+            session_expiry_max: Duration::from_secs(mqtt.session_expiry_max_secs),
+            allow_keep_alive_zero: mqtt.allow_keep_alive_zero,
+            idle_timeout: Duration::from_secs(mqtt.idle_timeout_secs),
+            ..sensorflow_ingest::IngestConfig::default()
+        })
     }
 
     /// The lake writer's settings from `[lake]`, for a lake rooted at `root`.

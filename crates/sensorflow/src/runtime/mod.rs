@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
-use sensorflow_ingest::{IngestConfig, IngestServer, TopicPattern};
+use sensorflow_ingest::IngestServer;
 use sensorflow_lake::SessionsStore;
 use sensorflow_log::{Durability, Log, LogConfig, Retention};
 use sensorflow_pipeline::{
@@ -146,21 +146,7 @@ impl Embedded {
         };
         let dataflow_thread = dataflow.start()?;
 
-        let ingest_config = IngestConfig {
-            listen: config.mqtt.listen,
-            binary_topic: TopicPattern::parse(&config.mqtt.binary_topic)?,
-            json_topic: TopicPattern::parse(&config.mqtt.json_topic)?,
-            max_message_bytes: config.mqtt.max_message_bytes,
-            receive_maximum: config.mqtt.receive_maximum,
-            max_connections: config.mqtt.max_connections,
-            connect_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
-            max_client_id_bytes: config.mqtt.max_client_id_bytes,
-            max_persistent_sessions: config.mqtt.max_persistent_sessions,
-            session_expiry_max: Duration::from_secs(config.mqtt.session_expiry_max_secs),
-            allow_keep_alive_zero: config.mqtt.allow_keep_alive_zero,
-            idle_timeout: Duration::from_secs(config.mqtt.idle_timeout_secs),
-            ..IngestConfig::default()
-        };
+        let ingest_config = config.ingest_config()?;
         let ingest = IngestServer::start(
             ingest_config,
             Arc::new(LogSink::spawn(log.clone())),
