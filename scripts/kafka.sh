@@ -5,6 +5,10 @@
 #
 #   scripts/kafka.sh fetch                 fetch the jars (idempotent); prints the lib dir
 #   scripts/kafka.sh classpath             prints the broker's Java classpath
+#   scripts/kafka.sh format PROPS          formats the log dir of PROPS (a server.properties)
+#                                          with a new cluster id, unless already formatted
+#   scripts/kafka.sh run PROPS             runs a broker on PROPS in the foreground (exec: the
+#                                          caller's pid is the JVM's, to stop, kill or pause)
 #   scripts/kafka.sh start [DIR] [PORT]    format DIR (default ./kafka-data) if new and run a
 #                                          broker on 127.0.0.1:PORT (default 9092) in the
 #                                          foreground; the controller listens on PORT+1
@@ -63,19 +67,29 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 PROPS
-    # shellcheck disable=SC2046
-    if [ ! -f "$dir/logs/meta.properties" ]; then
-        java $(java_opts) -cp "$LIBS/*" kafka.tools.StorageTool format --ignore-formatted \
-            -t "$(java -cp "$LIBS/*" kafka.tools.StorageTool random-uuid)" -c "$dir/server.properties"
-    fi
+    format "$dir/server.properties"
     echo "kafka.sh: broker on 127.0.0.1:$port (controller :$cport), data in $dir" >&2
+    run "$dir/server.properties"
+}
+
+format() {
+    local props=$1 cluster_id
+    cluster_id=$(java -cp "$LIBS/*" kafka.tools.StorageTool random-uuid)
     # shellcheck disable=SC2046
-    exec java $(java_opts) -cp "$LIBS/*" kafka.Kafka "$dir/server.properties"
+    java $(java_opts) -cp "$LIBS/*" kafka.tools.StorageTool format --ignore-formatted \
+        -t "$cluster_id" -c "$props" >&2
+}
+
+run() {
+    # shellcheck disable=SC2046
+    exec java $(java_opts) -cp "$LIBS/*" kafka.Kafka "$1"
 }
 
 case "${1:-}" in
 fetch) fetch; echo "$LIBS" ;;
 classpath) fetch; echo "$LIBS/*" ;;
 start) shift; fetch; start "$@" ;;
-*) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+format) fetch; format "$2" ;;
+run) fetch; run "$2" ;;
+*) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
