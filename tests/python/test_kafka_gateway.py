@@ -56,6 +56,14 @@ def check_exactly_once(broker, topic, pub: Publisher, payloads: dict):
         assert r["payload"] == payloads[key], f"{key}: payload differs from what was published"
         assert r["format"] == "binary"
         seen[key] = seen.get(key, 0) + 1
+    by_sensor: dict = {}
+    for m in records:
+        r = decode_ingest_record(m.value())
+        by_sensor.setdefault(r["sensor_id"], []).append((m.partition(), m.offset(), base_of(r)))
+    for sid, rows in by_sensor.items():
+        assert len({p for p, _, _ in rows}) == 1, f"{sid}: one partition per key"
+        bases = [b for _, _, b in sorted(rows, key=lambda x: x[1])]
+        assert bases == sorted(bases), f"{sid}: records out of publish order"
     doubled = {k: n for k, n in seen.items() if n > 1}
     assert not doubled, f"records in Kafka more than once: {sorted(doubled)[:10]}"
     missing = set(pub.acked) - set(seen)
@@ -120,7 +128,16 @@ def test_every_acknowledged_publish_is_one_ingest_record_keyed_by_sensor(kafka_b
 
 def test_a_broker_outage_withholds_pubacks_and_loses_or_doubles_nothing(kafka_broker):
     topic = f"imu-data-outage-{uuid.uuid4().hex[:8]}"
-    gw = start_gateway(kafka_broker, env={"SENSORFLOW_KAFKA_TOPICS_INGEST": topic, "SENSORFLOW_KAFKA_PARTITIONS": "3"})
+    # A producer queue of 50 records: the outage fills it, so records also take the path that
+    # waits for room (in order) instead of failing.
+    gw = start_gateway(
+        kafka_broker,
+        env={
+            "SENSORFLOW_KAFKA_TOPICS_INGEST": topic,
+            "SENSORFLOW_KAFKA_PARTITIONS": "3",
+            "SENSORFLOW_KAFKA_CLIENT_QUEUE_BUFFERING_MAX_MESSAGES": "50",
+        },
+    )
     pub = Publisher(gw.mqtt_host, gw.mqtt_port)
     sensors = [f"out-{k}" for k in range(3)]
     payloads: dict = {}
@@ -155,7 +172,10 @@ def test_a_broker_outage_withholds_pubacks_and_loses_or_doubles_nothing(kafka_br
         assert len(pub.acked) == acked_at_pause, "no PUBACK while Kafka cannot acknowledge"
         assert pub.unacked() > unacked_at_pause, "publishing went on, unacknowledged"
         assert gw.proc.poll() is None, "the gateway did not crash"
-        assert metric(gw.get("/metrics").text, "sensorflow_kafka_in_flight_records") > 0
+        m = gw.get("/metrics").text
+        assert metric(m, "sensorflow_kafka_in_flight_records") > 50
+        assert metric(m, "sensorflow_kafka_queue_full_total") > 0, "the producer queue filled up"
+        assert metric(m, "sensorflow_kafka_produce_errors_total") == 0, "a full queue is waited on, not an error"
         kafka_broker.resume()
         paused = False
         wait_until(lambda: len(pub.acked) > acked_at_pause + 50, timeout=60, message="PUBACKs resume")

@@ -467,6 +467,43 @@ mod tests {
     }
 
     #[test]
+    fn kafka_section_has_the_design_defaults_and_takes_file_and_env_layers() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.kafka.topics.ingest, "imu-data-all");
+        assert_eq!(c.kafka.topics.sessions, "new-session-topic");
+        assert_eq!((c.kafka.partitions, c.kafka.replication_factor), (12, 1));
+        assert!(c.kafka.client.is_empty());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "[kafka]\nbrokers = \"k1:9092,k2:9092\"\n[kafka.client]\n\"security.protocol\" = \"SASL_SSL\"\n\"linger.ms\" = 20\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("SENSORFLOW_KAFKA_TOPICS_INGEST", "raw-imu"),
+                ("SENSORFLOW_KAFKA_REPLICATION_FACTOR", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(c.kafka.topics.ingest, "raw-imu");
+        assert_eq!(c.kafka.replication_factor, 3);
+        let props = c.kafka.client_properties(&[]);
+        assert_eq!(props["security.protocol"], "SASL_SSL");
+        assert_eq!(props["linger.ms"], "20");
+
+        let err = format!(
+            "{:#}",
+            Config::load(None, env(&[("SENSORFLOW_KAFKA_PARTITIONS", "0")])).unwrap_err()
+        );
+        assert!(err.contains("kafka.partitions"), "{err}");
+    }
+
+    #[test]
     fn file_layer_with_unknown_key_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.toml");
