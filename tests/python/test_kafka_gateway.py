@@ -86,6 +86,8 @@ def test_every_acknowledged_publish_is_one_ingest_record_keyed_by_sensor(kafka_b
         jpayload = json_packet(10_000, T0_US, synthetic_samples(4, seed=1))
         pub.publish("gw-json", ("gw-json", "json"), jpayload, topic="sensors/gw-json/data")
         pub.publish("gw-0", ("gw-0", "junk"), b"junk", topic="nowhere/gw-0")
+        # Oversize (mqtt.max_message_bytes = 256 KiB): counted for its sensor, not produced.
+        pub.publish("gw-big", ("gw-big", "big"), b"x" * 300_000)
         pub.wait_all_acked(timeout=60)
         after_us = time.time_ns() // 1000
 
@@ -118,6 +120,7 @@ def test_every_acknowledged_publish_is_one_ingest_record_keyed_by_sensor(kafka_b
         assert metric(m, "sensorflow_kafka_produce_errors_total") == 0
         assert metric(m, "sensorflow_kafka_in_flight_records") == 0
         assert 'sensorflow_ingest_rejected_total{reason="unknown_topic"} 1' in m
+        assert 'sensorflow_sensor_bad_input_total{sensor_id="gw-big",reason="oversize"} 1' in m
         ready = gw.get("/ready")
         assert ready.status_code == 200 and ready.json()["components"]["kafka"]["ok"]
         assert any("http listening on" in line for line in gw.log_lines)

@@ -10,11 +10,11 @@
 //! then the producer and the MQTT listener. Stop (SIGINT/SIGTERM): MQTT stops accepting and
 //! waits for in-flight publishes to be acknowledged by Kafka, the producer flushes, HTTP stops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use tokio::sync::watch;
 
 use super::shutdown_signal;
 use crate::config::Config;
+use crate::runtime::record_bad;
 
 /// How often readiness asks the cluster for the ingest topic's metadata.
 const READY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -83,8 +84,11 @@ struct GatewayStatus {
     ingest: OnceLock<Arc<IngestStats>>,
     /// `Ok(detail)` when the last metadata request succeeded, `Err(reason)` otherwise.
     kafka: RwLock<Result<String, String>>,
-    /// Bad input seen by ingest (unknown topics, oversize messages), by reason.
-    bad: Mutex<BTreeMap<&'static str, u64>>,
+    /// Bad input seen by ingest (unknown topics, oversize messages) by sensor ("" when
+    /// unknown) and reason, bounded as in embedded mode (`status::record_bad`).
+    bad: Mutex<HashMap<String, BTreeMap<BadReason, u64>>>,
+    /// Bad input of sensors beyond the tracked ones.
+    bad_untracked: AtomicU64,
 }
 
 impl IngestObserver for GatewayStatus {
@@ -95,7 +99,9 @@ impl IngestObserver for GatewayStatus {
             detail,
             "bad input rejected by ingest"
         );
-        *self.bad.lock().entry(reason.as_str()).or_default() += 1;
+        if !record_bad(&mut self.bad.lock(), sensor_id.unwrap_or(""), reason) {
+            self.bad_untracked.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -223,17 +229,46 @@ impl GatewayStatus {
                 i.rejected_by_sink,
             );
         }
+        // The same families as embedded mode's /metrics.
+        let bad = self.bad.lock();
         let _ = writeln!(
             out,
-            "# HELP sensorflow_ingest_rejected_total Messages rejected by ingest, by reason.\n\
+            "# HELP sensorflow_sensor_bad_input_total Bad input per sensor and reason.\n\
+             # TYPE sensorflow_sensor_bad_input_total counter"
+        );
+        let mut sensors: Vec<_> = bad.iter().filter(|(id, _)| !id.is_empty()).collect();
+        sensors.sort_by(|a, b| a.0.cmp(b.0));
+        for (id, reasons) in sensors {
+            let id = id
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            for (reason, n) in reasons {
+                let _ = writeln!(
+                    out,
+                    "sensorflow_sensor_bad_input_total{{sensor_id=\"{id}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sensorflow_ingest_rejected_total Messages rejected by ingest with no known sensor, by reason.\n\
              # TYPE sensorflow_ingest_rejected_total counter"
         );
-        for (reason, n) in self.bad.lock().iter() {
+        for (reason, n) in bad.get("").into_iter().flatten() {
             let _ = writeln!(
                 out,
                 "sensorflow_ingest_rejected_total{{reason=\"{reason}\"}} {n}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP sensorflow_ingest_bad_input_untracked_total Bad input of sensors not tracked per sensor.\n\
+             # TYPE sensorflow_ingest_bad_input_untracked_total counter\n\
+             sensorflow_ingest_bad_input_untracked_total {}",
+            self.bad_untracked.load(Ordering::Relaxed)
+        );
+        drop(bad);
         out
     }
 }
@@ -271,7 +306,8 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         producer: OnceLock::new(),
         ingest: OnceLock::new(),
         kafka: RwLock::new(Err("not connected yet".into())),
-        bad: Mutex::new(BTreeMap::new()),
+        bad: Mutex::new(HashMap::new()),
+        bad_untracked: AtomicU64::new(0),
     });
 
     let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -317,7 +353,19 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let _ = status.ingest.set(ingest.stats_handle());
     tracing::info!(brokers = %config.kafka.brokers, %topic, "mqtt listening on {mqtt_addr}");
 
-    shutdown_signal().await;
+    // A fatal producer error (e.g. the idempotent producer fenced or out of sequence) leaves a
+    // producer that can deliver nothing: stop with an error, so the supervisor starts a fresh
+    // one, rather than refuse every publish while looking alive.
+    let stats = sink.stats();
+    let fatal = async move {
+        while !stats.fatal.load(Ordering::Acquire) {
+            tokio::time::sleep(READY_PROBE_INTERVAL).await;
+        }
+    };
+    let failed = tokio::select! {
+        () = shutdown_signal() => false,
+        () = fatal => true,
+    };
     tracing::info!("shutting down: stopping MQTT ingest");
     ingest.stop().await;
     let flush_sink = Arc::clone(&sink);
@@ -330,6 +378,11 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     match tokio::time::timeout(Duration::from_secs(5), http_task).await {
         Ok(result) => result??,
         Err(_) => tracing::warn!("HTTP connections did not close within 5 s"),
+    }
+    if failed {
+        anyhow::bail!(
+            "the kafka producer hit a fatal error (see the log above); restart the gateway"
+        );
     }
     tracing::info!("stopped");
     Ok(())

@@ -23,6 +23,8 @@ mod pipeline_task;
 mod sink_queue;
 mod sink_task;
 mod status;
+// The gateway counts bad input the same bounded way.
+pub(crate) use status::record_bad;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
