@@ -222,10 +222,34 @@ fn is_queue_full(e: &KafkaError) -> bool {
     )
 }
 
+/// One record counted in [`ProducerStats::in_flight`] until it is dropped: when its outcome is
+/// known, or when ingest drops the publish's future (the client went away; librdkafka still
+/// delivers the record, but nobody waits for the report), so the gauge cannot drift.
+struct InFlight(Arc<ProducerStats>);
+
+impl InFlight {
+    fn new(stats: &Arc<ProducerStats>) -> InFlight {
+        stats.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(stats))
+    }
+
+    /// Counts a record that failed before it reached librdkafka.
+    fn failed(self, e: SinkError) -> std::result::Result<(), SinkError> {
+        self.0.errors.fetch_add(1, Ordering::Relaxed);
+        Err(e)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Waits for the delivery report of a queued record and keeps the counters.
 async fn delivered(
     delivery: DeliveryFuture,
-    stats: Arc<ProducerStats>,
+    in_flight: InFlight,
 ) -> std::result::Result<(), SinkError> {
     let outcome = match delivery.await {
         Ok(Ok(_)) => Ok(()),
@@ -236,7 +260,7 @@ async fn delivered(
             "the kafka producer was closed".into(),
         )),
     };
-    stats.in_flight.fetch_sub(1, Ordering::AcqRel);
+    let stats = &in_flight.0;
     match &outcome {
         Ok(()) => stats.produced.fetch_add(1, Ordering::Relaxed),
         Err(e) => {
@@ -252,16 +276,12 @@ impl IngestSink for KafkaSink {
         &self,
         record: IngestRecord,
     ) -> BoxFuture<'static, std::result::Result<(), SinkError>> {
+        let in_flight = InFlight::new(&self.stats);
         let value = match record_value(&record) {
             Ok(v) => v,
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                return futures::future::ready(Err(e)).boxed();
-            }
+            Err(e) => return futures::future::ready(in_flight.failed(e)).boxed(),
         };
         let timestamp = record_timestamp_ms(record.ingest_us);
-        let stats = Arc::clone(&self.stats);
-        stats.in_flight.fetch_add(1, Ordering::AcqRel);
         if self.stats.waiting_for_queue.load(Ordering::Acquire) == 0 {
             let sent = self.producer.send_result(
                 FutureRecord::to(&self.topic)
@@ -270,45 +290,33 @@ impl IngestSink for KafkaSink {
                     .timestamp(timestamp),
             );
             match sent {
-                Ok(delivery) => return delivered(delivery, stats).boxed(),
+                Ok(delivery) => return delivered(delivery, in_flight).boxed(),
                 Err((e, _)) if is_queue_full(&e) => {
-                    stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                    self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
                 }
                 Err((e, _)) => {
-                    stats.in_flight.fetch_sub(1, Ordering::AcqRel);
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    return futures::future::ready(Err(enqueue_error(&e))).boxed();
+                    return futures::future::ready(in_flight.failed(enqueue_error(&e))).boxed();
                 }
             }
         }
         let (done_tx, done_rx) = oneshot::channel();
-        stats.waiting_for_queue.fetch_add(1, Ordering::AcqRel);
+        self.stats.waiting_for_queue.fetch_add(1, Ordering::AcqRel);
         if self
             .tx
             .send((record.sensor_id, value, timestamp, done_tx))
             .is_err()
         {
-            stats.waiting_for_queue.fetch_sub(1, Ordering::AcqRel);
-            stats.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return futures::future::ready(Err(SinkError::Unavailable(
-                "the kafka producer is closed".into(),
-            )))
-            .boxed();
+            self.stats.waiting_for_queue.fetch_sub(1, Ordering::AcqRel);
+            let closed = SinkError::Unavailable("the kafka producer is closed".into());
+            return futures::future::ready(in_flight.failed(closed)).boxed();
         }
         async move {
             match done_rx.await {
-                Ok(Ok(delivery)) => delivered(delivery, stats).await,
-                Ok(Err(e)) => {
-                    stats.in_flight.fetch_sub(1, Ordering::AcqRel);
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    Err(e)
-                }
-                Err(_) => {
-                    stats.in_flight.fetch_sub(1, Ordering::AcqRel);
-                    Err(SinkError::Unavailable(
-                        "the kafka producer is closed".into(),
-                    ))
-                }
+                Ok(Ok(delivery)) => delivered(delivery, in_flight).await,
+                Ok(Err(e)) => in_flight.failed(e),
+                Err(_) => in_flight.failed(SinkError::Unavailable(
+                    "the kafka producer is closed".into(),
+                )),
             }
         }
         .boxed()
