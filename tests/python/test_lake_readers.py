@@ -32,6 +32,7 @@ SAMPLES_SCHEMA = pa.schema(
         *[(c, pa.float32()) for c in ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z", "mag_x", "mag_y", "mag_z"]],
         ("temp_raw", pa.int16()),
         *[(c, pa.float32()) for c in ["accl_mag", "gyro_mag", "velocity_pred", "velocity_raw", "movement_prob"]],
+        ("model_version", pa.string()),
         ("ingest_us", pa.int64()),
     ]
 )

@@ -4,12 +4,17 @@ platform keeps running on the same data dir."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import shutil
 import subprocess
 import time
 
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from testkit import PERIOD_US, Platform, Publisher, binary_path, encode_packet, synthetic_samples
+from testkit import PERIOD_US, ROOT, Platform, Publisher, binary_path, encode_packet, synthetic_samples
 
 SENSORS = [f"replay-{i}" for i in range(4)]
 PACKETS = 10
@@ -73,3 +78,42 @@ def test_replay_from_a_time_reprocesses_exactly_the_records_received_since(tmp_p
         assert v is not None and abs(replayed[key] - v) <= 1e-5, (key, v, replayed[key])
     sessions = pq.read_table(str(tmp_path / "all" / "sessions")).to_pylist()
     assert {s["sensor_id"] for s in sessions} == set(SENSORS)
+
+
+def test_shadow_replay_of_a_candidate_from_s3_into_an_s3_lake(tmp_path, s3_server):
+    """The shadow workflow of the README: replay the log with a candidate model fetched from S3
+    into a lake on S3, every row stamped with the candidate's version."""
+    data = tmp_path / "data"
+    t0 = int(time.time() * 1e6) - 60_000_000
+    platform = Platform(data)
+    pub = Publisher(platform.mqtt_host, platform.mqtt_port)
+    try:
+        publish_phase(pub, t0, 0)
+    finally:
+        pub.close()
+        assert platform.stop() == 0
+
+    bucket = s3_server.new_bucket("shadow")
+    cand = tmp_path / "candidate.onnx"
+    shutil.copyfile(ROOT / "models" / "demo_lstm.onnx", cand)
+    sidecar = json.loads((ROOT / "models" / "demo_lstm.json").read_text())
+    sidecar["version"] = "shadow-9"
+    cand.with_suffix(".json").write_text(json.dumps(sidecar))
+    s3 = s3_server.client()
+    s3.upload_file(str(cand), bucket, "models/candidate.onnx")
+    s3.upload_file(str(cand.with_suffix(".json")), bucket, "models/candidate.json")
+
+    done = subprocess.run(
+        [str(binary_path()), "replay", "--from", "2000-01-01T00:00:00Z", "--data-dir", str(data),
+         "--lake", f"s3://{bucket}/lake", "--model", f"s3://{bucket}/models/candidate.onnx"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **s3_server.env},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "shadow-9" in done.stderr
+    fs = pafs.S3FileSystem(endpoint_override=s3_server.endpoint.removeprefix("http://"), scheme="http",
+                           access_key=s3_server.ACCESS_KEY, secret_key=s3_server.SECRET_KEY, region=s3_server.REGION)
+    table = ds.dataset(f"{bucket}/lake/samples", filesystem=fs, format="parquet", partitioning="hive").to_table()
+    rows = table.select(["sensor_id", "sample_index", "model_version"]).to_pylist()
+    assert len(rows) == len(SENSORS) * PACKETS * 64
+    assert len({(r["sensor_id"], r["sample_index"]) for r in rows}) == len(rows)
+    assert {r["model_version"] for r in rows} == {"shadow-9"}

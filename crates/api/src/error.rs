@@ -19,6 +19,13 @@ pub enum ApiError {
     /// 405 `method_not_allowed`.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 409 `conflict`: the request conflicts with one in progress.
+    #[error("{0}")]
+    Conflict(String),
+    /// 422 `unprocessable`: well-formed, but what it names cannot be used (e.g. a model that
+    /// fails validation).
+    #[error("{0}")]
+    Unprocessable(String),
     /// 426 `upgrade_required`: a WebSocket endpoint was called without a WebSocket upgrade.
     #[error("{0}")]
     UpgradeRequired(String),
@@ -37,6 +44,8 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -49,6 +58,8 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unprocessable(_) => "unprocessable",
             ApiError::UpgradeRequired(_) => "upgrade_required",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -78,8 +89,8 @@ pub struct ErrorBody {
 /// What went wrong.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// `bad_request`, `not_found`, `method_not_allowed`, `upgrade_required`, `unavailable` or
-    /// `internal`.
+    /// `bad_request`, `not_found`, `method_not_allowed`, `conflict`, `unprocessable`,
+    /// `upgrade_required`, `unavailable` or `internal`.
     #[schema(example = "not_found")]
     pub code: String,
     /// A human-readable explanation.

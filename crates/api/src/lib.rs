@@ -27,6 +27,7 @@ mod assets;
 mod error;
 pub mod hub;
 pub mod metrics;
+mod model;
 mod openapi;
 mod rest;
 mod server;
@@ -36,6 +37,7 @@ mod ws;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use hub::{Hub, HubConfig, RawFrame, SessionMessage, Subscription};
 pub use metrics::{ApiMetrics, WsKind};
+pub use model::{ModelControl, ModelInfo, SwapFuture, SwapRequest};
 pub use openapi::ApiDoc;
 pub use rest::{
     ActiveFilter, DEFAULT_SESSIONS_LIMIT, Health, MAX_SESSIONS_LIMIT, PROMETHEUS_CONTENT_TYPE,

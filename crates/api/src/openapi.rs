@@ -11,9 +11,10 @@
 use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ErrorBody, ErrorDetail};
+use crate::model::{ModelInfo, SwapRequest};
 use crate::rest::{ActiveFilter, Health};
 use crate::status::{ComponentStatus, ReadyStatus, SensorStatus};
-use crate::{assets, rest, ws};
+use crate::{assets, model, rest, ws};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -25,18 +26,20 @@ use crate::{assets, rest, ws};
     paths(
         assets::dashboard, assets::docs, rest::health, rest::ready, rest::sensors, rest::sensor,
         rest::sessions, rest::session, rest::metrics, rest::openapi, ws::raw, ws::windows,
-        ws::aggregate, ws::session, ws::all_sessions,
+        ws::aggregate, ws::session, ws::all_sessions, model::get_model, model::post_model,
     ),
     components(schemas(
         Health, ReadyStatus, ComponentStatus, SensorStatus, SessionViewSchema, ActiveFilter, ErrorBody,
         ErrorDetail, SampleRowSchema, WindowRecordSchema, SessionAggregateSchema,
         SessionRecordSchema, SessionEventSchema, SessionEndReasonSchema, SessionMessageSchema,
+        ModelInfo, SwapRequest,
     )),
     tags(
         (name = "ops", description = "Health, readiness and metrics"),
         (name = "sensors", description = "Sensor status and counters"),
         (name = "sessions", description = "Sessions from the sessions store"),
         (name = "live", description = "WebSocket feeds (GET with a WebSocket upgrade)"),
+        (name = "model", description = "The active model; swapping it at run time"),
         (name = "docs", description = "Dashboard and documentation"),
     )
 )]
@@ -70,6 +73,9 @@ pub(crate) struct SampleRowSchema {
     /// The model's velocity output, unmasked.
     velocity_raw: f32,
     movement_prob: f32,
+    /// Version of the model that predicted `velocity_*` and `movement_prob` (the sidecar's
+    /// `version`, else the first 12 hex digits of the ONNX file's SHA-256).
+    model_version: String,
     /// When the platform received the packet (µs since the epoch).
     ingest_us: i64,
 }

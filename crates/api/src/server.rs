@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::ApiMetrics;
+use crate::model::ModelControl;
 use crate::status::StatusSource;
-use crate::{assets, openapi, rest, ws};
+use crate::{assets, model, openapi, rest, ws};
 
 /// Configuration of the HTTP API.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +61,7 @@ pub struct ApiState {
     metrics: Arc<ApiMetrics>,
     shutdown: CancellationToken,
     openapi: Arc<str>,
+    model: Option<Arc<dyn ModelControl>>,
 }
 
 impl ApiState {
@@ -72,7 +74,21 @@ impl ApiState {
             metrics: Arc::new(ApiMetrics::default()),
             shutdown: CancellationToken::new(),
             openapi: Arc::from(openapi::document()),
+            model: None,
         }
+    }
+
+    /// Serves `GET`/`POST /model` through `control` (without it they answer 503).
+    #[must_use]
+    pub fn with_model_control(mut self, control: Arc<dyn ModelControl>) -> Self {
+        self.model = Some(control);
+        self
+    }
+
+    pub(crate) fn model_control(&self) -> Result<&Arc<dyn ModelControl>, ApiError> {
+        self.model
+            .as_ref()
+            .ok_or_else(|| ApiError::Unavailable("this role runs no model".into()))
     }
 
     /// The API's counters (also rendered on `/metrics`).
@@ -118,6 +134,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/sessions/{session_id}", get(rest::session))
         .route("/metrics", get(rest::metrics))
         .route("/openapi.json", get(rest::openapi))
+        .route("/model", get(model::get_model).post(model::post_model))
         .route("/ws/raw/{sensor_id}", get(ws::raw))
         .route("/ws/windows/{sensor_id}", get(ws::windows))
         .route("/ws/aggregate/{sensor_id}", get(ws::aggregate))

@@ -3,10 +3,13 @@
 //!
 //! `cargo run --release -p sensorflow-lake --example lake_bench [-- SAMPLES [lz4|zstd|snappy|none]]`
 //! Prints ns/sample including the final flush (fsync + rename of every file).
+//!
+//! With `LAKE_BENCH_URL=s3://bucket/prefix` (and the AWS variables) it writes there instead,
+//! staging files in the temporary directory: the flush then includes the uploads.
 
 use std::time::Instant;
 
-use sensorflow_lake::{Compression, LakeConfig, LakeWriter, Table};
+use sensorflow_lake::{Compression, LakeConfig, LakeLocation, LakeWriter, Table};
 
 #[path = "../benches/support/traffic.rs"]
 mod traffic;
@@ -27,9 +30,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(other) => return Err(format!("unknown compression {other}").into()),
     };
     let dir = std::env::temp_dir().join(format!("sensorflow-lake-bench-{}", std::process::id()));
+    let location = match std::env::var("LAKE_BENCH_URL") {
+        Ok(url) => LakeLocation::parse(&url, &dir)?,
+        Err(_) => LakeLocation::Dir(dir.clone()),
+    };
     let mut lake = LakeWriter::open(LakeConfig {
         compression,
-        ..LakeConfig::new(&dir)
+        ..LakeConfig::new(location)
     })?;
 
     // One reusable chunk per sensor with plausible IMU values; each round advances its indices

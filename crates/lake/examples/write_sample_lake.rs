@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut chunks = Vec::new();
             for p in half * 10..(half + 1) * 10 {
                 let mut c = SampleChunk::with_capacity(s.clone(), session(s), 64);
+                c.model_version = "sample-lake-1".into();
                 for i in 0..64u32 {
                     let idx = p * 64 + i;
                     let x = idx as f32 / 64.0;

@@ -13,7 +13,8 @@
 //! # Invariants
 //!
 //! - A lake reader (DuckDB, pyarrow, Spark) never sees a partial file: data files are written
-//!   under a hidden `.tmp` name and renamed only once complete and fsynced.
+//!   under a hidden `.tmp` name and renamed only once complete and fsynced, or, for a lake on
+//!   S3, staged locally and uploaded whole in one PUT (or one multipart upload).
 //! - Nothing here spawns threads: the owner calls `write_*`, `roll_due` and `flush` from its sink
 //!   loop, which gives natural backpressure.
 //! - Column names are those of DESIGN.md "Record schemas", identical to the JSON field names.
@@ -25,8 +26,9 @@ pub mod sessions_store;
 mod sync;
 
 pub use lake::{
-    CompactionReport, Compression, LakeConfig, LakeError, LakeStats, LakeWriter, TableStats,
-    epoch_writer_id, partition_dates, partition_dir, remove_files_after_epoch,
+    CompactionReport, Compression, LakeConfig, LakeError, LakeLocation, LakeStats, LakeWriter,
+    ObjectLake, TableStats, epoch_writer_id, partition_dates, partition_dir,
+    remove_files_after_epoch,
 };
 pub use read::{SampleCounts, count_samples_by_sensor};
 pub use schema::Table;

@@ -133,6 +133,7 @@ static SAMPLES: LazyLock<SchemaRef> = LazyLock::new(|| {
         f32("velocity_pred"),
         f32("velocity_raw"),
         f32("movement_prob"),
+        required("model_version", DataType::Utf8),
         required("ingest_us", DataType::Int64),
     ]))
 });
@@ -264,6 +265,7 @@ pub(crate) struct SamplesBuffer {
     /// accl_mag and is kept apart because it is i16).
     f32_cols: [Vec<f32>; 14],
     temp_raw: Vec<i16>,
+    model_version: StringBuilder,
     ingest_us: Vec<i64>,
 }
 
@@ -283,6 +285,7 @@ impl SamplesBuffer {
         }
         self.temp_raw
             .extend_from_slice(&chunk.temp_raw[range.clone()]);
+        self.model_version.append_value_n(&*chunk.model_version, n);
         self.ingest_us.extend_from_slice(&chunk.ingest_us[range]);
     }
 }
@@ -303,6 +306,7 @@ impl RowBuffer for SamplesBuffer {
             timestamp_us: Vec::with_capacity(capacity),
             f32_cols: std::array::from_fn(|_| Vec::with_capacity(capacity)),
             temp_raw: Vec::with_capacity(capacity),
+            model_version: string_builder(capacity),
             ingest_us: Vec::with_capacity(capacity),
         }
     }
@@ -318,7 +322,7 @@ impl RowBuffer for SamplesBuffer {
             .map(|v| take_col::<Float32Type>(v, capacity))
             .into_iter();
         let mut next_f32 = || f32s.next().ok_or_else(|| unreachable_column("f32"));
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(20);
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(21);
         columns.push(Arc::new(self.sensor_id.finish()));
         columns.push(Arc::new(self.session_id.finish()));
         columns.push(take_col::<UInt32Type>(&mut self.sample_index, capacity));
@@ -331,6 +335,7 @@ impl RowBuffer for SamplesBuffer {
             // accl_mag, gyro_mag, velocity_pred, velocity_raw, movement_prob
             columns.push(next_f32()?);
         }
+        columns.push(Arc::new(self.model_version.finish()));
         columns.push(take_col::<Int64Type>(&mut self.ingest_us, capacity));
         RecordBatch::try_new(Table::Samples.schema(), columns)
     }

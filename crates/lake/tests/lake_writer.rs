@@ -42,6 +42,7 @@ fn config(root: &Path) -> LakeConfig {
 fn chunk(sensor: &str, base_index: u32, start_us: i64, n: usize) -> SampleChunk {
     let session = format!("{sensor}_{start_us}");
     let mut c = SampleChunk::with_capacity(sensor.into(), session.into(), n);
+    c.model_version = format!("model-of-{sensor}").into();
     for i in 0..n {
         let idx = base_index + i as u32;
         let x = idx as f32;
@@ -148,7 +149,8 @@ fn sample_rows(batches: &[RecordBatch]) -> Vec<SampleRow> {
                 velocity_pred: f(16).value(r),
                 velocity_raw: f(17).value(r),
                 movement_prob: f(18).value(r),
-                ingest_us: b.column(19).as_primitive::<Int64Type>().value(r),
+                model_version: s(19).value(r).into(),
+                ingest_us: b.column(20).as_primitive::<Int64Type>().value(r),
             });
         }
     }

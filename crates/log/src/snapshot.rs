@@ -31,6 +31,9 @@ pub struct Scan {
     next_segment: usize,
     current: Option<Current>,
     done: bool,
+    /// Record bytes (frames) in the segments as listed, and returned so far: progress.
+    bytes_total: u64,
+    bytes_read: u64,
 }
 
 #[derive(Debug)]
@@ -47,19 +50,36 @@ struct Current {
 /// Starts a read-only scan of the log in `dir`. Takes no lock; see the module docs for what a
 /// scan of a live log sees.
 pub fn scan(dir: &Path) -> Result<Scan> {
-    let segments = segment::list_segments(dir)?
+    let segments: Vec<(u64, PathBuf)> = segment::list_segments(dir)?
         .into_iter()
         .map(|base| (base, segment::segment_path(dir, base)))
         .collect();
+    let bytes_total = segments
+        .iter()
+        .filter_map(|(_, path)| std::fs::metadata(path).ok())
+        .map(|m| m.len().saturating_sub(SEGMENT_HEADER_LEN as u64))
+        .sum();
     Ok(Scan {
         segments,
         next_segment: 0,
         current: None,
         done: false,
+        bytes_total,
+        bytes_read: 0,
     })
 }
 
 impl Scan {
+    /// Bytes of records in the log as listed when the scan began (a live log grows beyond it).
+    pub fn bytes_total(&self) -> u64 {
+        self.bytes_total
+    }
+
+    /// Bytes of the records returned so far, in the units of [`bytes_total`](Self::bytes_total).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
     /// Opens the next segment; `Ok(false)` when there is none.
     fn open_next(&mut self) -> Result<bool> {
         let Some((base, path)) = self.segments.get(self.next_segment).cloned() else {
@@ -162,7 +182,10 @@ impl Iterator for Scan {
             }
             let current = self.current.as_mut()?;
             match current.next_record() {
-                Ok(Some(record)) => return Some(Ok(record)),
+                Ok(Some(record)) => {
+                    self.bytes_read += format::frame_len(record.1.len());
+                    return Some(Ok(record));
+                }
                 Ok(None) if current.last => {
                     self.done = true;
                     return None;

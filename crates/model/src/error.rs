@@ -66,6 +66,11 @@ pub enum ModelError {
     /// `movement_threshold` is outside [0, 1].
     #[error("model sidecar movement_threshold {0} must lie in [0, 1]")]
     BadThreshold(f32),
+    /// `version` is empty, longer than `sidecar::MAX_VERSION_LEN` or not printable ASCII.
+    #[error(
+        "model sidecar version {0:?} must be 1 to 64 printable ASCII characters without spaces"
+    )]
+    BadVersion(String),
     /// tract could not parse, type or optimise the ONNX graph.
     #[error("ONNX model: {0}")]
     Onnx(String),

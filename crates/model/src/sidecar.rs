@@ -24,7 +24,15 @@ pub struct Sidecar {
     /// Samples whose `movement_prob` is below this count as not moving (velocity forced to 0).
     #[serde(default = "default_movement_threshold")]
     pub movement_threshold: f32,
+    /// The model's version as its training pipeline names it (e.g. `"2026-12-01.3"`), stamped
+    /// on every sample row as `model_version`; without it the version is the first 12 hex
+    /// digits of the ONNX file's SHA-256 (see `Model::version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
+
+/// Longest `version` a sidecar may declare: it is stamped on every sample row.
+pub const MAX_VERSION_LEN: usize = 64;
 
 fn default_movement_threshold() -> f32 {
     0.5
@@ -123,6 +131,13 @@ impl Sidecar {
         if !(0.0..=1.0).contains(&self.movement_threshold) {
             return Err(ModelError::BadThreshold(self.movement_threshold));
         }
+        if let Some(v) = &self.version
+            && (v.is_empty()
+                || v.len() > MAX_VERSION_LEN
+                || !v.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(ModelError::BadVersion(v.clone()));
+        }
         Ok(())
     }
 
@@ -183,6 +198,23 @@ mod tests {
 
     fn demo() -> Sidecar {
         Sidecar::from_json(DEMO.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_version_is_optional_and_must_be_a_short_printable_name() {
+        assert_eq!(demo().version, None);
+        let with = |v: &str| {
+            DEMO.replace(
+                "\"movement_threshold\"",
+                &format!("\"version\":{v},\"movement_threshold\""),
+            )
+        };
+        let s = Sidecar::from_json(with("\"2026-12-01.3\"").as_bytes()).unwrap();
+        assert_eq!(s.version.as_deref(), Some("2026-12-01.3"));
+        for bad in ["\"\"", "\"has space\"", &format!("\"{}\"", "x".repeat(65))] {
+            let err = Sidecar::from_json(with(bad).as_bytes()).unwrap_err();
+            assert!(matches!(err, ModelError::BadVersion(_)), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -214,6 +214,9 @@ pub struct Pipeline {
 /// Buffers reused by every step, so the hot path does not allocate per packet.
 #[derive(Default)]
 struct Scratch {
+    /// Time spent in model calls (ns) by this pipeline: a measurement, not state, so it is
+    /// kept out of `PipelineStats` and snapshots.
+    model_nanos: u64,
     phys: Vec<PhysSample>,
     features: Vec<f32>,
     h: Vec<f32>,
@@ -231,18 +234,11 @@ impl Pipeline {
             let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
             return Err(PipelineError::Config(text.join("; ")));
         }
-        let sidecar = model.sidecar();
-        let mut features = Vec::with_capacity(sidecar.feature_cols.len());
-        let mut scaler = Vec::with_capacity(sidecar.feature_cols.len());
-        for name in &sidecar.feature_cols {
-            features.push(
-                Feature::parse(name).ok_or_else(|| PipelineError::UnknownFeature(name.clone()))?,
-            );
-            // The sidecar was validated at load: every feature has a mean and a positive std.
-            let mean = sidecar.scaler.mean.get(name).copied().unwrap_or(0.0);
-            let std = sidecar.scaler.std.get(name).copied().unwrap_or(1.0);
-            scaler.push((mean, std));
-        }
+        let ModelBinding {
+            features,
+            scaler,
+            threshold,
+        } = bind_model(&config, &model)?;
         let ctx = Ctx {
             period_us: config.period_us(),
             dt_s: 1.0 / config.sample_rate_hz,
@@ -250,9 +246,7 @@ impl Pipeline {
             window_us: PipelineConfig::secs_to_us(config.window_secs),
             lateness_us: PipelineConfig::secs_to_us(config.allowed_lateness_secs),
             aggregate_us: PipelineConfig::secs_to_us(config.aggregate_interval_secs),
-            threshold: config
-                .movement_threshold
-                .unwrap_or(sidecar.movement_threshold),
+            threshold,
             max_past_us: PipelineConfig::secs_to_us(config.event_time_max_past_secs),
             max_future_us: PipelineConfig::secs_to_us(config.event_time_max_future_secs),
             evict_idle_us: PipelineConfig::secs_to_us(config.sensor_idle_evict_secs),
@@ -269,6 +263,43 @@ impl Pipeline {
             scratch: Scratch::default(),
             stats: PipelineStats::default(),
         })
+    }
+
+    /// Swaps in `model` between two steps (DESIGN "Model contract"): every later prediction
+    /// comes from it and every sensor's recurrent state restarts from zeros (its shape may
+    /// differ, and one model's state means nothing to another). Sessions, windows and dedupe
+    /// positions carry on. Fails, leaving the pipeline as it was, when the model reads a
+    /// feature column the pipeline does not compute.
+    pub fn set_model(&mut self, model: Arc<Model>) -> Result<(), PipelineError> {
+        let ModelBinding {
+            features,
+            scaler,
+            threshold,
+        } = bind_model(&self.config, &model)?;
+        let state_len = model.state_len();
+        for state in &mut self.sensors {
+            // `process` infers before it returns: nothing is pending between steps.
+            debug_assert!(state.pending.is_none());
+            state.h.clear();
+            state.h.resize(state_len, 0.0);
+            state.c.clear();
+            state.c.resize(state_len, 0.0);
+        }
+        self.features = features;
+        self.scaler = scaler;
+        self.ctx.threshold = threshold;
+        self.model = model;
+        Ok(())
+    }
+
+    /// The model this pipeline runs.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Time spent in model calls by this pipeline object (not restored from snapshots).
+    pub fn model_time(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.scratch.model_nanos)
     }
 
     /// Processes ingest records in log order; `now_us` is the processing time (µs since the
@@ -693,6 +724,36 @@ fn accept_packet(
         .emit_ready(&state.id, ctx.window_us, ctx.lateness_us, &mut out.windows);
 }
 
+/// What a pipeline takes from its model: the feature columns it reads (each one the pipeline
+/// must compute), their (mean, std) and the movement threshold (the configuration's, if set).
+struct ModelBinding {
+    features: Vec<Feature>,
+    scaler: Vec<(f32, f32)>,
+    threshold: f32,
+}
+
+fn bind_model(config: &PipelineConfig, model: &Model) -> Result<ModelBinding, PipelineError> {
+    let sidecar = model.sidecar();
+    let mut features = Vec::with_capacity(sidecar.feature_cols.len());
+    let mut scaler = Vec::with_capacity(sidecar.feature_cols.len());
+    for name in &sidecar.feature_cols {
+        features
+            .push(Feature::parse(name).ok_or_else(|| PipelineError::UnknownFeature(name.clone()))?);
+        // The sidecar was validated at load: every feature has a mean and a positive std.
+        let mean = sidecar.scaler.mean.get(name).copied().unwrap_or(0.0);
+        let std = sidecar.scaler.std.get(name).copied().unwrap_or(1.0);
+        scaler.push((mean, std));
+    }
+    let threshold = config
+        .movement_threshold
+        .unwrap_or(sidecar.movement_threshold);
+    Ok(ModelBinding {
+        features,
+        scaler,
+        threshold,
+    })
+}
+
 /// Infers and emits one sensor's pending samples now (before its session ends).
 fn flush_sensor(
     ctx: &Ctx,
@@ -786,7 +847,10 @@ fn infer(
             (feats, hs, cs, vel, prob) = (rest_f, rest_h, rest_c, rest_v, rest_p);
         }
         stats.model_calls += 1;
-        if let Err(e) = model.run(&mut seqs) {
+        let started = std::time::Instant::now();
+        let result = model.run(&mut seqs);
+        scratch.model_nanos += started.elapsed().as_nanos() as u64;
+        if let Err(e) = result {
             stats.model_errors += 1;
             tracing::warn!(error = %e, sequences = seqs.len(), "model call failed; predictions of these samples are NaN");
             for s in seqs.iter_mut() {
@@ -807,6 +871,7 @@ fn infer(
             &scratch.velocity[offset..offset + t],
             &scratch.prob[offset..offset + t],
         );
+        chunk.model_version = model.version().clone();
         chunk.velocity_raw.extend_from_slice(vel);
         chunk.velocity_pred.extend(
             vel.iter()

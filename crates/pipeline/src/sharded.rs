@@ -87,6 +87,27 @@ impl ShardedPipeline {
         Ok(Self::from_shards(shards))
     }
 
+    /// Swaps every shard to its model in `models` (one per shard, as for [`new`](Self::new))
+    /// between two steps; see [`Pipeline::set_model`]. Fails, changing nothing, when the
+    /// count differs or the model reads a feature the pipeline does not compute.
+    pub fn set_models(&mut self, models: &[Arc<Model>]) -> Result<(), PipelineError> {
+        if models.len() != self.shards.len() {
+            return Err(PipelineError::Config(format!(
+                "{} models for {} shards",
+                models.len(),
+                self.shards.len()
+            )));
+        }
+        // Checked on the first shard before any is changed: every model is the same version.
+        if let (Some(first), Some(model)) = (self.shards.first_mut(), models.first()) {
+            first.set_model(model.clone())?;
+        }
+        for (shard, model) in self.shards.iter_mut().zip(models).skip(1) {
+            shard.set_model(model.clone())?;
+        }
+        Ok(())
+    }
+
     fn from_shards(shards: Vec<Pipeline>) -> Self {
         let outs = shards.iter().map(|_| Outputs::default()).collect();
         Self { shards, outs }
@@ -165,6 +186,12 @@ impl ShardedPipeline {
             total.samples_quarantined += s.samples_quarantined;
         }
         total
+    }
+
+    /// Time spent in model calls, summed over the shards (see [`Pipeline::model_time`]).
+    #[must_use]
+    pub fn model_time(&self) -> std::time::Duration {
+        self.shards.iter().map(Pipeline::model_time).sum()
     }
 
     /// One snapshot of all shards, as a single pipeline's (see the module docs).

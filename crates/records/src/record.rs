@@ -44,6 +44,9 @@ pub struct SampleChunk {
     /// The model's own velocity output, unmasked.
     pub velocity_raw: Vec<f32>,
     pub movement_prob: Vec<f32>,
+    /// Version of the model that predicted these samples (DESIGN "Model contract"); one model
+    /// scores a whole chunk, so it is one value for all its rows.
+    pub model_version: Arc<str>,
     /// When the platform received the packet these samples came in (µs since the epoch).
     pub ingest_us: Vec<i64>,
 }
@@ -72,6 +75,7 @@ impl SampleChunk {
             velocity_pred: v(),
             velocity_raw: v(),
             movement_prob: v(),
+            model_version: Arc::from(""),
             ingest_us: Vec::with_capacity(capacity),
         }
     }
@@ -168,6 +172,7 @@ impl SampleChunk {
             velocity_pred: self.velocity_pred[i],
             velocity_raw: self.velocity_raw[i],
             movement_prob: self.movement_prob[i],
+            model_version: self.model_version.clone(),
             ingest_us: self.ingest_us[i],
         }
     }
@@ -197,6 +202,8 @@ pub struct SampleRow {
     /// The model's velocity output, unmasked.
     pub velocity_raw: f32,
     pub movement_prob: f32,
+    /// Version of the model that predicted `velocity_*` and `movement_prob`.
+    pub model_version: Arc<str>,
     pub ingest_us: i64,
 }
 

@@ -116,6 +116,17 @@ pub(crate) struct ModelConfig {
     pub(crate) onnxruntime_library: Option<PathBuf>,
     /// ONNX Runtime threads inside one model call (each pipeline shard has its own session).
     pub(crate) intra_threads: usize,
+    pub(crate) fetch_timeout_secs: u64,
+    pub(crate) max_bytes: u64,
+}
+
+impl ModelConfig {
+    pub(crate) fn fetch_limits(&self) -> crate::model_source::FetchLimits {
+        crate::model_source::FetchLimits {
+            timeout: std::time::Duration::from_secs(self.fetch_timeout_secs.max(1)),
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 /// `model.engine`: which inference engine runs the model.
@@ -318,8 +329,12 @@ impl Config {
         })
     }
 
-    /// The lake writer's settings from `[lake]`, for a lake rooted at `root`.
-    pub(crate) fn lake_config(&self, root: PathBuf) -> sensorflow_lake::LakeConfig {
+    /// The lake writer's settings from `[lake]`, for a lake at `root` (a directory or a
+    /// [`sensorflow_lake::LakeLocation`]).
+    pub(crate) fn lake_config(
+        &self,
+        root: impl Into<sensorflow_lake::LakeLocation>,
+    ) -> sensorflow_lake::LakeConfig {
         sensorflow_lake::LakeConfig {
             target_file_bytes: self.lake.target_file_bytes,
             max_file_age: std::time::Duration::from_secs(self.lake.max_file_age_secs),
@@ -331,7 +346,21 @@ impl Config {
         }
     }
 
-    /// Root directory of the lake.
+    /// Where the lake lives: `lake.root` (a directory, or `s3://bucket/prefix` configured by
+    /// the standard AWS variables) or `{data_dir}/lake`. An object-store lake encodes its files
+    /// in `{data_dir}/lake-staging` before uploading them.
+    pub(crate) fn lake_location(&self) -> anyhow::Result<sensorflow_lake::LakeLocation> {
+        let root = self.lake_root();
+        match root.to_str() {
+            Some(url) if url.contains("://") => {
+                sensorflow_lake::LakeLocation::parse(url, self.data_dir.join("lake-staging"))
+                    .context("lake.root")
+            }
+            _ => Ok(sensorflow_lake::LakeLocation::Dir(root)),
+        }
+    }
+
+    /// Root of the lake as configured: a directory or a URL.
     pub(crate) fn lake_root(&self) -> PathBuf {
         self.lake
             .root
@@ -570,5 +599,30 @@ mod tests {
             (c.model.engine, c.lake.compression),
             (EngineChoice::Auto, LakeCompression::Lz4)
         );
+    }
+
+    #[test]
+    fn the_lake_root_may_be_an_s3_url_staged_under_the_data_dir() {
+        use sensorflow_lake::LakeLocation;
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(
+            c.lake_location().unwrap(),
+            LakeLocation::Dir(c.data_dir.join("lake"))
+        );
+        let c = Config::load(
+            None,
+            env(&[("SENSORFLOW_LAKE_ROOT", "s3://sensor-lake/prod")]),
+        )
+        .unwrap();
+        match c.lake_location().unwrap() {
+            LakeLocation::Objects(o) => {
+                assert_eq!(o.url(), "s3://sensor-lake/prod");
+                assert_eq!(o.prefix().as_ref(), "prod");
+                assert_eq!(o.staging_dir(), c.data_dir.join("lake-staging"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Config::load(None, env(&[("SENSORFLOW_LAKE_ROOT", "gs://b/p")])).unwrap();
+        assert!(c.lake_location().is_err());
     }
 }

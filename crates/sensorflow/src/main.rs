@@ -11,6 +11,7 @@
 
 mod commands;
 mod config;
+mod model_source;
 mod runtime;
 mod sim;
 

@@ -6,13 +6,15 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
+use object_store::path::Path as ObjectPath;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{
     committed_files, epoch_writer_id, file_epoch, file_name_string, partition_dir, sync_dir,
 };
-use super::{FinishedFile, LakeError, LakeStats, LakeWriter, io_at};
+use super::store::ObjectLake;
+use super::{FinishedFile, LakeError, LakeStats, LakeWriter, OpenFile, io_at};
 use crate::schema::Table;
 
 /// What one [`LakeWriter::compact`] call did.
@@ -70,33 +72,24 @@ impl LakeWriter {
         date: NaiveDate,
         through_epoch: Option<u64>,
     ) -> Result<CompactionReport, LakeError> {
+        if let Some(objects) = self.ctx.config.root.objects().cloned() {
+            return self.compact_objects(&objects, table, date, through_epoch);
+        }
         let ctx = &mut self.ctx;
-        let dir = partition_dir(&ctx.config.root, table, date);
+        let dir = partition_dir(ctx.config.root.local_root(), table, date);
         if dir.is_dir() {
             roll_forward_compactions(&dir, &mut ctx.stats)?;
         }
-        let target = ctx.config.target_file_bytes;
-        let small = target / SMALL_FILE_FRACTION;
-        let mut inputs = Vec::new();
-        let mut input_bytes = 0u64;
-        let mut newest_epoch = None;
-        let mut pending_files = 0;
-        for (name, len) in committed_files(&dir)? {
-            let epoch = file_epoch(&name);
-            if len >= small {
-                continue;
-            }
-            if epoch.zip(through_epoch).is_some_and(|(e, max)| e > max) {
-                pending_files += 1;
-                continue;
-            }
-            if inputs.len() >= 2 && input_bytes + len > target {
-                break;
-            }
-            input_bytes += len;
-            newest_epoch = newest_epoch.max(epoch);
-            inputs.push(name);
-        }
+        let Selection {
+            inputs,
+            input_bytes,
+            newest_epoch,
+            pending_files,
+        } = select_inputs(
+            committed_files(&dir)?,
+            ctx.config.target_file_bytes,
+            through_epoch,
+        );
         if inputs.len() < 2 {
             return Ok(CompactionReport {
                 pending_files,
@@ -107,21 +100,12 @@ impl LakeWriter {
         // 1. The merged file, hidden.
         let writer_id = newest_epoch.map(epoch_writer_id);
         let mut out = ctx.new_file(table, &dir, writer_id.as_deref())?;
-        let schema = table.schema();
         let mut rows = 0u64;
         let copied = (|| {
             for name in &inputs {
                 let path = dir.join(name);
                 let file = File::open(&path).map_err(io_at(&path))?;
-                let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
-                if builder.schema().fields() != schema.fields() {
-                    return Err(LakeError::SchemaMismatch { table, path });
-                }
-                for batch in builder.with_batch_size(ctx.batch_rows).build()? {
-                    let batch = batch?;
-                    rows += batch.num_rows() as u64;
-                    out.writer.write(&batch)?;
-                }
+                rows += append_rows(&mut out, file, table, ctx.batch_rows, || path.clone())?;
             }
             Ok(())
         })();
@@ -168,6 +152,43 @@ impl LakeWriter {
             pending_files,
         })
     }
+}
+
+/// The files one compaction merges, chosen from a partition's committed files.
+struct Selection {
+    inputs: Vec<String>,
+    input_bytes: u64,
+    newest_epoch: Option<u64>,
+    pending_files: usize,
+}
+
+/// Picks the small files (oldest first, up to about `target` bytes) among `files` (sorted by
+/// name, with sizes), leaving out those of epochs after `through_epoch`.
+fn select_inputs(files: Vec<(String, u64)>, target: u64, through_epoch: Option<u64>) -> Selection {
+    let small = target / SMALL_FILE_FRACTION;
+    let mut sel = Selection {
+        inputs: Vec::new(),
+        input_bytes: 0,
+        newest_epoch: None,
+        pending_files: 0,
+    };
+    for (name, len) in files {
+        let epoch = file_epoch(&name);
+        if len >= small {
+            continue;
+        }
+        if epoch.zip(through_epoch).is_some_and(|(e, max)| e > max) {
+            sel.pending_files += 1;
+            continue;
+        }
+        if sel.inputs.len() >= 2 && sel.input_bytes + len > target {
+            break;
+        }
+        sel.input_bytes += len;
+        sel.newest_epoch = sel.newest_epoch.max(epoch);
+        sel.inputs.push(name);
+    }
+    sel
 }
 
 /// What an in-flight compaction is replacing with what (`.compact-{output}.json`).
@@ -285,6 +306,263 @@ pub(super) fn recover_table_dir(table_dir: &Path, stats: &mut LakeStats) -> Resu
         }
     }
     Ok(())
+}
+
+impl LakeWriter {
+    /// [`LakeWriter::compact`] on an object store: the same steps in the same order, with a
+    /// server-side copy in place of the rename and the journal stored beside the files:
+    ///
+    /// 1. encode the merged file in the staging directory and upload it as the hidden object
+    ///    `.part-….parquet.tmp` of the partition (readers skip names starting with a dot);
+    /// 2. PUT the journal `.compact-{output}.json` in the partition;
+    /// 3. delete the inputs (from here until 4, readers miss those rows);
+    /// 4. copy the hidden object to its final name, delete the hidden one;
+    /// 5. delete the journal.
+    ///
+    /// Readers never see a row twice: the output becomes visible only once every input is gone.
+    /// The journal lives in the store rather than in the data dir because after step 3 the only
+    /// copy of the inputs' rows is the hidden object in the store: whatever finishes the job (the
+    /// next `open` or `compact` of the prefix, maybe on another machine with a fresh data dir)
+    /// must find both there. A journal whose PUT failed but landed anyway names a hidden object
+    /// that step 1's clean-up deleted and an output that does not exist: it is discarded and the
+    /// inputs kept, as for a torn journal on disk.
+    fn compact_objects(
+        &mut self,
+        objects: &ObjectLake,
+        table: Table,
+        date: NaiveDate,
+        through_epoch: Option<u64>,
+    ) -> Result<CompactionReport, LakeError> {
+        let ctx = &mut self.ctx;
+        let partition = objects.partition_key(table, date);
+        roll_forward_object_compactions(objects, &partition, &mut ctx.stats)?;
+        let Selection {
+            inputs,
+            input_bytes,
+            newest_epoch,
+            pending_files,
+        } = select_inputs(
+            objects.committed_files(table, date)?,
+            ctx.config.target_file_bytes,
+            through_epoch,
+        );
+        if inputs.len() < 2 {
+            return Ok(CompactionReport {
+                pending_files,
+                ..CompactionReport::default()
+            });
+        }
+
+        // 1. The merged file, staged, then uploaded under a hidden name.
+        let staging = partition_dir(objects.staging_dir(), table, date);
+        fs::create_dir_all(&staging).map_err(io_at(&staging))?;
+        let writer_id = newest_epoch.map(epoch_writer_id);
+        let mut out = ctx.new_file(table, &staging, writer_id.as_deref())?;
+        let mut rows = 0u64;
+        let copied = (|| {
+            for name in &inputs {
+                let key = partition.clone().join(name.as_str());
+                let bytes = objects.get(&key)?.ok_or_else(|| LakeError::Store {
+                    url: objects.url().into(),
+                    key: key.to_string(),
+                    source: object_store::Error::NotFound {
+                        path: key.to_string(),
+                        source: "a compaction input vanished (another writer on the prefix?)"
+                            .into(),
+                    },
+                })?;
+                rows += append_rows(&mut out, bytes, table, ctx.batch_rows, || {
+                    PathBuf::from(key.as_ref())
+                })?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            out.abort();
+            return Err(e);
+        }
+        let FinishedFile {
+            tmp_path,
+            final_path,
+            bytes: output_bytes,
+            ..
+        } = out.finish()?;
+        let journal = CompactionJournal {
+            output: file_name_string(&final_path),
+            tmp: file_name_string(&tmp_path),
+            inputs: inputs.clone(),
+        };
+        let tmp_key = partition.clone().join(journal.tmp.as_str());
+        let uploaded = objects.upload(&tmp_path, &tmp_key);
+        let _ = fs::remove_file(&tmp_path);
+        uploaded?;
+
+        // 2. The journal that lets `open` finish the job after a crash.
+        let journal_key = partition
+            .clone()
+            .join(format!(".compact-{}.json", journal.output).as_str());
+        let put = serde_json::to_vec(&journal)
+            .map_err(|e| io_at(Path::new(journal_key.as_ref()))(io::Error::other(e)))
+            .and_then(|bytes| objects.put(&journal_key, bytes.into()));
+        if let Err(e) = put {
+            let _ = objects.delete(&tmp_key);
+            return Err(e);
+        }
+
+        // 3.-5. Once the journal is stored the compaction only moves forward.
+        finish_object_compaction(objects, &partition, &journal)?;
+        objects.delete(&journal_key)?;
+
+        let output = partition.clone().join(journal.output.as_str());
+        ctx.stats.compactions += 1;
+        tracing::info!(
+            %table, %date, inputs = inputs.len(), rows, output = %output,
+            "lake partition compacted"
+        );
+        Ok(CompactionReport {
+            input_files: inputs.len(),
+            input_bytes,
+            rows,
+            output: Some(PathBuf::from(output.as_ref())),
+            output_bytes,
+            pending_files,
+        })
+    }
+}
+
+/// Steps 3 and 4 of an object-store compaction: delete the inputs, then reveal the output by a
+/// copy of the hidden object. Idempotent.
+fn finish_object_compaction(
+    objects: &ObjectLake,
+    partition: &ObjectPath,
+    journal: &CompactionJournal,
+) -> Result<(), LakeError> {
+    for name in &journal.inputs {
+        objects.delete(&partition.clone().join(name.as_str()))?;
+    }
+    let tmp = partition.clone().join(journal.tmp.as_str());
+    if objects.exists(&tmp)? {
+        objects.copy(&tmp, &partition.clone().join(journal.output.as_str()))?;
+        objects.delete(&tmp)?;
+    }
+    Ok(())
+}
+
+/// Whether `key` lies directly in `partition`; its file name then.
+fn name_in<'a>(key: &'a ObjectPath, partition: &ObjectPath) -> Option<&'a str> {
+    (key.parts().count() == partition.parts().count() + 1 && key.prefix_matches(partition))
+        .then(|| key.filename())
+        .flatten()
+}
+
+/// Finishes the compactions of an object-store partition whose journals are left (see
+/// [`roll_forward_compactions`]); returns the hidden names the journals referred to.
+fn roll_forward_object_compactions(
+    objects: &ObjectLake,
+    partition: &ObjectPath,
+    stats: &mut LakeStats,
+) -> Result<Vec<String>, LakeError> {
+    let mut handled = Vec::new();
+    for meta in objects.list(partition)? {
+        let Some(name) = name_in(&meta.location, partition) else {
+            continue;
+        };
+        if !(name.starts_with(".compact-") && name.ends_with(".json")) {
+            continue;
+        }
+        let journal = objects
+            .get(&meta.location)?
+            .and_then(|b| serde_json::from_slice::<CompactionJournal>(&b).ok())
+            .filter(CompactionJournal::names_are_local);
+        match journal {
+            Some(j)
+                if objects.exists(&partition.clone().join(j.tmp.as_str()))?
+                    || objects.exists(&partition.clone().join(j.output.as_str()))? =>
+            {
+                finish_object_compaction(objects, partition, &j)?;
+                stats.compactions_recovered += 1;
+                handled.push(j.tmp);
+            }
+            _ => {
+                tracing::warn!(url = objects.url(), journal = %meta.location, "discarding unusable compaction journal")
+            }
+        }
+        objects.delete(&meta.location)?;
+    }
+    Ok(handled)
+}
+
+/// What [`recover_table_dir`] does for the partitions of an object-store lake: rolls
+/// interrupted compactions forward and deletes hidden objects they left (one listing per table;
+/// partitions are relisted only when they hold a journal).
+pub(super) fn recover_objects(
+    objects: &ObjectLake,
+    stats: &mut LakeStats,
+) -> Result<(), LakeError> {
+    for table in Table::ALL {
+        let table_key = objects.key([table.name()]);
+        let listing = objects.list(&table_key)?;
+        let mut partitions = std::collections::BTreeSet::new();
+        for meta in &listing {
+            let parts: Vec<_> = meta.location.parts().collect();
+            let [.., partition, name] = parts.as_slice() else {
+                continue;
+            };
+            if parts.len() == table_key.parts().count() + 2
+                && partition.as_ref().starts_with("date=")
+                && name.as_ref().starts_with(".compact-")
+            {
+                partitions.insert(table_key.clone().join(partition.clone()));
+            }
+        }
+        let mut handled = Vec::new();
+        for partition in &partitions {
+            for tmp in roll_forward_object_compactions(objects, partition, stats)? {
+                handled.push(partition.clone().join(tmp.as_str()));
+            }
+        }
+        for meta in &listing {
+            let parts: Vec<_> = meta.location.parts().collect();
+            let [.., partition, name] = parts.as_slice() else {
+                continue;
+            };
+            let leftover = parts.len() == table_key.parts().count() + 2
+                && partition.as_ref().starts_with("date=")
+                && name.as_ref().starts_with(".part-")
+                && name.as_ref().ends_with(".parquet.tmp");
+            if leftover && !handled.contains(&meta.location) {
+                objects.delete(&meta.location)?;
+                stats.tmp_files_removed += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends every row of one compaction input (`input`, a file or the bytes of an object) to
+/// `out`, after checking that its schema is the table's; `name` names it in the error. Returns
+/// the rows copied.
+fn append_rows<R: parquet::file::reader::ChunkReader + 'static>(
+    out: &mut OpenFile,
+    input: R,
+    table: Table,
+    batch_rows: usize,
+    name: impl FnOnce() -> PathBuf,
+) -> Result<u64, LakeError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(input)?;
+    if builder.schema().fields() != table.schema().fields() {
+        return Err(LakeError::SchemaMismatch {
+            table,
+            path: name(),
+        });
+    }
+    let mut rows = 0;
+    for batch in builder.with_batch_size(batch_rows).build()? {
+        let batch = batch?;
+        rows += batch.num_rows() as u64;
+        out.writer.write(&batch)?;
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -21,6 +21,11 @@
 //! are lost and the leftover `.tmp` is deleted by the next [`LakeWriter::open`]; the caller
 //! replays them from its last checkpoint (it commits the lake with `flush` on checkpoint).
 //!
+//! On an object store ([`LakeLocation::Objects`]) the same files are encoded in a staging
+//! directory laid out like the lake, and committing uploads the finished file in one PUT (or one
+//! multipart upload) instead of renaming it: see the `store` module. The local path is
+//! unchanged and pays nothing for it.
+//!
 //! # Compression
 //!
 //! LZ4 (Parquet's `LZ4_RAW`) by default: the sink encodes every sample, and at a million
@@ -53,9 +58,12 @@
 //! (or an I/O error) after 2 is rolled forward by `open` or by the next `compact` of the
 //! partition: it deletes whatever inputs remain, renames the `.tmp` if it is still there, and
 //! deletes the journal. A reader that listed the directory before step 3 and opens an input
-//! after it gets a "file not found" and must retry; object stores with listing-by-manifest
-//! (later work) remove that window.
+//! after it gets a "file not found" and must retry; table formats with a manifest (later work)
+//! would remove that window. On an object store the steps are the same, with the hidden output
+//! and the journal stored in the bucket and a server-side copy for the rename (see
+//! `compaction.rs`), so the same guarantee holds: fewer rows for a moment, never a row twice.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::hash::BuildHasher;
 use std::io;
@@ -63,6 +71,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow_schema::{ArrowError, DataType};
+use chrono::NaiveDate;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Encoding, ZstdLevel};
 use parquet::errors::ParquetError;
@@ -82,11 +91,13 @@ use crate::sync::{Syncer, SyncingFile};
 
 mod compaction;
 mod layout;
+mod store;
 
 pub use compaction::CompactionReport;
-use compaction::recover_table_dir;
+use compaction::{recover_objects, recover_table_dir};
 use layout::{date_of_day, day_of, sync_dir};
 pub use layout::{epoch_writer_id, partition_dates, partition_dir, remove_files_after_epoch};
+pub use store::{LakeLocation, MULTIPART_THRESHOLD, ObjectLake};
 
 /// Default size at which a file is committed and a new one started: 128 MiB.
 pub const DEFAULT_TARGET_FILE_BYTES: u64 = 128 * 1024 * 1024;
@@ -144,8 +155,9 @@ impl Compression {
 /// Configuration of a [`LakeWriter`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct LakeConfig {
-    /// Lake root directory; tables are directories beneath it.
-    pub root: PathBuf,
+    /// Where the lake lives: a directory (tables are directories beneath it) or a prefix of an
+    /// object store (see the `store` module: files are staged locally and uploaded whole).
+    pub root: LakeLocation,
     /// A file is committed once its estimated encoded size reaches this many bytes.
     pub target_file_bytes: u64,
     /// A file is committed by [`LakeWriter::roll_due`] once its first row is this old.
@@ -170,8 +182,8 @@ pub struct LakeConfig {
 
 impl LakeConfig {
     /// Defaults (128 MiB files, 10 s age, 128 Ki-row row groups, zstd 1, a sync every 4 MiB)
-    /// for a lake at `root`.
-    pub fn new(root: impl Into<PathBuf>) -> Self {
+    /// for a lake at `root` (a directory path or an [`ObjectLake`]).
+    pub fn new(root: impl Into<LakeLocation>) -> Self {
         Self {
             root: root.into(),
             target_file_bytes: DEFAULT_TARGET_FILE_BYTES,
@@ -237,6 +249,9 @@ pub enum LakeError {
     /// The thread that syncs files as they grow could not be started.
     #[error("cannot start the lake's sync thread: {0}")]
     SyncThread(io::Error),
+    /// The runtime that drives an object store's requests could not be started.
+    #[error("cannot start the lake's object-store runtime: {0}")]
+    Runtime(io::Error),
     /// Encoding or decoding Parquet failed.
     #[error("parquet: {0}")]
     Parquet(#[from] ParquetError),
@@ -259,6 +274,24 @@ pub enum LakeError {
         table: Table,
         /// The offending event time.
         timestamp_us: i64,
+    },
+    /// An object-store request failed (network, credentials, server): retryable like I/O.
+    #[error("lake store error on {url} ({key}): {source}")]
+    Store {
+        /// The lake's URL.
+        url: String,
+        /// The object operated on.
+        key: String,
+        /// The underlying error.
+        source: object_store::Error,
+    },
+    /// The lake URL cannot be used.
+    #[error("invalid lake URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A file in a partition does not have the table's schema (compaction refuses to merge it).
     #[error("{path} does not have the schema of table {table}")]
@@ -348,6 +381,12 @@ struct Ctx {
     stats: LakeStats,
     /// Syncs files in the background as they grow (`LakeConfig::sync_every_bytes`).
     syncer: Syncer,
+    /// When this writer last committed a file to each (table index, day): what
+    /// [`LakeWriter::partition_stamp`] reports for an object-store lake.
+    last_commit: HashMap<(usize, i32), SystemTime>,
+    /// Partition dates of each table (by index) of an object-store lake, listed once and kept
+    /// up to date by this writer's commits (see [`LakeWriter::partition_dates`]).
+    known_dates: HashMap<usize, BTreeSet<NaiveDate>>,
 }
 
 impl Ctx {
@@ -375,7 +414,14 @@ impl Ctx {
     ) -> Result<OpenFile, LakeError> {
         let (tmp_path, final_path) = self.next_paths(dir, writer_id);
         let file = File::create(&tmp_path).map_err(io_at(&tmp_path))?;
-        let file = SyncingFile::new(file, self.config.sync_every_bytes, self.syncer.clone());
+        // A staged file is not the durable copy (its upload is): no syncs.
+        let durable = self.config.root.objects().is_none();
+        let sync_every = if durable {
+            self.config.sync_every_bytes
+        } else {
+            0
+        };
+        let file = SyncingFile::new(file, sync_every, self.syncer.clone());
         let props = self.props[table.index()].clone();
         let writer = match ArrowWriter::try_new(file, table.schema(), Some(props)) {
             Ok(w) => w,
@@ -388,15 +434,19 @@ impl Ctx {
             writer,
             tmp_path,
             final_path,
+            durable,
         })
     }
 }
 
-/// A Parquet file being written under its hidden temp name.
+/// A Parquet file being written under its hidden temp name (in the lake, or in the staging
+/// directory of an object-store lake, where `final_path` maps to the object's key).
 struct OpenFile {
     writer: ArrowWriter<SyncingFile>,
     tmp_path: PathBuf,
     final_path: PathBuf,
+    /// Fsynced when finished (false for a staged file).
+    durable: bool,
 }
 
 /// A file whose footer is written and fsynced under its hidden temp name: complete, not yet
@@ -418,10 +468,13 @@ impl OpenFile {
             writer,
             tmp_path,
             final_path,
+            durable,
         } = self;
         let result = (|| {
             let (file, syncs) = writer.into_inner()?.finish().map_err(io_at(&tmp_path))?;
-            file.sync_all().map_err(io_at(&tmp_path))?;
+            if durable {
+                file.sync_all().map_err(io_at(&tmp_path))?;
+            }
             let bytes = file.metadata().map_err(io_at(&tmp_path))?.len();
             Ok((bytes, syncs))
         })();
@@ -440,9 +493,17 @@ impl OpenFile {
     }
 
     /// Finishes the file and makes it visible atomically (rename, then fsync of the
-    /// directory); returns its size and the syncs it had while written.
-    fn commit(self) -> Result<(u64, u64), LakeError> {
+    /// directory; or, for an object-store lake, one upload of the staged file); returns its
+    /// size and the syncs it had while written.
+    fn commit(self, objects: Option<&ObjectLake>) -> Result<(u64, u64), LakeError> {
         let f = self.finish()?;
+        if let Some(objects) = objects {
+            let result = objects.upload_staged(&f.tmp_path, &f.final_path);
+            let _ = fs::remove_file(&f.tmp_path);
+            result?;
+            tracing::debug!(url = objects.url(), path = %f.final_path.display(), bytes = f.bytes, "lake file uploaded");
+            return Ok((f.bytes, f.syncs));
+        }
         if let Err(e) = fs::rename(&f.tmp_path, &f.final_path).map_err(io_at(&f.final_path)) {
             let _ = fs::remove_file(&f.tmp_path);
             return Err(e);
@@ -531,7 +592,7 @@ impl<B: RowBuffer> TableWriter<B> {
             ctx.stats.partitions_evicted += 1;
             self.commit(oldest, ctx)?;
         }
-        let dir = partition_dir(&ctx.config.root, B::TABLE, date);
+        let dir = partition_dir(ctx.config.root.local_root(), B::TABLE, date);
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         self.partitions.push(Partition {
             day,
@@ -577,14 +638,25 @@ impl<B: RowBuffer> TableWriter<B> {
     /// Commits partition `i`'s file and forgets the partition; `Ok(false)` if it held no row.
     fn commit(&mut self, i: usize, ctx: &mut Ctx) -> Result<bool, LakeError> {
         let mut p = self.partitions.swap_remove(i);
-        let result = p
-            .encode_buffered(ctx)
-            .and_then(|()| p.file.take().map(OpenFile::commit).transpose());
+        let result = p.encode_buffered(ctx).and_then(|()| {
+            p.file
+                .take()
+                .map(|f| f.commit(ctx.config.root.objects()))
+                .transpose()
+        });
         match result {
             // No row ever reached the partition: nothing to commit.
             Ok(None) => Ok(false),
             Ok(Some((bytes, syncs))) => {
                 ctx.stats.early_syncs += syncs;
+                ctx.last_commit
+                    .insert((B::TABLE.index(), p.day), SystemTime::now());
+                if let (Some(dates), Some(date)) = (
+                    ctx.known_dates.get_mut(&B::TABLE.index()),
+                    date_of_day(p.day),
+                ) {
+                    dates.insert(date);
+                }
                 let s = &mut ctx.stats.tables[B::TABLE.index()];
                 s.rows_committed += p.row_count;
                 s.files_committed += 1;
@@ -707,15 +779,20 @@ impl LakeWriter {
             seq: 0,
             stats: LakeStats::default(),
             syncer: Syncer::start().map_err(LakeError::SyncThread)?,
+            last_commit: HashMap::new(),
+            known_dates: HashMap::new(),
         };
         for table in Table::ALL {
-            let dir = ctx.config.root.join(table.name());
+            let dir = ctx.config.root.local_root().join(table.name());
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
             recover_table_dir(&dir, &mut ctx.stats)?;
         }
+        if let Some(objects) = ctx.config.root.objects() {
+            recover_objects(objects, &mut ctx.stats)?;
+        }
         if ctx.stats.tmp_files_removed > 0 || ctx.stats.compactions_recovered > 0 {
             tracing::info!(
-                root = %ctx.config.root.display(),
+                root = %ctx.config.root,
                 tmp_files_removed = ctx.stats.tmp_files_removed,
                 compactions_recovered = ctx.stats.compactions_recovered,
                 "lake recovered leftovers of an earlier run"
@@ -736,6 +813,48 @@ impl LakeWriter {
     /// The configuration the writer was opened with.
     pub fn config(&self) -> &LakeConfig {
         &self.ctx.config
+    }
+
+    /// The dates of `table`'s partitions, oldest first. A directory is listed every time; an
+    /// object store (where a listing is a paid request, and the sink asks at every checkpoint)
+    /// only the first time: partitions then appear only through this writer's own commits (one
+    /// writer per prefix), which it adds, and never disappear (compaction leaves a file).
+    pub fn partition_dates(&mut self, table: Table) -> Result<Vec<NaiveDate>, LakeError> {
+        let ctx = &mut self.ctx;
+        if ctx.config.root.objects().is_none() {
+            return ctx.config.root.partition_dates(table);
+        }
+        if let Some(dates) = ctx.known_dates.get(&table.index()) {
+            return Ok(dates.iter().copied().collect());
+        }
+        let dates = ctx.config.root.partition_dates(table)?;
+        ctx.known_dates
+            .insert(table.index(), dates.iter().copied().collect());
+        Ok(dates)
+    }
+
+    /// A time that changes whenever a file lands in `table`'s partition `date`, so a caller can
+    /// skip partitions it already looked at. For a directory, its modification time; for an
+    /// object store (which has no directories), when this writer last committed a file there,
+    /// or the Unix epoch if it has not since it was opened: one writer per prefix, so nothing
+    /// else adds files. `None` if it cannot be told.
+    pub fn partition_stamp(&self, table: Table, date: NaiveDate) -> Option<SystemTime> {
+        match &self.ctx.config.root {
+            LakeLocation::Dir(root) => fs::metadata(partition_dir(root, table, date))
+                .and_then(|m| m.modified())
+                .ok(),
+            LakeLocation::Objects(_) => {
+                let day = (date - NaiveDate::from_ymd_opt(1970, 1, 1)?).num_days();
+                let key = (table.index(), i32::try_from(day).ok()?);
+                Some(
+                    self.ctx
+                        .last_commit
+                        .get(&key)
+                        .copied()
+                        .unwrap_or(UNIX_EPOCH),
+                )
+            }
+        }
     }
 
     /// Appends sample chunks to `samples`, partitioned by `timestamp_us` (a chunk spanning

@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::InferenceModel;
@@ -88,10 +88,25 @@ impl<'a> SequenceMut<'a> {
 /// ONNX Runtime calls of one model run one at a time (see `crate::onnxruntime` for why).
 pub struct Model {
     sidecar: Sidecar,
+    /// `model_version` of every prediction (see [`Model::version`]).
+    version: Arc<str>,
     io: Io,
     n_features: usize,
     state: Option<StateSpec>,
     backend: Backend,
+}
+
+/// See [`Model::version`].
+fn version_of(sidecar: &Sidecar, onnx: &[u8]) -> Arc<str> {
+    match &sidecar.version {
+        Some(v) => Arc::from(v.as_str()),
+        None => {
+            use sha2::{Digest, Sha256};
+            let digest = Sha256::digest(onnx);
+            let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+            Arc::from(hex)
+        }
+    }
 }
 
 /// The engine-specific half of a [`Model`].
@@ -178,6 +193,7 @@ impl Model {
         engine: &Engine,
     ) -> Result<Model, ModelError> {
         let sidecar = Sidecar::from_json(sidecar_json)?;
+        let version = version_of(&sidecar, onnx);
         let graph = tract_onnx::onnx()
             .model_for_read(&mut &onnx[..])
             .map_err(ModelError::onnx)?;
@@ -221,6 +237,7 @@ impl Model {
                 let native = crate::native::NativeEngine::from_proto(&proto, n_features, state)?;
                 let tract = Model {
                     sidecar: sidecar.clone(),
+                    version: version.clone(),
                     io,
                     n_features,
                     state,
@@ -245,6 +262,7 @@ impl Model {
         };
         let model = Model {
             sidecar,
+            version,
             io,
             n_features,
             state,
@@ -286,6 +304,12 @@ impl Model {
             #[cfg(feature = "onnxruntime")]
             Backend::OnnxRuntime(_) => "onnxruntime",
         }
+    }
+
+    /// The model's version, stamped on every sample row as `model_version`: the sidecar's
+    /// `version` if it has one, else the first 12 hex digits of the ONNX file's SHA-256.
+    pub fn version(&self) -> &Arc<str> {
+        &self.version
     }
 
     /// The model's sidecar (feature columns, scaler, state spec, movement threshold).

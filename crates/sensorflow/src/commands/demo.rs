@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use clap::Args;
 use tokio::sync::watch;
 
-use super::{PlatformArgs, shutdown_signal};
+use super::{LakeArg, PlatformArgs, shutdown_signal};
 use crate::runtime::Embedded;
 use crate::sim::{SimConfig, Simulator};
 
@@ -15,13 +15,16 @@ use crate::sim::{SimConfig, Simulator};
 pub(crate) struct DemoArgs {
     #[command(flatten)]
     pub(crate) platform: PlatformArgs,
+    #[command(flatten)]
+    pub(crate) lake: LakeArg,
     /// Virtual sensors to simulate [default: demo.sensors, 20].
     #[arg(long)]
     pub(crate) sensors: Option<usize>,
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let config = args.platform.load_config()?;
+    let mut config = args.platform.load_config()?;
+    args.lake.apply(&mut config);
     let platform = Embedded::start(&config).await?;
     let mut target = platform.mqtt_addr;
     // A wildcard listener is reached through loopback.

@@ -62,9 +62,10 @@ pub(crate) struct PlatformArgs {
     /// HTTP listener [default: 0.0.0.0:8000]; port 0 picks a free port.
     #[arg(long)]
     pub(crate) http_listen: Option<SocketAddr>,
-    /// ONNX model (sidecar FILE.json beside it) [default: the bundled demo model].
+    /// ONNX model: a path, an http(s):// URL or s3://bucket/key; its sidecar is the same
+    /// location with the extension .json [default: the bundled demo model].
     #[arg(long)]
-    pub(crate) model: Option<PathBuf>,
+    pub(crate) model: Option<String>,
 }
 
 impl PlatformArgs {
@@ -81,9 +82,27 @@ impl PlatformArgs {
             config.http.listen = a;
         }
         if let Some(m) = &self.model {
-            config.model.path = Some(m.display().to_string());
+            config.model.path = Some(m.clone());
         }
         Ok(config)
+    }
+}
+
+/// `--lake`, for the roles that write the lake (`run`, `demo`).
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct LakeArg {
+    /// Lake: a directory or s3://bucket/prefix (credentials, region and endpoint from the
+    /// standard AWS_* variables) [default: lake.root, else DATA_DIR/lake].
+    #[arg(long, value_name = "URL")]
+    pub(crate) lake: Option<String>,
+}
+
+impl LakeArg {
+    /// Overrides `lake.root` with the flag, if given.
+    pub(crate) fn apply(&self, config: &mut Config) {
+        if let Some(lake) = &self.lake {
+            config.lake.root = Some(PathBuf::from(lake));
+        }
     }
 }
 

@@ -8,15 +8,18 @@
 //! log is replayed from the checkpoint's offset: the outputs of that replay are exactly the ones
 //! deleted or never written. The sessions store takes the replayed events idempotently.
 //!
-//! File format (`{epoch:010}.ckpt`): magic `SFCKPT01`, CRC-32 of everything after it, epoch
-//! (u64 LE), log offset (u64 LE), snapshot length (u64 LE), snapshot bytes. A torn or corrupt
-//! file fails the CRC and the previous checkpoint is used instead.
+//! File format (`{epoch:010}.ckpt`): magic `SFCKPT02`, CRC-32 of everything after it, epoch
+//! (u64 LE), log offset (u64 LE), snapshot length (u64 LE), snapshot bytes, then the active
+//! model as JSON ([`CheckpointModel`]). Version 1 (`SFCKPT01`, written before models could be
+//! swapped) ends after the snapshot and is still read. A torn or corrupt file fails the CRC and
+//! the previous checkpoint is used instead.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"SFCKPT01";
+const MAGIC: &[u8; 8] = b"SFCKPT02";
+const MAGIC_V1: &[u8; 8] = b"SFCKPT01";
 const HEADER: usize = 8 + 4 + 8 + 8 + 8;
 
 /// One checkpoint.
@@ -28,6 +31,22 @@ pub(crate) struct Checkpoint {
     pub(crate) log_offset: u64,
     /// Encoded `PipelineSnapshot`.
     pub(crate) snapshot: Vec<u8>,
+    /// The model the snapshot's recurrent state belongs to; `None` in version 1 files.
+    pub(crate) model: Option<CheckpointModel>,
+}
+
+/// The active model as of a checkpoint: a restart runs this one (DESIGN "Model contract": a
+/// crash never silently reverts a swap), unless the configured location changed since.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CheckpointModel {
+    /// Where the active model came from; `None` for the bundled demo model.
+    pub(crate) location: Option<String>,
+    /// `model.path` when the process that wrote this started: if the configuration names
+    /// another location now, the operator chose a new model and the configuration wins.
+    pub(crate) configured: Option<String>,
+    pub(crate) version: String,
+    /// Hex SHA-256 of the ONNX file and sidecar, to find exactly them in the model cache.
+    pub(crate) sha256: Option<String>,
 }
 
 /// The checkpoint directory.
@@ -56,6 +75,9 @@ impl CheckpointStore {
         body.extend_from_slice(&c.log_offset.to_le_bytes());
         body.extend_from_slice(&(c.snapshot.len() as u64).to_le_bytes());
         body.extend_from_slice(&c.snapshot);
+        if let Some(model) = &c.model {
+            body.extend_from_slice(&serde_json::to_vec(model).map_err(io::Error::other)?);
+        }
         let tmp = self.dir.join(format!(".{:010}.ckpt.tmp", c.epoch));
         {
             let mut f = File::create(&tmp)?;
@@ -138,9 +160,10 @@ impl CheckpointStore {
 }
 
 fn decode(bytes: &[u8]) -> Option<Checkpoint> {
-    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+    if bytes.len() < HEADER || (&bytes[..8] != MAGIC && &bytes[..8] != MAGIC_V1) {
         return None;
     }
+    let v1 = &bytes[..8] == MAGIC_V1;
     let crc = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
     let body = &bytes[12..];
     if crc32fast::hash(body) != crc {
@@ -152,11 +175,20 @@ fn decode(bytes: &[u8]) -> Option<Checkpoint> {
             .map(u64::from_le_bytes)
     };
     let (epoch, log_offset, len) = (u64_at(0)?, u64_at(8)?, u64_at(16)?);
-    let snapshot = body.get(24..)?;
-    (snapshot.len() as u64 == len).then(|| Checkpoint {
+    let end = 24usize.checked_add(usize::try_from(len).ok()?)?;
+    let snapshot = body.get(24..end)?;
+    let rest = &body[end..];
+    let model = match (v1, rest.is_empty()) {
+        (true, true) => None,
+        (true, false) => return None,
+        (false, true) => None,
+        (false, false) => Some(serde_json::from_slice(rest).ok()?),
+    };
+    Some(Checkpoint {
         epoch,
         log_offset,
         snapshot: snapshot.to_vec(),
+        model,
     })
 }
 
@@ -182,6 +214,12 @@ mod tests {
             epoch,
             log_offset: epoch * 100,
             snapshot: vec![epoch as u8; 1000],
+            model: Some(CheckpointModel {
+                location: Some(format!("s3://models/m{epoch}.onnx")),
+                configured: None,
+                version: format!("v{epoch}"),
+                sha256: Some("ab".repeat(32)),
+            }),
         }
     }
 
@@ -227,5 +265,28 @@ mod tests {
         let bytes = fs::read(store.path(1)).unwrap();
         fs::write(store.path(2), &bytes[..bytes.len() / 2]).unwrap();
         assert_eq!(store.load_latest().unwrap().checkpoint, Some(ckpt(1)));
+    }
+
+    #[test]
+    fn version_1_checkpoints_are_read_without_a_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_path_buf()).unwrap();
+        let snapshot = vec![7u8; 100];
+        let mut body = Vec::new();
+        for v in [5u64, 500, snapshot.len() as u64] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body.extend_from_slice(&snapshot);
+        let mut file = MAGIC_V1.to_vec();
+        file.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        file.extend_from_slice(&body);
+        fs::write(store.path(5), &file).unwrap();
+        let expected = Checkpoint {
+            epoch: 5,
+            log_offset: 500,
+            snapshot,
+            model: None,
+        };
+        assert_eq!(store.load_latest().unwrap().checkpoint, Some(expected));
     }
 }

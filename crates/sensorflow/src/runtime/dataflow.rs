@@ -25,11 +25,11 @@ use parking_lot::Mutex;
 use sensorflow_api::Hub;
 use sensorflow_lake::{LakeConfig, LakeWriter, SessionsStore};
 use sensorflow_log::{Log, LogReader, Retention};
-use sensorflow_model::Model;
 use sensorflow_pipeline::{PipelineConfig, PipelineSnapshot, ShardedPipeline};
 
 use super::checkpoint::CheckpointStore;
 use super::dead_letter::{DeadLetters, RunFailure};
+use super::model_control::{ActiveModel, ModelSlot};
 use super::pipeline_task::PipelineTask;
 use super::sink_queue;
 use super::sink_task::SinkTask;
@@ -66,8 +66,8 @@ pub(crate) struct DataflowSettings {
 /// The supervised dataflow; [`Dataflow::start`] recovers and runs it on its own thread.
 pub(crate) struct Dataflow {
     pub(crate) settings: DataflowSettings,
-    /// One model per pipeline shard (see `load_models`).
-    pub(crate) models: Vec<Arc<Model>>,
+    /// The committed model (what a start or restart runs) and swaps on their way in.
+    pub(crate) model: Arc<ModelSlot>,
     pub(crate) log: Log,
     pub(crate) hub: Hub,
     pub(crate) status: Arc<SharedStatus>,
@@ -83,6 +83,8 @@ pub(crate) struct Dataflow {
 /// The state one run starts from: a restored pipeline, its reader, and freshly opened sinks.
 struct Recovered {
     pipeline: ShardedPipeline,
+    /// The model `pipeline` runs.
+    model: Arc<ActiveModel>,
     reader: LogReader,
     lake: LakeWriter,
     store: SessionsStore,
@@ -112,20 +114,31 @@ impl Dataflow {
         for path in &loaded.corrupt {
             tracing::warn!(path = %path.display(), "checkpoint failed verification; using the previous one");
         }
-        let (epoch, from_offset, snapshot) = match loaded.checkpoint {
-            Some(c) => (c.epoch, c.log_offset, Some(c.snapshot)),
-            None => (0, self.log.start_offset(), None),
+        let (epoch, from_offset, snapshot, snapshot_model) = match loaded.checkpoint {
+            Some(c) => (c.epoch, c.log_offset, Some(c.snapshot), c.model),
+            None => (0, self.log.start_offset(), None, None),
         };
-        std::fs::create_dir_all(&s.lake.root)
-            .with_context(|| format!("creating lake root {}", s.lake.root.display()))?;
-        let files_removed = sensorflow_lake::remove_files_after_epoch(&s.lake.root, epoch)
-            .context("removing lake files of incomplete epochs")?;
+        let local_root = s.lake.root.local_root();
+        std::fs::create_dir_all(local_root)
+            .with_context(|| format!("creating lake root {}", local_root.display()))?;
+        // On an object store, found by listing the prefix.
+        let files_removed = s
+            .lake
+            .root
+            .remove_files_after_epoch(epoch)
+            .with_context(|| {
+                format!(
+                    "removing lake files of incomplete epochs in {}",
+                    s.lake.root
+                )
+            })?;
         let replay = self.log.end_offset().saturating_sub(from_offset);
         tracing::info!(
             checkpoint_epoch = epoch,
             from_offset,
             replay_records = replay,
             lake_files_removed = files_removed,
+            lake = %s.lake.root,
             "recovering from checkpoint"
         );
         let reader = self
@@ -135,14 +148,29 @@ impl Dataflow {
         let mut lake = LakeWriter::open(s.lake.clone()).context("opening the lake")?;
         lake.set_epoch(epoch + 1);
         let store = SessionsStore::open(&s.sessions_path).context("opening the sessions store")?;
+        let model = self.model.committed();
         let pipeline = match snapshot {
             Some(bytes) => {
                 let snapshot = PipelineSnapshot::decode(&bytes)
                     .context("decoding the checkpoint's pipeline snapshot")?;
-                ShardedPipeline::restore(s.pipeline.clone(), &self.models, snapshot)
-                    .context("restoring the pipeline from the checkpoint")?
+                let mut pipeline =
+                    ShardedPipeline::restore(s.pipeline.clone(), &model.models, snapshot)
+                        .context("restoring the pipeline from the checkpoint")?;
+                // Recurrent state belongs to the model that produced it: with another model
+                // (the configuration named a new one) it restarts from zeros.
+                if let Some(m) = snapshot_model.filter(|m| *m.version != *model.version) {
+                    tracing::info!(
+                        checkpointed = m.version,
+                        running = &*model.version,
+                        "the checkpoint's model state belongs to another model version; it restarts from zeros"
+                    );
+                    pipeline
+                        .set_models(&model.models)
+                        .context("setting the model")?;
+                }
+                pipeline
             }
-            None => ShardedPipeline::new(s.pipeline.clone(), &self.models)
+            None => ShardedPipeline::new(s.pipeline.clone(), &model.models)
                 .context("building the pipeline")?,
         };
         self.status
@@ -151,6 +179,7 @@ impl Dataflow {
         *self.status.recovery.lock() = (files_removed, replay);
         Ok(Recovered {
             pipeline,
+            model,
             reader,
             lake,
             store,
@@ -251,6 +280,8 @@ impl Dataflow {
             log: self.log.clone(),
             failed: failed.clone(),
             compacted: Default::default(),
+            model_slot: self.model.clone(),
+            awaiting_swap: None,
         };
         let sink_thread = std::thread::Builder::new()
             .name("sink".into())
@@ -274,6 +305,8 @@ impl Dataflow {
             checkpoint_interval: s.checkpoint_interval,
             next_epoch: r.epoch + 1,
             dead_letters: self.dead_letters.clone(),
+            model_slot: self.model.clone(),
+            model: r.model,
         }
         .run();
         // The pipeline hung up, so the sink finishes too.

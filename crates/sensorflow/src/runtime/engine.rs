@@ -6,6 +6,7 @@ use anyhow::Context;
 use sensorflow_model::{Engine, Model, ModelError};
 
 use crate::config::{Config, EngineChoice};
+use crate::model_source::ModelBytes;
 
 /// The engines to try for `model.engine`, best first. "auto" prefers the native fused LSTM
 /// kernel (fastest, no library, but only for the contract's LSTM graphs), then ONNX Runtime
@@ -34,21 +35,43 @@ fn engines(config: &Config) -> anyhow::Result<Vec<Engine>> {
     })
 }
 
-/// Loads the configured model once, on the first engine of [`engines`] that accepts it. Only
-/// the native engine's "not a graph I run" refusals fall through to the next engine; any
-/// other failure is the model's and is reported.
-pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
-    let name = config.model.path.as_deref().unwrap_or("bundled demo model");
+/// Which model to load: the bundled demo model, or the bytes of a fetched one.
+#[derive(Clone, Copy)]
+pub(crate) enum ModelSource<'a> {
+    Demo,
+    Bytes(&'a ModelBytes),
+}
+
+impl ModelSource<'_> {
+    fn name(&self) -> &str {
+        match self {
+            ModelSource::Demo => "bundled demo model",
+            ModelSource::Bytes(m) => &m.location,
+        }
+    }
+}
+
+/// Loads a model once, on the first engine of [`engines`] that accepts it. Only the native
+/// engine's "not a graph I run" refusals fall through to the next engine; any other failure
+/// is the model's and is reported. Every engine validates fully: the sidecar, the graph's
+/// inputs and outputs against the contract, and a test inference.
+fn load_model(config: &Config, source: ModelSource<'_>) -> anyhow::Result<Model> {
+    let name = source.name();
     let candidates = engines(config)?;
     let last = candidates.len() - 1;
     for (i, engine) in candidates.iter().enumerate() {
-        let loaded = match &config.model.path {
-            None => Model::demo_with(engine),
-            Some(path) => Model::load_with(std::path::Path::new(path), engine),
+        let loaded = match source {
+            ModelSource::Demo => Model::demo_with(engine),
+            ModelSource::Bytes(m) => Model::from_bytes_with(&m.onnx, &m.sidecar, engine),
         };
         match loaded {
             Ok(model) => {
-                tracing::info!(model = name, engine = model.engine_name(), "model loaded");
+                tracing::info!(
+                    model = name,
+                    version = &**model.version(),
+                    engine = model.engine_name(),
+                    "model loaded"
+                );
                 return Ok(model);
             }
             Err(e @ (ModelError::UnsupportedGraph(_) | ModelError::NativeMismatch { .. }))
@@ -66,12 +89,15 @@ pub(crate) fn load_model(config: &Config) -> anyhow::Result<Model> {
 
 /// One model per pipeline shard: tract and native models are shared (their runs are
 /// concurrent), ONNX Runtime gets a session per shard (a session runs one call at a time).
-pub(crate) fn load_models(config: &Config) -> anyhow::Result<Vec<Arc<Model>>> {
-    let first = Arc::new(load_model(config)?);
+pub(crate) fn load_models(
+    config: &Config,
+    source: ModelSource<'_>,
+) -> anyhow::Result<Vec<Arc<Model>>> {
+    let first = Arc::new(load_model(config, source)?);
     let mut models = vec![first.clone()];
     for _ in 1..config.runtime.pipeline_threads {
         models.push(if first.engine_name() == "onnxruntime" {
-            Arc::new(load_model(config)?)
+            Arc::new(load_model(config, source)?)
         } else {
             first.clone()
         });

@@ -19,6 +19,7 @@ mod dataflow;
 mod dead_letter;
 mod engine;
 mod log_sink;
+pub(crate) mod model_control;
 mod pipeline_task;
 mod sink_queue;
 mod sink_task;
@@ -44,7 +45,6 @@ use sensorflow_pipeline::{
 use tokio::sync::watch;
 
 use crate::config::{Config, DurabilityMode};
-pub(crate) use engine::{load_model, load_models};
 use log_sink::LogSink;
 use status::SharedStatus;
 
@@ -65,7 +65,16 @@ pub(crate) struct SinkBatch {
 /// What the pipeline thread sends the sink thread, in order.
 pub(crate) enum SinkMsg {
     Batch(SinkBatch),
-    Checkpoint(checkpoint::Checkpoint),
+    Checkpoint(CheckpointRequest),
+}
+
+/// A checkpoint to write, with the model its snapshot belongs to. Once it is written that
+/// model is the committed one, and `swap_done` (set on the checkpoint right after a swap) is
+/// answered (see `model_control`).
+pub(crate) struct CheckpointRequest {
+    pub(crate) checkpoint: checkpoint::Checkpoint,
+    pub(crate) model: Arc<model_control::ActiveModel>,
+    pub(crate) swap_done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 /// Wall clock in µs since the Unix epoch.
@@ -92,7 +101,12 @@ impl Embedded {
     pub(crate) async fn start(config: &Config) -> anyhow::Result<Embedded> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let models = load_models(config)?;
+        let loader = model_control::ModelLoader::new(config);
+        let active = initial_model(config, &loader).await?;
+        let model_slot = Arc::new(model_control::ModelSlot::new(
+            active,
+            config.model.path.clone(),
+        ));
 
         let mut log_config = LogConfig::new(config.data_dir.join("log"));
         log_config.segment_bytes = config.log.segment_bytes;
@@ -107,7 +121,7 @@ impl Embedded {
         // `Log::open` logs "log opened" with the report itself.
         let (log, report) = Log::open(log_config).context("opening the log")?;
 
-        let lake = config.lake_config(config.lake_root());
+        let lake = config.lake_config(config.lake_location()?);
         let sessions_path = config.data_dir.join("sessions.sqlite");
         // The API reads sessions through its own connection; the sink thread writes through
         // another, reopened by every (re)start of the dataflow.
@@ -138,7 +152,7 @@ impl Embedded {
                 tick: Duration::from_millis(config.runtime.tick_ms),
                 checkpoint_interval: Duration::from_secs_f64(config.checkpoint.interval_secs),
             },
-            models,
+            model: model_slot.clone(),
             log: log.clone(),
             hub: hub.clone(),
             status: status.clone(),
@@ -166,6 +180,8 @@ impl Embedded {
         let http_addr = listener.local_addr()?;
         tracing::info!("http listening on {http_addr}");
         let (http_shutdown, mut shutdown_rx) = watch::channel(false);
+        status.set_model_slot(model_slot.clone());
+        spawn_sighup_reload(loader.clone(), model_slot.clone());
         let state = ApiState::new(
             hub,
             status,
@@ -176,7 +192,11 @@ impl Embedded {
                 max_connections: config.http.max_connections,
                 ..ApiConfig::default()
             },
-        );
+        )
+        .with_model_control(Arc::new(model_control::ModelControlImpl {
+            loader,
+            slot: model_slot,
+        }));
         let http_task = tokio::spawn(sensorflow_api::serve(listener, state, async move {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         }));
@@ -213,4 +233,74 @@ impl Embedded {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The model to start with: the one of the newest checkpoint (a swap made at run time survives
+/// a restart), unless `model.path` names another location than when that checkpoint's process
+/// started (the operator chose a new model); else the configured one.
+async fn initial_model(
+    config: &Config,
+    loader: &model_control::ModelLoader,
+) -> anyhow::Result<model_control::ActiveModel> {
+    let configured = config.model.path.as_deref();
+    let checkpointed = checkpoint::CheckpointStore::open(checkpoint::dir_in(&config.data_dir))
+        .and_then(|store| store.load_latest())
+        .context("reading checkpoints")?
+        .checkpoint
+        .and_then(|c| c.model);
+    match checkpointed {
+        Some(m) if m.configured.as_deref() == configured => {
+            // The exact file the checkpoint ran (from the cache for remote models), even if
+            // the location's content changed meanwhile: SIGHUP or POST /model pick that up.
+            let location = m.location.as_deref();
+            if location != configured {
+                tracing::info!(
+                    location = location.unwrap_or("bundled demo model"),
+                    version = m.version,
+                    "starting with the model swapped in at run time (checkpointed)"
+                );
+            }
+            match loader.load(location, m.sha256.as_deref()).await {
+                Ok(active) => return Ok(active),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "the checkpointed model cannot be loaded; falling back to the configured one"
+                ),
+            }
+        }
+        Some(m) => tracing::info!(
+            was = m.configured.as_deref().unwrap_or("bundled demo model"),
+            "model.path changed since the last checkpoint: running the configured model"
+        ),
+        None => {}
+    }
+    loader
+        .load(configured, None)
+        .await
+        .context("loading the model")
+}
+
+/// SIGHUP fetches the configured model location again and swaps it in (e.g. after a new
+/// version was uploaded to the same URL), like `POST /model` with that location.
+fn spawn_sighup_reload(loader: model_control::ModelLoader, slot: Arc<model_control::ModelSlot>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; models are swapped with POST /model only");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let Some(location) = slot.configured.clone() else {
+                tracing::info!(
+                    "SIGHUP: no model.path configured (bundled demo model); nothing to reload"
+                );
+                continue;
+            };
+            tracing::info!(location, "SIGHUP: reloading the configured model");
+            if let Err(e) = model_control::swap(&loader, &slot, &location).await {
+                tracing::warn!(error = %e, "SIGHUP model reload failed; the running model stays");
+            }
+        }
+    });
 }

@@ -34,9 +34,10 @@ use sensorflow_protocol::record::IngestRecordRef;
 
 use super::checkpoint::Checkpoint;
 use super::dead_letter::{DeadLetters, RunFailure};
+use super::model_control::{ActiveModel, ModelSlot, PendingSwap};
 use super::sink_queue::WeightedSender;
 use super::status::SharedStatus;
-use super::{SinkBatch, SinkMsg, now_us};
+use super::{CheckpointRequest, SinkBatch, SinkMsg, now_us};
 
 pub(crate) struct PipelineTask {
     pub(crate) pipeline: ShardedPipeline,
@@ -60,6 +61,10 @@ pub(crate) struct PipelineTask {
     pub(crate) next_epoch: u64,
     /// Records suspected of or found to be failing a stage, shared across restarts.
     pub(crate) dead_letters: Arc<Mutex<DeadLetters>>,
+    /// Where model swaps wait to be taken between two steps (see `model_control`).
+    pub(crate) model_slot: Arc<ModelSlot>,
+    /// The model the pipeline runs now (checkpoints name it).
+    pub(crate) model: Arc<ActiveModel>,
 }
 
 /// How often the `/sensors` snapshot is rebuilt.
@@ -77,6 +82,13 @@ impl PipelineTask {
         let replay_until = self.live_until.load(Ordering::Acquire);
         loop {
             if self.sink_failed.load(Ordering::Acquire) {
+                return None;
+            }
+            // Between two steps (`out` was dispatched at the end of the last turn): the only
+            // place a model is swapped in.
+            if let Some(swap) = self.model_slot.take_pending()
+                && !self.swap_model(swap)
+            {
                 return None;
             }
             let wait = next_tick
@@ -236,14 +248,47 @@ impl PipelineTask {
         })
     }
 
+    /// Swaps in `swap`'s model and checkpoints at once, so the swap sits at this log offset;
+    /// the request is answered when that checkpoint is written. A model the pipeline cannot
+    /// run is refused and the current one stays. Returns false when the sink thread is gone.
+    fn swap_model(&mut self, swap: PendingSwap) -> bool {
+        if let Err(e) = self.pipeline.set_models(&swap.model.models) {
+            let _ = swap
+                .done
+                .send(Err(format!("the pipeline cannot run this model: {e}")));
+            return true;
+        }
+        tracing::info!(
+            from = &*self.model.version,
+            to = &*swap.model.version,
+            log_offset = self.reader.position(),
+            "model swapped in; recurrent state restarts from zeros"
+        );
+        self.model = swap.model;
+        self.checkpoint_with(Some(swap.done))
+    }
+
     /// Asks the sink thread to checkpoint: the pipeline's state as of the current log position,
     /// queued behind every output produced so far. Returns false when the sink thread is gone.
     fn checkpoint(&mut self) -> bool {
+        self.checkpoint_with(None)
+    }
+
+    fn checkpoint_with(
+        &mut self,
+        swap_done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ) -> bool {
         let snapshot = self.pipeline.snapshot().encode();
-        let msg = SinkMsg::Checkpoint(Checkpoint {
-            epoch: self.next_epoch,
-            log_offset: self.reader.position(),
-            snapshot,
+        let configured = self.model_slot.configured.as_deref();
+        let msg = SinkMsg::Checkpoint(CheckpointRequest {
+            checkpoint: Checkpoint {
+                epoch: self.next_epoch,
+                log_offset: self.reader.position(),
+                snapshot,
+                model: Some(self.model.checkpoint_model(configured)),
+            },
+            model: self.model.clone(),
+            swap_done,
         });
         self.next_epoch += 1;
         if self.sink.send(msg, 0).is_err() {
@@ -295,6 +340,13 @@ impl PipelineTask {
                 self.status.sessions_ended.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+impl Drop for PipelineTask {
+    /// However the run ends, its model time is counted.
+    fn drop(&mut self) {
+        self.status.pipeline_finished(&self.pipeline);
     }
 }
 

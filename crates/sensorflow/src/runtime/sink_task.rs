@@ -21,13 +21,15 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{NaiveDate, Utc};
-use sensorflow_lake::{LakeWriter, SessionsStore, Table, partition_dates, partition_dir};
+use sensorflow_lake::{LakeWriter, SessionsStore, Table};
 use sensorflow_pipeline::{SessionEvent, SessionRecord};
 
 use sensorflow_log::{Log, Retention};
 
-use super::checkpoint::{Checkpoint, CheckpointStore};
+use super::CheckpointRequest;
+use super::checkpoint::CheckpointStore;
 use super::dead_letter::RunFailure;
+use super::model_control::ModelSlot;
 use super::sink_queue::WeightedReceiver;
 use super::status::SharedStatus;
 use super::{SinkBatch, SinkMsg};
@@ -40,7 +42,8 @@ const COMPACTION_RETRY: Duration = Duration::from_secs(60);
 /// What the last look at a closed partition found (see [`SinkTask::compact_closed_partitions`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Compacted {
-    /// Nothing to merge while the directory had this modification time.
+    /// Nothing to merge while the partition had this stamp ([`LakeWriter::partition_stamp`]:
+    /// the directory's modification time, or on an object store the writer's last commit there).
     Clean(SystemTime),
     /// The compaction failed; try again at this instant (it may have left a journal that the
     /// next call finishes).
@@ -61,6 +64,10 @@ pub(crate) struct SinkTask {
     /// Closed partitions looked at: with nothing to merge they are listed again only once a
     /// file lands in them (late data); after a failure, after [`COMPACTION_RETRY`].
     pub(crate) compacted: HashMap<(Table, NaiveDate), Compacted>,
+    /// The committed model, updated when a checkpoint naming a swapped-in model is written.
+    pub(crate) model_slot: Arc<ModelSlot>,
+    /// A swap whose checkpoint failed to write: answered when the next one is written.
+    pub(crate) awaiting_swap: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 impl SinkTask {
@@ -106,7 +113,15 @@ impl SinkTask {
         Ok(())
     }
 
-    fn checkpoint(&mut self, c: Checkpoint) -> Result<(), SinkFailure> {
+    fn checkpoint(&mut self, request: CheckpointRequest) -> Result<(), SinkFailure> {
+        let CheckpointRequest {
+            checkpoint: c,
+            model,
+            swap_done,
+        } = request;
+        if swap_done.is_some() {
+            self.awaiting_swap = swap_done;
+        }
         let started = Instant::now();
         self.lake.flush().map_err(SinkFailure::lake)?;
         if let Err(e) = self.checkpoints.write(&c) {
@@ -115,6 +130,13 @@ impl SinkTask {
             self.status
                 .set_component("checkpoint", false, format!("write failed: {e}"));
             return Ok(());
+        }
+        // From here a restart runs this checkpoint's model: a swap is done.
+        if !Arc::ptr_eq(&self.model_slot.committed(), &model) {
+            self.model_slot.commit(model);
+        }
+        if let Some(done) = self.awaiting_swap.take() {
+            let _ = done.send(Ok(()));
         }
         self.lake.set_epoch(c.epoch + 1);
         let took = started.elapsed();
@@ -152,12 +174,12 @@ impl SinkTask {
     /// readers pay for on every query. Only files of epochs up to `through_epoch`, the oldest
     /// checkpoint kept, are merged, and the result is named for the newest of them: recovery
     /// from any kept checkpoint leaves it alone (see [`LakeWriter::compact`]). A partition is
-    /// listed again only when its directory changes. Failures are logged and counted in the
+    /// listed again only when a file lands in it (on S3 every listing is a request). Failures are logged and counted in the
     /// lake's error count and never stop the dataflow: a compaction that fails leaves the
     /// partition as it was, or leaves a journal that the retry a minute later finishes.
     fn compact_closed_partitions(&mut self, through_epoch: u64, today: NaiveDate) {
         for table in Table::ALL {
-            let dates = match partition_dates(&self.lake.config().root, table) {
+            let dates = match self.lake.partition_dates(table) {
                 Ok(dates) => dates,
                 Err(e) => {
                     tracing::warn!(error = %e, %table, "listing lake partitions failed");
@@ -165,10 +187,9 @@ impl SinkTask {
                 }
             };
             for date in dates.into_iter().filter(|d| *d < today) {
-                let dir = partition_dir(&self.lake.config().root, table, date);
-                let modified = || std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
+                let modified = |lake: &LakeWriter| lake.partition_stamp(table, date);
                 match self.compacted.get(&(table, date)) {
-                    Some(Compacted::Clean(at)) if modified() == Some(*at) => continue,
+                    Some(Compacted::Clean(at)) if modified(&self.lake) == Some(*at) => continue,
                     Some(Compacted::Failed(retry)) if Instant::now() < *retry => continue,
                     _ => {}
                 }
@@ -177,7 +198,7 @@ impl SinkTask {
                     // Files of epochs not yet past every kept checkpoint: look next time.
                     Ok(report) if report.pending_files > 0 => {}
                     Ok(_) => {
-                        if let Some(at) = modified() {
+                        if let Some(at) = modified(&self.lake) {
                             self.compacted.insert((table, date), Compacted::Clean(at));
                         }
                     }

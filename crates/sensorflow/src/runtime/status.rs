@@ -15,6 +15,7 @@ use sensorflow_api::{ComponentStatus, ReadyStatus, SensorStatus, StatusSource};
 use sensorflow_records::SessionsQuery;
 use std::net::SocketAddr;
 
+use super::model_control::ModelSlot;
 use sensorflow_ingest::{IngestObserver, IngestStats};
 use sensorflow_lake::LakeStats;
 use sensorflow_log::Log;
@@ -67,9 +68,19 @@ pub(crate) struct SharedStatus {
     log: Log,
     ingest: RwLock<Option<(SocketAddr, Arc<IngestStats>)>>,
     sessions: Box<dyn SessionsQuery>,
+    model: RwLock<Option<Arc<ModelSlot>>>,
+    /// Time in model calls of finished pipeline runs and of the current one (at its last
+    /// status refresh), ns.
+    model_nanos_finished: AtomicU64,
+    model_nanos_current: AtomicU64,
 }
 
 impl SharedStatus {
+    /// The model slot whose swaps, failures and active version `/metrics` shows.
+    pub(crate) fn set_model_slot(&self, slot: Arc<ModelSlot>) {
+        *self.model.write() = Some(slot);
+    }
+
     pub(crate) fn new(log: Log, sessions: Box<dyn SessionsQuery>) -> Self {
         Self {
             sensors: RwLock::new(Arc::new(Vec::new())),
@@ -92,6 +103,9 @@ impl SharedStatus {
             log,
             ingest: RwLock::new(None),
             sessions,
+            model: RwLock::new(None),
+            model_nanos_finished: AtomicU64::new(0),
+            model_nanos_current: AtomicU64::new(0),
         }
     }
 
@@ -225,6 +239,16 @@ impl SharedStatus {
         previous.1 = next_rates;
         *self.sensors.write() = Arc::new(table);
         *self.pipeline.lock() = pipeline.stats();
+        self.model_nanos_current
+            .store(pipeline.model_time().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Called when a run of the pipeline ends: its model time joins the total, so
+    /// `sensorflow_model_inference_seconds_total` never goes down across dataflow restarts.
+    pub(crate) fn pipeline_finished(&self, pipeline: &ShardedPipeline) {
+        self.model_nanos_finished
+            .fetch_add(pipeline.model_time().as_nanos() as u64, Ordering::Relaxed);
+        self.model_nanos_current.store(0, Ordering::Relaxed);
     }
 }
 
@@ -466,6 +490,49 @@ impl StatusSource for SharedStatus {
             "Failed model calls.",
             p.model_errors,
         );
+        family(
+            out,
+            "sensorflow_model_inference_seconds_total",
+            "counter",
+            "Time spent in model calls (with sensorflow_model_calls_total: the mean per call).",
+        );
+        let _ = writeln!(
+            out,
+            "sensorflow_model_inference_seconds_total {}",
+            (self.model_nanos_finished.load(Ordering::Relaxed)
+                + self.model_nanos_current.load(Ordering::Relaxed)) as f64
+                / 1e9
+        );
+        if let Some(slot) = self.model.read().clone() {
+            gauge_like(
+                out,
+                "sensorflow_model_swaps_total",
+                "counter",
+                "Models swapped in at run time (POST /model, SIGHUP).",
+                slot.swaps.load(Ordering::Relaxed),
+            );
+            gauge_like(
+                out,
+                "sensorflow_model_load_failures_total",
+                "counter",
+                "Models refused: fetch or validation failed, the running model stayed.",
+                slot.load_failures.load(Ordering::Relaxed),
+            );
+            let active = slot.committed();
+            family(
+                out,
+                "sensorflow_model_info",
+                "gauge",
+                "The active model: 1, with its version, location and engine as labels.",
+            );
+            let _ = writeln!(
+                out,
+                "sensorflow_model_info{{version=\"{}\",location=\"{}\",engine=\"{}\"}} 1",
+                label_value(&active.version),
+                label_value(active.location.as_deref().unwrap_or("")),
+                active.models.first().map_or("none", |m| m.engine_name()),
+            );
+        }
         gauge_like(
             out,
             "sensorflow_pipeline_sensors",
@@ -806,6 +873,13 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
         out.push('"');
     }
     let _ = writeln!(out, "}} {value}");
+}
+
+/// A Prometheus label value, escaped (backslash, double quote, newline).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn gauge_like(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
