@@ -18,7 +18,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 KAFKA_VERSION=4.1.1
-KAFKA_HOME=${SENSORFLOW_KAFKA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorflow/kafka-$KAFKA_VERSION}
+KAFKA_HOME=${SENSORFLOW_KAFKA_HOME:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/sensorflow/kafka-$KAFKA_VERSION}
 LIBS="$KAFKA_HOME/libs"
 
 fetch() {
