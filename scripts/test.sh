@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test suite of sensorflow, installing what the tests need on a fresh machine:
-# Debian packages (chromium for the dashboard test, build tools), a Python venv with the
-# test clients (paho-mqtt, pyarrow, DuckDB, onnxruntime), and playwright-core from npm.
+# Debian packages (chromium for the dashboard test, build tools, Java and Maven for the Kafka
+# broker), a Python venv with the test clients (paho-mqtt, pyarrow, DuckDB, onnxruntime,
+# confluent-kafka), playwright-core from npm, and Kafka's jars from Maven Central
+# (scripts/kafka.sh; the tests start one broker per pytest session).
 #
 #   scripts/test.sh            everything (formatting and clippy first)
 #   scripts/test.sh --rust     only cargo tests (still sets up the venv: ONNX Runtime comes from it)
@@ -18,6 +20,8 @@ install_system_packages() {
     command -v chromium >/dev/null || missing+=(chromium)
     command -v cmake >/dev/null || missing+=(cmake)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
+    command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+    command -v mvn >/dev/null || missing+=(maven)
     if ((${#missing[@]})); then
         step "installing Debian packages: ${missing[*]}"
         local sudo=""
@@ -63,7 +67,9 @@ rust_tests() {
 }
 
 python_tests() {
-    step "end-to-end, crash, fault, lake reader, inference cross-check, security and browser tests (pytest)"
+    step "fetching the Kafka broker's jars (once; cached by scripts/kafka.sh)"
+    scripts/kafka.sh fetch >/dev/null
+    step "end-to-end, crash, fault, lake reader, inference cross-check, security, browser and Kafka tests (pytest)"
     local rc=0
     SENSORFLOW_BIN="$ROOT/target/debug/sensorflow" SENSORFLOW_INFER_JSON="$ROOT/target/debug/examples/infer_json" \
         SENSORFLOW_WRITE_SAMPLE_LAKE="$ROOT/target/debug/examples/write_sample_lake" \

@@ -109,7 +109,7 @@ class Platform:
 
     def __init__(
         self,
-        data_dir: Path,
+        data_dir: Path | None,
         command: str = "run",
         extra_args: list[str] | None = None,
         env: dict | None = None,
@@ -119,9 +119,12 @@ class Platform:
     ):
         # With tls_ca (a CA file that signed the platform's tls.cert_file), HTTP is HTTPS.
         self.tls_ca = tls_ca
-        self.data_dir = Path(data_dir)
+        # No data dir for roles that keep no local state (`gateway`): pass None.
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self.log_lines: list[str] = []
-        args = [str(binary_path()), command, "--data-dir", str(self.data_dir), "--mqtt-listen", mqtt_listen, "--http-listen", http_listen]
+        args = [str(binary_path()), command]
+        args += ["--data-dir", str(self.data_dir)] if self.data_dir is not None else []
+        args += ["--mqtt-listen", mqtt_listen, "--http-listen", http_listen]
         args += extra_args or []
         full_env = dict(os.environ)
         full_env.setdefault("SENSORFLOW_LOG", "info")
@@ -399,3 +402,180 @@ class S3Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class KafkaBroker:
+    """A real Apache Kafka 4.1.1 broker (KRaft: broker and controller in one JVM) on free
+    loopback ports with its own log dir, run through scripts/kafka.sh (jars from Maven Central,
+    cached). Started once per test session (`kafka_broker` fixture in conftest.py).
+
+    `kill()`, `stop()`, `pause()` (SIGSTOP), `resume()` and `start()` (again, same ports and
+    data) let tests take the broker away and bring it back; `node_id`, `voters` and `extra`
+    leave room for a 3-broker cluster built from three of these."""
+
+    SCRIPT = ROOT / "scripts" / "kafka.sh"
+
+    def __init__(self, base_dir: Path, node_id: int = 1, voters: str | None = None, extra: dict | None = None, start: bool = True):
+        self.dir = Path(base_dir)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.node_id = node_id
+        self.port, self.controller_port = free_port(), free_port()
+        self.props = self.dir / "server.properties"
+        voters = voters or f"{node_id}@127.0.0.1:{self.controller_port}"
+        single = voters.count("@") == 1
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": str(node_id),
+            "controller.quorum.voters": voters,
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.dir / "logs"),
+            "num.partitions": "1",
+            # The platform creates its topics itself (kafka.partitions): a test must see that.
+            "auto.create.topics.enable": "false",
+            "group.initial.rebalance.delay.ms": "0",
+        }
+        if single:
+            for k in ("offsets.topic.replication.factor", "transaction.state.log.replication.factor",
+                      "transaction.state.log.min.isr", "share.coordinator.state.topic.replication.factor",
+                      "share.coordinator.state.topic.min.isr"):
+                props[k] = "1"
+        props.update(extra or {})
+        self.props.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        self.log_path = self.dir / "broker.log"
+        self.proc: subprocess.Popen | None = None
+        self.started_in: float | None = None
+        subprocess.run([str(self.SCRIPT), "format", str(self.props)], check=True, stdout=subprocess.DEVNULL,
+                       stderr=open(self.dir / "format.log", "w"))
+        if start:
+            self.start()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120):
+        """Starts the JVM (again) and waits until the broker answers a metadata request."""
+        assert self.proc is None or self.proc.poll() is not None, "broker already running"
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen([str(self.SCRIPT), "run", str(self.props)], stdout=open(self.log_path, "a"),
+                                     stderr=subprocess.STDOUT)
+        self.wait_ready(timeout)
+        self.started_in = time.monotonic() - t0
+
+    def answers(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"kafka broker exited with {self.proc and self.proc.returncode}; see {self.log_path}")
+        try:
+            # The port first: a client pointed at a closed port logs every reconnect attempt.
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        try:
+            md = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0}).list_topics(timeout=2)
+            return len(md.brokers) > 0
+        except Exception:
+            return False
+
+    def wait_ready(self, timeout: float = 120):
+        wait_until(self.answers, timeout=timeout, interval=0.5, message=f"the kafka broker on {self.bootstrap}")
+
+    def pause(self):
+        """SIGSTOP: the broker keeps its sockets but answers nothing (a hung broker)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self):
+        """SIGKILL: a crash (the log dir keeps what was flushed; acks=all data is safe only
+        with replicas, so tests of a single broker use stop() or pause())."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 60):
+        """SIGTERM: a controlled shutdown that flushes the logs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def decode_ingest_record(value: bytes) -> dict:
+    """The ingest record as DESIGN/protocol's record.rs lay it out, decoded independently:
+    version u8 (= 1), payload format u8 (0 binary, 1 JSON), ingest_us i64 LE, sensor id length
+    u16 LE, sensor id UTF-8, then the payload (the rest)."""
+    if len(value) < 12:
+        raise ValueError(f"ingest record of {len(value)} bytes is truncated")
+    version, fmt, ingest_us, n = struct.unpack_from("<BBqH", value, 0)
+    if version != 1:
+        raise ValueError(f"ingest record version {version}")
+    if fmt not in (0, 1):
+        raise ValueError(f"payload format {fmt}")
+    if len(value) < 12 + n:
+        raise ValueError("sensor id truncated")
+    return {
+        "format": "binary" if fmt == 0 else "json",
+        "ingest_us": ingest_us,
+        "sensor_id": value[12:12 + n].decode("utf-8"),
+        "payload": value[12 + n:],
+    }
+
+
+def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0, timeout: float = 60) -> list:
+    """Every committed record of `topic` from the beginning (isolation.level=read_committed),
+    read until nothing new arrived for `idle_s` after reaching the end of every partition."""
+    from confluent_kafka import Consumer, KafkaError
+
+    c = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": f"test-{uuid.uuid4().hex[:8]}",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+        "enable.partition.eof": True,
+    })
+    c.subscribe([topic])
+    out, eof, last_new = [], set(), time.monotonic()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                if eof and time.monotonic() - last_new > idle_s:
+                    assigned = {p.partition for p in c.assignment()}
+                    if assigned and assigned <= eof:
+                        break
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    eof.add(m.partition())
+                    continue
+                raise RuntimeError(f"consumer error: {m.error()}")
+            eof.discard(m.partition())
+            last_new = time.monotonic()
+            out.append(m)
+        else:
+            raise AssertionError(f"reading {topic} did not reach its end within {timeout}s")
+    finally:
+        c.close()
+    return out

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sensorflow_pipeline::PipelineConfig;
@@ -47,6 +48,8 @@ pub(crate) struct Config {
     pub(crate) model: ModelConfig,
     pub(crate) lake: LakeSettings,
     pub(crate) demo: DemoConfig,
+    /// Distributed mode (`gateway`, `processor`, `api`).
+    pub(crate) kafka: sensorflow_kafka::KafkaConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -355,10 +358,35 @@ impl Config {
         if self.demo.rate_hz <= 0.0 {
             problems.push("demo.rate_hz: must be positive".into());
         }
+        problems.extend(self.kafka.validate().iter().map(|e| e.to_string()));
         if !problems.is_empty() {
             bail!("invalid configuration:\n  {}", problems.join("\n  "));
         }
         Ok(())
+    }
+
+    /// Ingest's settings from `[mqtt]` (the MQTT listener of `run` and `gateway`).
+    pub(crate) fn ingest_config(&self) -> anyhow::Result<sensorflow_ingest::IngestConfig> {
+        let mqtt = &self.mqtt;
+        Ok(sensorflow_ingest::IngestConfig {
+            listen: mqtt.listen,
+            binary_topic: sensorflow_ingest::TopicPattern::parse(&mqtt.binary_topic)?,
+            json_topic: sensorflow_ingest::TopicPattern::parse(&mqtt.json_topic)?,
+            max_message_bytes: mqtt.max_message_bytes,
+            receive_maximum: mqtt.receive_maximum,
+            max_connections: mqtt.max_connections,
+            connect_timeout: Duration::from_secs(mqtt.connect_timeout_secs),
+            max_client_id_bytes: mqtt.max_client_id_bytes,
+            max_persistent_sessions: mqtt.max_persistent_sessions,
+            session_expiry_max: Duration::from_secs(mqtt.session_expiry_max_secs),
+            allow_keep_alive_zero: mqtt.allow_keep_alive_zero,
+            idle_timeout: Duration::from_secs(mqtt.idle_timeout_secs),
+            max_connections_per_ip: mqtt.max_connections_per_ip,
+            max_sensor_ids: mqtt.max_sensor_ids,
+            sensor_id_idle: Duration::from_secs(mqtt.sensor_id_idle_secs),
+            max_publishes_per_sec: mqtt.max_publishes_per_sec,
+            ..sensorflow_ingest::IngestConfig::default()
+        })
     }
 
     /// The lake writer's settings from `[lake]`, for a lake at `root` (a directory or a
@@ -525,6 +553,43 @@ mod tests {
         assert_eq!(c.log.durability, DurabilityMode::Fsync);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.pipeline.movement_threshold, Some(0.7));
+    }
+
+    #[test]
+    fn kafka_section_has_the_design_defaults_and_takes_file_and_env_layers() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.kafka.topics.ingest, "imu-data-all");
+        assert_eq!(c.kafka.topics.sessions, "new-session-topic");
+        assert_eq!((c.kafka.partitions, c.kafka.replication_factor), (12, 1));
+        assert!(c.kafka.client.is_empty());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "[kafka]\nbrokers = \"k1:9092,k2:9092\"\n[kafka.client]\n\"security.protocol\" = \"SASL_SSL\"\n\"linger.ms\" = 20\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("SENSORFLOW_KAFKA_TOPICS_INGEST", "raw-imu"),
+                ("SENSORFLOW_KAFKA_REPLICATION_FACTOR", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(c.kafka.topics.ingest, "raw-imu");
+        assert_eq!(c.kafka.replication_factor, 3);
+        let props = c.kafka.client_properties(&[]);
+        assert_eq!(props["security.protocol"], "SASL_SSL");
+        assert_eq!(props["linger.ms"], "20");
+
+        let err = format!(
+            "{:#}",
+            Config::load(None, env(&[("SENSORFLOW_KAFKA_PARTITIONS", "0")])).unwrap_err()
+        );
+        assert!(err.contains("kafka.partitions"), "{err}");
     }
 
     #[test]

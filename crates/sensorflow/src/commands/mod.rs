@@ -1,6 +1,7 @@
 //! Subcommands. Each module exports its clap args and an `async fn run(args)`.
 
 pub(crate) mod demo;
+pub(crate) mod gateway;
 pub(crate) mod loadtest;
 pub(crate) mod passwd;
 pub(crate) mod replay;
@@ -21,6 +22,8 @@ pub(crate) enum Command {
     Run(run::RunArgs),
     /// `run` plus a built-in simulator feeding virtual sensors; open http://localhost:8000.
     Demo(demo::DemoArgs),
+    /// Distributed mode: MQTT ingest that produces every message to Kafka (`imu-data-all`).
+    Gateway(gateway::GatewayArgs),
     /// Publish simulated device packets to any MQTT broker (also our load generator).
     Simulate(simulate::SimulateArgs),
     /// Drive N virtual sensors at a platform; report loss, latency, CPU and memory.
@@ -39,6 +42,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => run::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Gateway(args) => gateway::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Loadtest(args) => loadtest::run(args).await,
         Command::Replay(args) => replay::run(args).await,

@@ -26,6 +26,10 @@ mod sink_queue;
 mod sink_task;
 mod status;
 mod tls;
+// The gateway counts bad input the same bounded way.
+pub(crate) use status::record_bad;
+// The gateway applies the same anonymous-access rule as `run`.
+pub(crate) use security::mqtt_policy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use sensorflow_api::{ApiConfig, ApiState, Hub, HubConfig};
-use sensorflow_ingest::{IngestConfig, IngestServer, TopicPattern};
+use sensorflow_ingest::IngestServer;
 use sensorflow_lake::SessionsStore;
 use sensorflow_log::{Durability, Log, LogConfig, Retention};
 use sensorflow_pipeline::{
@@ -174,29 +178,13 @@ impl Embedded {
         };
         let dataflow_thread = dataflow.start()?;
 
-        let ingest_config = IngestConfig {
-            listen: config.mqtt.listen,
-            binary_topic: TopicPattern::parse(&config.mqtt.binary_topic)?,
-            json_topic: TopicPattern::parse(&config.mqtt.json_topic)?,
-            max_message_bytes: config.mqtt.max_message_bytes,
-            receive_maximum: config.mqtt.receive_maximum,
-            max_connections: config.mqtt.max_connections,
-            connect_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
-            max_client_id_bytes: config.mqtt.max_client_id_bytes,
-            max_persistent_sessions: config.mqtt.max_persistent_sessions,
-            session_expiry_max: Duration::from_secs(config.mqtt.session_expiry_max_secs),
-            allow_keep_alive_zero: config.mqtt.allow_keep_alive_zero,
-            idle_timeout: Duration::from_secs(config.mqtt.idle_timeout_secs),
-            max_connections_per_ip: config.mqtt.max_connections_per_ip,
-            max_sensor_ids: config.mqtt.max_sensor_ids,
-            sensor_id_idle: Duration::from_secs(config.mqtt.sensor_id_idle_secs),
-            max_publishes_per_sec: config.mqtt.max_publishes_per_sec,
+        let ingest_config = sensorflow_ingest::IngestConfig {
             auth: mqtt_auth,
             tls: tls.as_ref().map(|t| sensorflow_ingest::MqttTls {
                 listen: config.tls.mqtt_listen,
                 server_config: Arc::clone(&t.mqtt),
             }),
-            ..IngestConfig::default()
+            ..config.ingest_config()?
         };
         let ingest = IngestServer::start(
             ingest_config,

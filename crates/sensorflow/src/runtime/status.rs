@@ -260,7 +260,7 @@ const MAX_TRACKED_ID_BYTES: usize = 256;
 /// Counts bad input of `sensor_id` ("" when unknown); false if the id is not tracked. Bounded:
 /// sensor ids come from clients, so beyond [`MAX_INGEST_BAD_SENSORS`] ids (or for ids longer
 /// than [`MAX_TRACKED_ID_BYTES`]) the caller counts the input in an aggregate instead.
-fn record_bad(
+pub(crate) fn record_bad(
     bad: &mut HashMap<String, BTreeMap<BadReason, u64>>,
     sensor_id: &str,
     reason: BadReason,

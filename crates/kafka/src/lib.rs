@@ -1,0 +1,32 @@
+//! sensorflow-kafka: distributed mode's link to Apache Kafka (DESIGN.md, "Distributed mode").
+//!
+//! # Layout
+//!
+//! - [`config`] — [`KafkaConfig`], the `[kafka]` section: brokers, topic names, partitions,
+//!   replication factor and pass-through librdkafka properties.
+//! - [`admin`] — [`ensure_topics`]: creates missing topics.
+//! - [`producer`] — [`KafkaSink`], ingest's sink in the gateway role.
+//! - [`error`] — [`Error`].
+//!
+//! # Architecture invariants
+//!
+//! - The gateway acknowledges a QoS 1 publish only after Kafka acknowledged its record with
+//!   `acks=all` (the sink's future resolves on the delivery report).
+//! - A Kafka outage withholds PUBACKs and then stops reading MQTT sockets; it never makes the
+//!   gateway buffer without bound nor acknowledge what Kafka has not (see [`producer`]).
+//! - The ingest topic's record value is exactly the embedded log's record
+//!   ([`sensorflow_protocol::IngestRecord`]), key = sensor id, so the pipeline reads the same
+//!   bytes from either.
+//!
+//! librdkafka is built from source without OpenSSL, SASL, zstd or zlib: plaintext connections,
+//! lz4/snappy compression. The `ssl-vendored` feature adds TLS (and SASL SCRAM/OAUTHBEARER).
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod producer;
+
+pub use admin::ensure_topics;
+pub use config::{ClientValue, KafkaConfig, TopicNames};
+pub use error::{Error, Result};
+pub use producer::{KafkaSink, ProducerStats};
