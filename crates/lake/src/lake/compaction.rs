@@ -98,27 +98,19 @@ impl LakeWriter {
         }
 
         // 1. The merged file, hidden.
-        let writer_id = newest_epoch.map(epoch_writer_id);
-        let mut out = ctx.new_file(table, &dir, writer_id.as_deref())?;
-        let mut rows = 0u64;
-        let copied = (|| {
-            for name in &inputs {
-                let path = dir.join(name);
-                let file = File::open(&path).map_err(io_at(&path))?;
-                rows += append_rows(&mut out, file, table, ctx.batch_rows, || path.clone())?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = copied {
-            out.abort();
-            return Err(e);
-        }
-        let FinishedFile {
-            tmp_path,
-            final_path,
-            bytes: output_bytes,
-            ..
-        } = out.finish()?;
+        let (
+            FinishedFile {
+                tmp_path,
+                final_path,
+                bytes: output_bytes,
+                ..
+            },
+            rows,
+        ) = merge_inputs(ctx, table, &dir, newest_epoch, &inputs, |name| {
+            let path = dir.join(name);
+            let file = File::open(&path).map_err(io_at(&path))?;
+            Ok((file, path))
+        })?;
 
         // 2. The journal that lets `open` finish the job after a crash.
         let journal = CompactionJournal {
@@ -356,37 +348,26 @@ impl LakeWriter {
         // 1. The merged file, staged, then uploaded under a hidden name.
         let staging = partition_dir(objects.staging_dir(), table, date);
         fs::create_dir_all(&staging).map_err(io_at(&staging))?;
-        let writer_id = newest_epoch.map(epoch_writer_id);
-        let mut out = ctx.new_file(table, &staging, writer_id.as_deref())?;
-        let mut rows = 0u64;
-        let copied = (|| {
-            for name in &inputs {
-                let key = partition.clone().join(name.as_str());
-                let bytes = objects.get(&key)?.ok_or_else(|| LakeError::Store {
-                    url: objects.url().into(),
-                    key: key.to_string(),
-                    source: object_store::Error::NotFound {
-                        path: key.to_string(),
-                        source: "a compaction input vanished (another writer on the prefix?)"
-                            .into(),
-                    },
-                })?;
-                rows += append_rows(&mut out, bytes, table, ctx.batch_rows, || {
-                    PathBuf::from(key.as_ref())
-                })?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = copied {
-            out.abort();
-            return Err(e);
-        }
-        let FinishedFile {
-            tmp_path,
-            final_path,
-            bytes: output_bytes,
-            ..
-        } = out.finish()?;
+        let (
+            FinishedFile {
+                tmp_path,
+                final_path,
+                bytes: output_bytes,
+                ..
+            },
+            rows,
+        ) = merge_inputs(ctx, table, &staging, newest_epoch, &inputs, |name| {
+            let key = partition.clone().join(name);
+            let bytes = objects.get(&key)?.ok_or_else(|| LakeError::Store {
+                url: objects.url().into(),
+                key: key.to_string(),
+                source: object_store::Error::NotFound {
+                    path: key.to_string(),
+                    source: "a compaction input vanished (another writer on the prefix?)".into(),
+                },
+            })?;
+            Ok((bytes, PathBuf::from(key.as_ref())))
+        })?;
         let journal = CompactionJournal {
             output: file_name_string(&final_path),
             tmp: file_name_string(&tmp_path),
@@ -537,6 +518,34 @@ pub(super) fn recover_objects(
         }
     }
     Ok(())
+}
+
+/// Step 1 of both compactions: a new hidden file in `dir`, named for `newest_epoch` (see
+/// [`epoch_writer_id`]), holding every row of `inputs` in order, finished. `open` gives an
+/// input's contents (a file or the bytes of an object) and the name its errors carry. On an
+/// error the new file is removed. Returns the finished file and the rows merged.
+fn merge_inputs<R: parquet::file::reader::ChunkReader + 'static>(
+    ctx: &mut super::Ctx,
+    table: Table,
+    dir: &Path,
+    newest_epoch: Option<u64>,
+    inputs: &[String],
+    mut open: impl FnMut(&str) -> Result<(R, PathBuf), LakeError>,
+) -> Result<(FinishedFile, u64), LakeError> {
+    let writer_id = newest_epoch.map(epoch_writer_id);
+    let mut out = ctx.new_file(table, dir, writer_id.as_deref())?;
+    let batch_rows = ctx.batch_rows;
+    let mut rows = 0u64;
+    let copied = inputs.iter().try_for_each(|name| {
+        let (input, path) = open(name)?;
+        rows += append_rows(&mut out, input, table, batch_rows, || path)?;
+        Ok(())
+    });
+    if let Err(e) = copied {
+        out.abort();
+        return Err(e);
+    }
+    Ok((out.finish()?, rows))
 }
 
 /// Appends every row of one compaction input (`input`, a file or the bytes of an object) to
