@@ -84,18 +84,23 @@ impl std::fmt::Debug for PasswordFile {
     }
 }
 
+/// The lines of a password or ACL file that hold an entry, trimmed, with their 1-based
+/// numbers: blank lines and `#` comments are skipped.
+fn entry_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| (i + 1, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+}
+
 impl PasswordFile {
     /// Parses the file's text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, AuthFileError> {
         let mut users: Vec<(String, String)> = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (number, line) in entry_lines(text) {
             let syntax = |reason: String| AuthFileError::Syntax {
                 path: path.to_owned(),
-                line: i + 1,
+                line: number,
                 reason,
             };
             let (user, phc) = line
@@ -196,14 +201,10 @@ impl Acl {
     /// Parses the file's text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, AuthFileError> {
         let mut grants: HashMap<String, Vec<String>> = HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (number, line) in entry_lines(text) {
             let syntax = |reason: String| AuthFileError::Syntax {
                 path: path.to_owned(),
-                line: i + 1,
+                line: number,
                 reason,
             };
             let mut parts = line.split_whitespace();
