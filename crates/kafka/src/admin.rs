@@ -17,6 +17,33 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `kafka.replication_factor` replicas. An existing topic is left as it is, whatever its
 /// partition count. Returns the topics it created.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<String>> {
+    let specs: Vec<TopicSpec<'_>> = topics
+        .iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions: config.partitions,
+            configs: &[],
+        })
+        .collect();
+    ensure_topic_specs(config, &specs).await
+}
+
+/// A topic to create if missing: its partition count and topic-level configs (e.g.
+/// `cleanup.policy = compact`).
+pub struct TopicSpec<'a> {
+    /// The topic name.
+    pub name: &'a str,
+    /// Partitions.
+    pub partitions: i32,
+    /// Topic configs.
+    pub configs: &'a [(&'a str, &'a str)],
+}
+
+/// [`ensure_topics`] with a partition count and configs per topic.
+pub async fn ensure_topic_specs(
+    config: &KafkaConfig,
+    topics: &[TopicSpec<'_>],
+) -> Result<Vec<String>> {
     let mut client = ClientConfig::new();
     for (k, v) in config.client_properties(&[("client.id", "sensorflow-admin")]) {
         client.set(k, v);
@@ -29,11 +56,15 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<Vec<
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            NewTopic::new(
-                t,
-                config.partitions,
+            let mut topic = NewTopic::new(
+                t.name,
+                t.partitions,
                 TopicReplication::Fixed(config.replication_factor),
-            )
+            );
+            for (k, v) in t.configs {
+                topic = topic.set(k, v);
+            }
+            topic
         })
         .collect();
     let options = AdminOptions::new()

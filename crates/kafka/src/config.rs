@@ -19,6 +19,9 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// Topic names.
     pub topics: TopicNames,
+    /// The processor role's settings.
+    #[serde(default)]
+    pub processor: ProcessorSettings,
     /// librdkafka properties passed through as they are (`"security.protocol" = "SASL_SSL"`,
     /// `"sasl.mechanism" = "SCRAM-SHA-512"`, …); they override this crate's defaults. Secrets
     /// belong in `SENSORFLOW_KAFKA_CLIENT_<NAME>` variables (see [`KafkaConfig::apply_client_env`]),
@@ -45,6 +48,47 @@ pub struct TopicNames {
     pub gaps: String,
     /// Late sample rows as JSON (`sensor-late`).
     pub late: String,
+    /// The processors' state changelog, compacted, one partition per ingest partition
+    /// (`sensorflow-processor-state`).
+    #[serde(default = "default_changelog")]
+    pub changelog: String,
+}
+
+fn default_changelog() -> String {
+    "sensorflow-processor-state".into()
+}
+
+/// `[kafka.processor]`: the processor role's consumer group and transactions.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorSettings {
+    /// The consumer group on the ingest topic.
+    pub group_id: String,
+    /// One transaction (outputs, state checkpoints, lake files, offsets) per this many ms:
+    /// what `read_committed` readers of the outputs wait at most, and how often lake files are
+    /// committed per partition.
+    pub commit_interval_ms: u64,
+    /// A processor silent this long leaves the group and its partitions move (the broker's
+    /// `group.min.session.timeout.ms`, 6000 by default, is the least it accepts).
+    pub session_timeout_ms: u64,
+    /// The broker aborts a dead processor's open transaction after this long; until then
+    /// `read_committed` readers of the partitions it wrote wait.
+    pub transaction_timeout_ms: u64,
+    /// Stable id of this replica (e.g. a StatefulSet pod name) in its transactional id, so a
+    /// restart fences and aborts its predecessor's transaction at once; empty: random per start.
+    pub instance_id: String,
+}
+
+impl Default for ProcessorSettings {
+    fn default() -> Self {
+        Self {
+            group_id: "sensorflow-processor".into(),
+            commit_interval_ms: 1000,
+            session_timeout_ms: 6000,
+            transaction_timeout_ms: 10_000,
+            instance_id: String::new(),
+        }
+    }
 }
 
 /// A pass-through property value: TOML strings, integers, floats and booleans are all given to
@@ -138,6 +182,7 @@ impl KafkaConfig {
             ("topics.windows", &t.windows),
             ("topics.gaps", &t.gaps),
             ("topics.late", &t.late),
+            ("topics.changelog", &t.changelog),
         ] {
             if !valid_topic_name(name) {
                 bad(

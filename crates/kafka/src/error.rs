@@ -21,6 +21,24 @@ pub enum Error {
         /// librdkafka's error.
         source: KafkaError,
     },
+    /// A wait for the cluster ran out of time.
+    #[error("timed out {what}")]
+    Timeout {
+        /// What was waited for.
+        what: &'static str,
+    },
+    /// A transaction could not be committed or aborted.
+    #[error("kafka transaction: {what}: {source}")]
+    Transaction {
+        /// The step that failed.
+        what: &'static str,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// The processor's lake or pipeline failed in a way a retry from the last checkpoint may
+    /// not cure by itself.
+    #[error("{0}")]
+    Processor(String),
     /// The cluster refused to create a topic.
     #[error("cannot create kafka topic {topic}: {reason}")]
     CreateTopic {
@@ -37,7 +55,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Client { .. } => false,
-            Error::Request { .. } => true,
+            Error::Request { .. }
+            | Error::Timeout { .. }
+            | Error::Transaction { .. }
+            | Error::Processor(_) => true,
             Error::CreateTopic { reason, .. } => {
                 !reason.contains("Policy")
                     && !reason.contains("Authorization")

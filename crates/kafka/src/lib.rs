@@ -6,6 +6,8 @@
 //!   replication factor and pass-through librdkafka properties.
 //! - [`admin`] — [`ensure_topics`]: creates missing topics.
 //! - [`producer`] — [`KafkaSink`], ingest's sink in the gateway role.
+//! - [`rows`] — the JSON values of the output topics, written by the processor, read by the
+//!   api role.
 //! - [`error`] — [`Error`].
 //!
 //! # Architecture invariants
@@ -22,11 +24,15 @@
 //! lz4/snappy compression. The `ssl-vendored` feature adds TLS (and SASL SCRAM/OAUTHBEARER).
 
 pub mod admin;
+pub mod changelog;
 pub mod config;
 pub mod error;
+pub mod processor;
 pub mod producer;
+pub mod rows;
 
-pub use admin::ensure_topics;
-pub use config::{ClientValue, KafkaConfig, TopicNames};
+pub use admin::{TopicSpec, ensure_topic_specs, ensure_topics};
+pub use config::{ClientValue, KafkaConfig, ProcessorSettings, TopicNames};
 pub use error::{Error, Result};
+pub use processor::{ProcessorParams, ProcessorStats};
 pub use producer::{KafkaSink, ProducerStats};

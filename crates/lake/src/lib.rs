@@ -28,7 +28,7 @@ mod sync;
 pub use lake::{
     CompactionReport, Compression, LakeConfig, LakeError, LakeLocation, LakeStats, LakeWriter,
     ObjectLake, TableStats, epoch_writer_id, partition_dates, partition_dir,
-    remove_files_after_epoch,
+    partition_epoch_writer_id, remove_files_after_epoch,
 };
 pub use read::{SampleCounts, count_samples_by_sensor};
 pub use schema::Table;

@@ -405,6 +405,39 @@ pub struct QuarantineRecord {
     pub payload: Option<Vec<u8>>,
 }
 
+impl QuarantineRecord {
+    /// The dead letter of a whole message that made a stage fail: its payload as received and
+    /// what failed; no sample columns.
+    pub fn stage_failed(
+        sensor_id: &str,
+        ingest_us: i64,
+        payload: &[u8],
+        failure: &str,
+        detected_at_us: i64,
+    ) -> Self {
+        QuarantineRecord {
+            sensor_id: Arc::from(sensor_id),
+            reason: QuarantineReason::StageFailed,
+            detail: failure.to_owned(),
+            ingest_us,
+            detected_at_us,
+            sample_index: None,
+            timestamp_us: None,
+            acc_x: None,
+            acc_y: None,
+            acc_z: None,
+            gyro_x: None,
+            gyro_y: None,
+            gyro_z: None,
+            mag_x: None,
+            mag_y: None,
+            mag_z: None,
+            temp_raw: None,
+            payload: Some(payload.to_vec()),
+        }
+    }
+}
+
 /// Everything the pipeline produced in one step, in the order it was produced.
 ///
 /// The runtime drains it after each step and hands each part to the sinks (lake, sessions

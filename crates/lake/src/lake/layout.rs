@@ -73,9 +73,41 @@ pub(super) fn file_epoch(name: &str) -> Option<u64> {
     (digits.len() == 10).then(|| digits.parse().ok()).flatten()
 }
 
+/// The `writer_id` of files written for stream partition `partition` during that partition's
+/// checkpoint epoch `epoch`: `p{partition:05}e{epoch:010}`.
+///
+/// In distributed mode each processor writes the lake for the Kafka partitions it owns, each
+/// partition with checkpoints (and so epochs) of its own that move with the partition: the new
+/// owner deletes that partition's files of epochs after its checkpoint
+/// ([`LakeLocation::remove_stream_files_after`](super::LakeLocation)) and replays the
+/// partition from the checkpoint's offset, the same rule as [`epoch_writer_id`] per partition.
+pub fn partition_epoch_writer_id(partition: u32, epoch: u64) -> String {
+    format!("p{partition:05}e{epoch:010}")
+}
+
+/// The stream partition and epoch in a data file name written with
+/// [`partition_epoch_writer_id`], if any.
+pub(super) fn file_partition_epoch(name: &str) -> Option<(u32, u64)> {
+    let stem = name.strip_suffix(".parquet")?;
+    let (_, id) = stem.rsplit_once('-')?;
+    let (partition, epoch) = id.strip_prefix('p')?.split_once('e')?;
+    if partition.len() != 5 || epoch.len() != 10 {
+        return None;
+    }
+    Some((partition.parse().ok()?, epoch.parse().ok()?))
+}
+
 /// Deletes every committed data file whose epoch is greater than `epoch`: the output of a
 /// checkpoint that never completed, which the log replay will write again. Returns how many.
 pub fn remove_files_after_epoch(root: &Path, epoch: u64) -> Result<usize, LakeError> {
+    remove_files_where(root, &|name| file_epoch(name).is_some_and(|e| e > epoch))
+}
+
+/// Deletes every committed data file whose name `doomed` selects. Returns how many.
+pub(super) fn remove_files_where(
+    root: &Path,
+    doomed: &dyn Fn(&str) -> bool,
+) -> Result<usize, LakeError> {
     let mut removed = 0;
     for table in Table::ALL {
         let table_dir = root.join(table.name());
@@ -90,7 +122,7 @@ pub fn remove_files_after_epoch(root: &Path, epoch: u64) -> Result<usize, LakeEr
                 continue;
             }
             for (name, _) in committed_files(&dir)? {
-                if file_epoch(&name).is_some_and(|e| e > epoch) {
+                if doomed(&name) {
                     let path = dir.join(&name);
                     fs::remove_file(&path).map_err(io_at(&path))?;
                     removed += 1;

@@ -96,7 +96,10 @@ mod store;
 pub use compaction::CompactionReport;
 use compaction::{recover_objects, recover_table_dir};
 use layout::{date_of_day, day_of, sync_dir};
-pub use layout::{epoch_writer_id, partition_dates, partition_dir, remove_files_after_epoch};
+pub use layout::{
+    epoch_writer_id, partition_dates, partition_dir, partition_epoch_writer_id,
+    remove_files_after_epoch,
+};
 pub use store::{LakeLocation, MULTIPART_THRESHOLD, ObjectLake};
 
 /// Default size at which a file is committed and a new one started: 128 MiB.
@@ -178,6 +181,11 @@ pub struct LakeConfig {
     /// commits the partition opened longest ago first, so memory stays bounded however many
     /// dates the input spans.
     pub max_open_partitions: usize,
+    /// Whether [`LakeWriter::open`] cleans up after crashed writers of this root (hidden temp
+    /// files, interrupted compactions). Off for the per-partition writers of a processor, which
+    /// share one root and one staging directory in a process: each open would delete the
+    /// others' files in progress.
+    pub recover_on_open: bool,
 }
 
 impl LakeConfig {
@@ -193,6 +201,7 @@ impl LakeConfig {
             sync_every_bytes: DEFAULT_SYNC_EVERY_BYTES,
             writer_id: random_writer_id(),
             max_open_partitions: DEFAULT_MAX_OPEN_PARTITIONS,
+            recover_on_open: true,
         }
     }
 
@@ -760,6 +769,12 @@ impl LakeWriter {
         self.ctx.config.writer_id = epoch_writer_id(epoch);
     }
 
+    /// Files opened from now on carry `writer_id` (e.g. a stream partition's next epoch,
+    /// [`partition_epoch_writer_id`]). Call it right after a flush.
+    pub fn set_writer_id(&mut self, writer_id: String) {
+        self.ctx.config.writer_id = writer_id;
+    }
+
     /// Opens the lake at `config.root`: creates the table directories, rolls interrupted
     /// compactions forward and deletes leftover hidden `.tmp` files of crashed writers (counted
     /// in [`LakeStats::tmp_files_removed`]).
@@ -785,9 +800,13 @@ impl LakeWriter {
         for table in Table::ALL {
             let dir = ctx.config.root.local_root().join(table.name());
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-            recover_table_dir(&dir, &mut ctx.stats)?;
+            if ctx.config.recover_on_open {
+                recover_table_dir(&dir, &mut ctx.stats)?;
+            }
         }
-        if let Some(objects) = ctx.config.root.objects() {
+        if let Some(objects) = ctx.config.root.objects()
+            && ctx.config.recover_on_open
+        {
             recover_objects(objects, &mut ctx.stats)?;
         }
         if ctx.stats.tmp_files_removed > 0 || ctx.stats.compactions_recovered > 0 {
@@ -1031,8 +1050,33 @@ fn writer_properties(table: Table, config: &LakeConfig) -> Result<WriterProperti
 mod tests {
     use chrono::NaiveDate;
 
-    use super::layout::{date_of_day, day_of};
+    use super::layout::{date_of_day, day_of, file_epoch, file_partition_epoch};
     use super::*;
+
+    #[test]
+    fn stream_partition_files_name_their_partition_and_epoch_and_no_embedded_epoch() {
+        let name = format!(
+            "part-1700000000000-000003-{}.parquet",
+            partition_epoch_writer_id(11, 42)
+        );
+        assert_eq!(file_partition_epoch(&name), Some((11, 42)));
+        // Embedded recovery never mistakes them for its own epochs, and the reverse.
+        assert_eq!(file_epoch(&name), None);
+        let embedded = format!("part-1700000000000-000003-{}.parquet", epoch_writer_id(42));
+        assert_eq!(file_partition_epoch(&embedded), None);
+        assert_eq!(
+            file_partition_epoch("part-1-2-p011e0000000042.parquet"),
+            None
+        );
+        assert!(
+            LakeConfig {
+                writer_id: partition_epoch_writer_id(u32::MAX, u64::MAX),
+                ..LakeConfig::new(PathBuf::from("/x"))
+            }
+            .validate()
+            .is_ok()
+        );
+    }
 
     #[test]
     fn day_zero_is_the_unix_epoch_and_negative_times_fall_on_the_previous_day() {

@@ -42,7 +42,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::LakeError;
-use super::layout::file_epoch;
+use super::layout::{file_epoch, file_partition_epoch};
 use crate::schema::Table;
 
 /// Files at least this large are uploaded in parts (S3 allows at most 5 GiB in one PUT, and a
@@ -103,9 +103,26 @@ impl LakeLocation {
     /// Deletes every committed data file whose epoch is greater than `epoch` (see
     /// [`super::remove_files_after_epoch`]); on an object store, found by listing the prefix.
     pub fn remove_files_after_epoch(&self, epoch: u64) -> Result<usize, LakeError> {
+        self.remove_files_where(&|name| file_epoch(name).is_some_and(|e| e > epoch))
+    }
+
+    /// Deletes every committed data file of a stream partition `p` for which `committed(p)`
+    /// is `Some(epoch)` and whose epoch is greater (see [`super::partition_epoch_writer_id`]),
+    /// in one listing; other partitions' files and embedded mode's are left alone.
+    pub fn remove_stream_files_after(
+        &self,
+        committed: &dyn Fn(u32) -> Option<u64>,
+    ) -> Result<usize, LakeError> {
+        self.remove_files_where(&|name| {
+            file_partition_epoch(name)
+                .is_some_and(|(p, e)| committed(p).is_some_and(|last| e > last))
+        })
+    }
+
+    fn remove_files_where(&self, doomed: &dyn Fn(&str) -> bool) -> Result<usize, LakeError> {
         match self {
-            LakeLocation::Dir(d) => super::layout::remove_files_after_epoch(d, epoch),
-            LakeLocation::Objects(o) => o.remove_files_after_epoch(epoch),
+            LakeLocation::Dir(d) => super::layout::remove_files_where(d, doomed),
+            LakeLocation::Objects(o) => o.remove_files_where(doomed),
         }
     }
 
@@ -486,16 +503,12 @@ impl ObjectLake {
             .map_err(self.err(to))
     }
 
-    fn remove_files_after_epoch(&self, epoch: u64) -> Result<usize, LakeError> {
+    fn remove_files_where(&self, doomed: &dyn Fn(&str) -> bool) -> Result<usize, LakeError> {
         let mut removed = 0;
         for table in Table::ALL {
             for meta in self.list(&self.key([table.name()]))? {
                 if is_partition_data_file(&meta.location, self, table)
-                    && meta
-                        .location
-                        .filename()
-                        .and_then(file_epoch)
-                        .is_some_and(|e| e > epoch)
+                    && meta.location.filename().is_some_and(doomed)
                 {
                     self.delete(&meta.location)?;
                     removed += 1;

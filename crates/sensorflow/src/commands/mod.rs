@@ -4,6 +4,7 @@ pub(crate) mod demo;
 pub(crate) mod gateway;
 pub(crate) mod loadtest;
 pub(crate) mod passwd;
+pub(crate) mod processor;
 pub(crate) mod replay;
 pub(crate) mod run;
 pub(crate) mod simulate;
@@ -24,6 +25,9 @@ pub(crate) enum Command {
     Demo(demo::DemoArgs),
     /// Distributed mode: MQTT ingest that produces every message to Kafka (`imu-data-all`).
     Gateway(gateway::GatewayArgs),
+    /// Distributed mode: a consumer group member running the pipeline on its share of
+    /// `imu-data-all`, producing the output topics and the lake exactly-once.
+    Processor(processor::ProcessorArgs),
     /// Publish simulated device packets to any MQTT broker (also our load generator).
     Simulate(simulate::SimulateArgs),
     /// Drive N virtual sensors at a platform; report loss, latency, CPU and memory.
@@ -43,6 +47,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Gateway(args) => gateway::run(args).await,
+        Command::Processor(args) => processor::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Loadtest(args) => loadtest::run(args).await,
         Command::Replay(args) => replay::run(args).await,

@@ -27,9 +27,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use sensorflow_api::Hub;
 use sensorflow_log::{Log, LogError, LogReader};
-use sensorflow_pipeline::{
-    Outputs, QuarantineReason, QuarantineRecord, SampleChunk, SessionEvent, ShardedPipeline,
-};
+use sensorflow_pipeline::{Outputs, QuarantineRecord, SampleChunk, SessionEvent, ShardedPipeline};
 use sensorflow_protocol::record::IngestRecordRef;
 
 use super::checkpoint::Checkpoint;
@@ -352,26 +350,13 @@ impl Drop for PipelineTask {
 
 /// The quarantine row of a poisoned log record: its payload as received, and what failed.
 fn dead_letter(record: &IngestRecordRef<'_>, failure: &str, now_us: i64) -> QuarantineRecord {
-    QuarantineRecord {
-        sensor_id: Arc::from(record.sensor_id),
-        reason: QuarantineReason::StageFailed,
-        detail: failure.to_owned(),
-        ingest_us: record.ingest_us,
-        detected_at_us: now_us,
-        sample_index: None,
-        timestamp_us: None,
-        acc_x: None,
-        acc_y: None,
-        acc_z: None,
-        gyro_x: None,
-        gyro_y: None,
-        gyro_z: None,
-        mag_x: None,
-        mag_y: None,
-        mag_z: None,
-        temp_raw: None,
-        payload: Some(record.payload.to_vec()),
-    }
+    QuarantineRecord::stage_failed(
+        record.sensor_id,
+        record.ingest_us,
+        record.payload,
+        failure,
+        now_us,
+    )
 }
 
 /// Fault injection for the dead-letter tests: with the `failpoints` feature and
