@@ -116,6 +116,7 @@ class Platform:
         mqtt_listen: str = "127.0.0.1:0",
         http_listen: str = "127.0.0.1:0",
         tls_ca: str | None = None,
+        mqtt: bool = True,
     ):
         # With tls_ca (a CA file that signed the platform's tls.cert_file), HTTP is HTTPS.
         self.tls_ca = tls_ca
@@ -124,7 +125,10 @@ class Platform:
         self.log_lines: list[str] = []
         args = [str(binary_path()), command]
         args += ["--data-dir", str(self.data_dir)] if self.data_dir is not None else []
-        args += ["--mqtt-listen", mqtt_listen, "--http-listen", http_listen]
+        # Roles without MQTT (`processor`, `api`) only log their HTTP address.
+        self.needs = {"mqtt", "http"} if mqtt else {"http"}
+        args += ["--mqtt-listen", mqtt_listen] if mqtt else []
+        args += ["--http-listen", http_listen]
         args += extra_args or []
         full_env = dict(os.environ)
         full_env.setdefault("SENSORFLOW_LOG", "info")
@@ -139,11 +143,12 @@ class Platform:
         if not self._ready.wait(timeout=120):
             self.stop()
             raise RuntimeError("platform did not report its addresses:\n" + "\n".join(self.log_lines[-50:]))
-        if "mqtt" not in self._addresses or "http" not in self._addresses:
+        if not self.needs <= set(self._addresses):
             self.stop()
             raise RuntimeError("platform exited before listening:\n" + "\n".join(self.log_lines[-50:]))
-        host, port = self._addresses["mqtt"].rsplit(":", 1)
-        self.mqtt_host, self.mqtt_port = host, int(port)
+        if mqtt:
+            host, port = self._addresses["mqtt"].rsplit(":", 1)
+            self.mqtt_host, self.mqtt_port = host, int(port)
         self.http = ("https://" if tls_ca else "http://") + self._addresses["http"]
         self.mqtts_port = int(self._addresses["mqtts"].rsplit(":", 1)[1]) if "mqtts" in self._addresses else None
         deadline = time.monotonic() + 30
@@ -166,7 +171,7 @@ class Platform:
             m = pattern.search(line)
             if m:
                 self._addresses[m.group(1)] = m.group(2)
-                if "mqtt" in self._addresses and "http" in self._addresses:
+                if self.needs <= set(self._addresses):
                     self._ready.set()
         self._ready.set()
 

@@ -125,7 +125,7 @@ pub fn read_checkpoints(
         ("enable.auto.commit", "false"),
         ("isolation.level", "read_committed"),
         ("enable.partition.eof", "true"),
-        ("fetch.max.bytes", "134217728"),
+        ("fetch.max.bytes", "67108864"),
         ("max.partition.fetch.bytes", "67108864"),
         ("receive.message.max.bytes", "134217728"),
     ]) {

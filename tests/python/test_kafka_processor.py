@@ -1,0 +1,232 @@
+"""`sensorflow processor` against a real Kafka broker and a real S3-compatible server: a
+gateway, processors joining and dying mid-run, and the outputs checked with real clients
+(confluent-kafka reading read_committed, pyarrow reading the S3 lake) against a reference run of
+one processor that was never disturbed."""
+
+import json
+import time
+import uuid
+
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from testkit import Platform, Publisher, encode_packet, metric, read_topic, synthetic_samples, wait_until
+
+SENSORS = 30
+ROUNDS = 48
+SAMPLES = 64
+# 64 samples at 200 Hz: one packet per sensor every 320 ms.
+PACKET_S = SAMPLES / 200
+
+
+def config_file(tmp_path, name: str, ingest: str, uid: str) -> str:
+    """A config whose topics, group and changelog belong to this run only (`ingest` shared)."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f"""
+[kafka]
+partitions = 6
+[kafka.topics]
+ingest = "{ingest}"
+transformed = "transformed-{uid}"
+aggregated = "aggregated-{uid}"
+sessions = "sessions-{uid}"
+windows = "windows-{uid}"
+gaps = "gaps-{uid}"
+late = "late-{uid}"
+changelog = "state-{uid}"
+[kafka.processor]
+group_id = "processors-{uid}"
+commit_interval_ms = 500
+[pipeline]
+aggregate_interval_secs = 1.0
+[lake]
+max_file_age_secs = 1
+""")
+    return str(path)
+
+
+def start_processor(broker, s3, tmp_path, name: str, config: str, lake: str) -> Platform:
+    return Platform(
+        tmp_path / name,
+        command="processor",
+        extra_args=["--config", config, "--kafka-brokers", broker.bootstrap, "--lake", lake],
+        env=s3.env,
+        mqtt=False,
+    )
+
+
+def sample_rows(broker, topic: str) -> list[dict]:
+    rows = []
+    for m in read_topic(broker.bootstrap, topic, idle_s=1.0):
+        value = json.loads(m.value())
+        batch = value if isinstance(value, list) else [value]
+        for r in batch:
+            assert m.key().decode() == r["sensor_id"], "keyed by sensor id"
+        rows += batch
+    return rows
+
+
+def complete(rows: list[dict], expected: int) -> bool:
+    return len({(r["sensor_id"], r["sample_index"]) for r in rows}) >= expected
+
+
+def lake_rows(s3, bucket: str, prefix: str) -> list[dict]:
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3.endpoint.removeprefix("http://"),
+        scheme="http",
+        access_key=s3.ACCESS_KEY,
+        secret_key=s3.SECRET_KEY,
+        region=s3.REGION,
+    )
+    dataset = ds.dataset(f"{bucket}/{prefix}/samples", filesystem=fs, format="parquet", partitioning="hive")
+    return dataset.to_table(columns=["sensor_id", "sample_index", "session_id", "velocity_pred"]).to_pylist()
+
+
+def read_to_end(bootstrap: str, topic: str) -> list:
+    """Every committed record of `topic` up to the end offsets it had when called (the topic
+    keeps growing: running processors emit aggregates every second)."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    c = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": f"test-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+        "enable.partition.eof": True,
+    })
+    try:
+        parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        done = {p for p in parts if highs[p] == 0}
+        out = []
+        deadline = time.monotonic() + 60
+        while len(done) < len(parts):
+            assert time.monotonic() < deadline, f"reading {topic} to its end took over 60 s"
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    if c.position([TopicPartition(topic, m.partition())])[0].offset >= highs[m.partition()]:
+                        done.add(m.partition())
+                    continue
+                raise RuntimeError(f"consumer error: {m.error()}")
+            if m.offset() < highs[m.partition()]:
+                out.append(m)
+            if m.offset() + 1 >= highs[m.partition()]:
+                done.add(m.partition())
+        return out
+    finally:
+        c.close()
+
+
+def last_aggregates(broker, topic: str) -> dict:
+    """The newest aggregate of each session (by emission time)."""
+    newest: dict = {}
+    for m in read_to_end(broker.bootstrap, topic):
+        a = json.loads(m.value())
+        if a["session_id"] not in newest or a["emitted_at_us"] > newest[a["session_id"]]["emitted_at_us"]:
+            newest[a["session_id"]] = a
+    return newest
+
+
+def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_broker, s3_server, tmp_path):
+    uid = uuid.uuid4().hex[:8]
+    ingest = f"ingest-{uid}"
+    bucket = s3_server.new_bucket("lake")
+    cluster = config_file(tmp_path, "cluster", ingest, uid)
+    reference = config_file(tmp_path, "reference", ingest, f"ref{uid}")
+    gateway = Platform(None, command="gateway", extra_args=["--config", cluster, "--kafka-brokers", kafka_broker.bootstrap])
+    processors = [start_processor(kafka_broker, s3_server, tmp_path, f"p{i}", cluster, f"s3://{bucket}/cluster") for i in (1, 2)]
+    pub = Publisher(gateway.mqtt_host, gateway.mqtt_port)
+    sensors = [f"eo-{k:02d}" for k in range(SENSORS)]
+    t0_us = time.time_ns() // 1000 - 60_000_000
+    try:
+        wait_until(lambda: all(metric(p.get("/metrics").text, "sensorflow_processor_partitions") > 0 for p in processors), timeout=90, message="both processors own partitions")
+        killed = None
+        next_round = time.monotonic()
+        for i in range(ROUNDS):
+            for k, sid in enumerate(sensors):
+                base = i * SAMPLES
+                pub.publish(sid, (sid, base), encode_packet(base, t0_us + int(i * PACKET_S * 1e6), synthetic_samples(SAMPLES, seed=k * 1000 + i)))
+            if i == ROUNDS // 3:
+                # Scale 2 -> 3 while publishing.
+                processors.append(start_processor(kafka_broker, s3_server, tmp_path, "p3", cluster, f"s3://{bucket}/cluster"))
+            if i == 2 * ROUNDS // 3:
+                # The first processor dies with whatever transaction it has open.
+                wait_until(lambda: metric(processors[0].get("/metrics").text, "sensorflow_processor_commits_total") > 0, timeout=30, message="p1 committed")
+                processors[0].kill()
+                killed = processors.pop(0)
+            next_round += PACKET_S
+            time.sleep(max(0.0, next_round - time.monotonic()))
+        pub.wait_all_acked(timeout=60)
+        assert killed is not None
+        expected = {(sid, base + j) for sid, base in pub.acked for j in range(SAMPLES)}
+        assert len(expected) == SENSORS * ROUNDS * SAMPLES
+
+        # Kafka: every acknowledged sample exactly once in sensor-data-transformed (read_committed).
+        rows: list = []
+
+        def all_rows():
+            nonlocal rows
+            rows = sample_rows(kafka_broker, f"transformed-{uid}")
+            return complete(rows, len(expected))
+
+        wait_until(all_rows, timeout=120, interval=1, message="every acknowledged sample in the transformed topic")
+        keys = [(r["sensor_id"], r["sample_index"]) for r in rows]
+        assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} samples doubled in Kafka"
+        assert set(keys) == expected
+
+        # A reference run: one undisturbed processor over the same ingest topic.
+        ref = start_processor(kafka_broker, s3_server, tmp_path, "ref", reference, f"s3://{bucket}/reference")
+        try:
+            ref_rows: list = []
+
+            def all_ref_rows():
+                nonlocal ref_rows
+                ref_rows = sample_rows(kafka_broker, f"transformed-ref{uid}")
+                return complete(ref_rows, len(expected))
+
+            wait_until(all_ref_rows, timeout=180, interval=2, message="the reference run processed everything")
+            # Sessions and model state moved with their partitions: the same session per
+            # sensor and the same predictions as without the rebalance and the kill.
+            by_key = {(r["sensor_id"], r["sample_index"]): r for r in rows}
+            differ = []
+            for r in ref_rows:
+                mine = by_key[(r["sensor_id"], r["sample_index"])]
+                if mine["session_id"] != r["session_id"] or abs(mine["velocity_pred"] - r["velocity_pred"]) > 1e-4 or abs(mine["movement_prob"] - r["movement_prob"]) > 1e-4:
+                    differ.append((mine, r))
+            assert not differ, f"{len(differ)} samples differ from the undisturbed run, e.g. {differ[:2]}"
+            assert len({r["session_id"] for r in rows}) == SENSORS, "one session per sensor"
+
+            # Session aggregates (the newest of each session) equal the undisturbed run's.
+            def settled(topic):
+                newest = last_aggregates(kafka_broker, topic)
+                return newest if len(newest) == SENSORS and all(a["sample_count"] == ROUNDS * SAMPLES for a in newest.values()) else None
+
+            mine = wait_until(lambda: settled(f"aggregated-{uid}"), timeout=60, message="final aggregates")
+            theirs = wait_until(lambda: settled(f"aggregated-ref{uid}"), timeout=60, message="final reference aggregates")
+            for sid, a in mine.items():
+                b = theirs[sid]
+                for field in ("sample_count", "max_velocity", "distance_m", "mean_velocity", "moving_time_s", "duration_s"):
+                    assert abs(a[field] - b[field]) <= 1e-6 * max(1.0, abs(b[field])), f"{sid} {field}: {a[field]} vs {b[field]}"
+        finally:
+            ref.stop()
+
+        # The lake: a clean stop commits everything; every sample exactly once in S3.
+        for p in processors:
+            assert p.stop() == 0
+        lake = lake_rows(s3_server, bucket, "cluster")
+        lake_keys = [(r["sensor_id"], r["sample_index"]) for r in lake]
+        assert len(lake_keys) == len(set(lake_keys)), f"{len(lake_keys) - len(set(lake_keys))} samples doubled in the lake"
+        assert set(lake_keys) == expected, f"{len(expected - set(lake_keys))} acknowledged samples missing from the lake"
+    except BaseException:
+        for p in processors + [gateway]:
+            print(f"--- {p.proc.args[1]} {p.data_dir}:\n" + "\n".join(p.log_lines[-40:]))
+        raise
+    finally:
+        pub.close()
+        for p in processors:
+            p.stop()
+        gateway.stop()
