@@ -30,6 +30,7 @@ use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sensorflow_records::{
     GapRecord, LateRecord, SampleChunk, SessionAggregate, SessionEvent, WindowRecord,
@@ -229,6 +230,14 @@ impl ClientContext for FeedContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka reports a partition's end here too; the reader handles it from `recv`.
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::trace!(reason, "partition end");
+            return;
+        }
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%error, reason, "kafka consumer error");
     }
@@ -450,7 +459,7 @@ impl FeedReader {
         if partitions.is_empty() {
             return Err(Error::Request {
                 what: "metadata",
-                source: KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopic),
+                source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopic),
             });
         }
         Ok(partitions)
