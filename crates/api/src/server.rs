@@ -101,6 +101,8 @@ pub struct ApiState {
     shutdown: CancellationToken,
     openapi: Arc<str>,
     model: Option<Arc<dyn ModelControl>>,
+    /// Why `/model` answers 503 when there is no model control.
+    no_model: Arc<str>,
     pub(crate) ws_per_token: crate::auth::WsPerToken,
 }
 
@@ -115,6 +117,7 @@ impl ApiState {
             shutdown: CancellationToken::new(),
             openapi: Arc::from(openapi::document()),
             model: None,
+            no_model: Arc::from("this role runs no model"),
             ws_per_token: crate::auth::WsPerToken::default(),
         }
     }
@@ -126,10 +129,19 @@ impl ApiState {
         self
     }
 
+    /// Without model control, `GET`/`POST /model` answer 503 with `reason` (default: "this
+    /// role runs no model").
+    #[must_use]
+    pub fn without_model(mut self, reason: &str) -> Self {
+        self.model = None;
+        self.no_model = Arc::from(reason);
+        self
+    }
+
     pub(crate) fn model_control(&self) -> Result<&Arc<dyn ModelControl>, ApiError> {
         self.model
             .as_ref()
-            .ok_or_else(|| ApiError::Unavailable("this role runs no model".into()))
+            .ok_or_else(|| ApiError::Unavailable(self.no_model.to_string()))
     }
 
     /// The API's counters (also rendered on `/metrics`).

@@ -8,6 +8,8 @@
 //! - [`producer`] — [`KafkaSink`], ingest's sink in the gateway role.
 //! - [`rows`] — the JSON values of the output topics, written by the processor, read by the
 //!   api role.
+//! - [`api_feed`] — the api role's readers of the output topics (`read_committed`, partitions
+//!   assigned, no group joined) and its in-memory sessions table.
 //! - [`error`] — [`Error`].
 //!
 //! # Architecture invariants
@@ -24,6 +26,7 @@
 //! lz4/snappy compression. The `ssl-vendored` feature adds TLS (and SASL SCRAM/OAUTHBEARER).
 
 pub mod admin;
+pub mod api_feed;
 pub mod changelog;
 pub mod config;
 pub mod error;

@@ -1,5 +1,6 @@
 //! Subcommands. Each module exports its clap args and an `async fn run(args)`.
 
+pub(crate) mod api;
 pub(crate) mod demo;
 pub(crate) mod gateway;
 pub(crate) mod loadtest;
@@ -28,6 +29,9 @@ pub(crate) enum Command {
     /// Distributed mode: a consumer group member running the pipeline on its share of
     /// `imu-data-all`, producing the output topics and the lake exactly-once.
     Processor(processor::ProcessorArgs),
+    /// Distributed mode: the REST API, WebSockets and dashboard, fed from the output topics;
+    /// any number of replicas.
+    Api(api::ApiArgs),
     /// Publish simulated device packets to any MQTT broker (also our load generator).
     Simulate(simulate::SimulateArgs),
     /// Drive N virtual sensors at a platform; report loss, latency, CPU and memory.
@@ -48,6 +52,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Gateway(args) => gateway::run(args).await,
         Command::Processor(args) => processor::run(args).await,
+        Command::Api(args) => api::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Loadtest(args) => loadtest::run(args).await,
         Command::Replay(args) => replay::run(args).await,

@@ -30,6 +30,10 @@ mod tls;
 pub(crate) use status::record_bad;
 // The gateway applies the same anonymous-access rule as `run`.
 pub(crate) use security::mqtt_policy;
+// The api role serves HTTP with the same tokens, TLS, rates and metric helpers as `run`.
+pub(crate) use security::api_tokens;
+pub(crate) use status::{RateState, family, gauge_like, sample};
+pub(crate) use tls::Tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +83,28 @@ pub(crate) struct CheckpointRequest {
     pub(crate) checkpoint: checkpoint::Checkpoint,
     pub(crate) model: Arc<model_control::ActiveModel>,
     pub(crate) swap_done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+/// The HTTP API's settings of `config` (`[http]`, `[auth]`, `[tls]`), shared by `run` and the
+/// api role.
+pub(crate) fn api_config(
+    config: &Config,
+    listen: SocketAddr,
+    tokens: Option<Arc<sensorflow_api::ApiTokens>>,
+    tls: Option<&tls::Tls>,
+) -> ApiConfig {
+    ApiConfig {
+        listen,
+        header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
+        max_connections_per_ip: config.http.max_connections_per_ip,
+        max_connections: config.http.max_connections,
+        tokens,
+        tls: tls.map(|t| Arc::clone(&t.https)),
+        cors_origins: config.auth.cors_origins.clone(),
+        max_websockets_per_token: config.auth.max_websockets_per_token,
+        max_request_head_bytes: config.http.max_request_head_bytes,
+        ..ApiConfig::default()
+    }
 }
 
 /// Wall clock in µs since the Unix epoch.
@@ -215,18 +241,7 @@ impl Embedded {
         let state = ApiState::new(
             hub,
             status,
-            ApiConfig {
-                listen: http_addr,
-                header_read_timeout: Duration::from_secs(config.http.header_read_timeout_secs),
-                max_connections_per_ip: config.http.max_connections_per_ip,
-                max_connections: config.http.max_connections,
-                tokens: api_tokens,
-                tls: tls.as_ref().map(|t| Arc::clone(&t.https)),
-                cors_origins: config.auth.cors_origins.clone(),
-                max_websockets_per_token: config.auth.max_websockets_per_token,
-                max_request_head_bytes: config.http.max_request_head_bytes,
-                ..ApiConfig::default()
-            },
+            api_config(config, http_addr, api_tokens, tls.as_deref()),
         )
         .with_model_control(Arc::new(model_control::ModelControlImpl {
             loader,

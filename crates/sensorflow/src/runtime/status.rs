@@ -28,11 +28,41 @@ const RATE_TAU_SECS: f64 = 5.0;
 
 /// Exponentially weighted samples/s and packets/s of one sensor.
 #[derive(Clone, Copy, Debug, Default)]
-struct RateState {
+pub(crate) struct RateState {
     samples: u64,
     packets: u64,
-    samples_per_s: f64,
-    packets_per_s: f64,
+    pub(crate) samples_per_s: f64,
+    pub(crate) packets_per_s: f64,
+}
+
+impl RateState {
+    /// The rates after a refresh that found `samples` and `packets` counted in total,
+    /// `elapsed` seconds after `prev`'s refresh (`None`: the first refresh, rates start at 0).
+    pub(crate) fn next(
+        prev: Option<RateState>,
+        samples: u64,
+        packets: u64,
+        elapsed: Option<f64>,
+    ) -> RateState {
+        match (prev, elapsed) {
+            (Some(p), Some(dt)) => {
+                let alpha = 1.0 - (-dt / RATE_TAU_SECS).exp();
+                let inst_s = samples.saturating_sub(p.samples) as f64 / dt;
+                let inst_p = packets.saturating_sub(p.packets) as f64 / dt;
+                RateState {
+                    samples,
+                    packets,
+                    samples_per_s: p.samples_per_s + alpha * (inst_s - p.samples_per_s),
+                    packets_per_s: p.packets_per_s + alpha * (inst_p - p.packets_per_s),
+                }
+            }
+            _ => RateState {
+                samples,
+                packets,
+                ..RateState::default()
+            },
+        }
+    }
 }
 
 /// Snapshot store shared by the runtime's threads and the API.
@@ -166,24 +196,7 @@ impl SharedStatus {
                 let c = view.counters;
                 let id: &str = view.sensor_id;
                 let prev = previous.1.get(id).copied();
-                let rates = match (prev, elapsed) {
-                    (Some(p), Some(dt)) => {
-                        let alpha = 1.0 - (-dt / RATE_TAU_SECS).exp();
-                        let inst_s = c.samples_decoded.saturating_sub(p.samples) as f64 / dt;
-                        let inst_p = c.packets_decoded.saturating_sub(p.packets) as f64 / dt;
-                        RateState {
-                            samples: c.samples_decoded,
-                            packets: c.packets_decoded,
-                            samples_per_s: p.samples_per_s + alpha * (inst_s - p.samples_per_s),
-                            packets_per_s: p.packets_per_s + alpha * (inst_p - p.packets_per_s),
-                        }
-                    }
-                    _ => RateState {
-                        samples: c.samples_decoded,
-                        packets: c.packets_decoded,
-                        ..RateState::default()
-                    },
-                };
+                let rates = RateState::next(prev, c.samples_decoded, c.packets_decoded, elapsed);
                 let mut bad: BTreeMap<String, u64> = c
                     .bad
                     .iter()
@@ -909,11 +922,11 @@ impl StatusSource for SharedStatus {
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
+pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
     out.push_str(name);
     out.push('{');
     for (i, (k, v)) in labels.iter().enumerate() {
@@ -941,7 +954,7 @@ fn label_value(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn gauge_like(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+pub(crate) fn gauge_like(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     family(out, name, kind, help);
     let _ = writeln!(out, "{name} {value}");
 }
