@@ -1,7 +1,7 @@
 """`sensorflow processor` against a real Kafka broker and a real S3-compatible server: a
-gateway, processors joining and dying mid-run, and the outputs checked with real clients
-(confluent-kafka reading read_committed, pyarrow reading the S3 lake) against a reference run of
-one processor that was never disturbed."""
+gateway, processors joining and dying mid-run, an api replica, and the outputs checked with real
+clients (confluent-kafka reading read_committed, pyarrow reading the S3 lake) against a reference
+run of one processor that was never disturbed."""
 
 import json
 import time
@@ -139,6 +139,7 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
     reference = config_file(tmp_path, "reference", ingest, f"ref{uid}")
     gateway = Platform(None, command="gateway", extra_args=["--config", cluster, "--kafka-brokers", kafka_broker.bootstrap])
     processors = [start_processor(kafka_broker, s3_server, tmp_path, f"p{i}", cluster, f"s3://{bucket}/cluster") for i in (1, 2)]
+    api = Platform(None, command="api", extra_args=["--config", cluster, "--kafka-brokers", kafka_broker.bootstrap], mqtt=False)
     pub = Publisher(gateway.mqtt_host, gateway.mqtt_port)
     sensors = [f"eo-{k:02d}" for k in range(SENSORS)]
     t0_us = time.time_ns() // 1000 - 60_000_000
@@ -177,6 +178,15 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
         keys = [(r["sensor_id"], r["sample_index"]) for r in rows]
         assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} samples doubled in Kafka"
         assert set(keys) == expected
+
+        # The api role lists every sensor's session, as the samples name them.
+        sessions = {r["session_id"] for r in rows}
+
+        def api_sessions():
+            listed = api.get("/sessions?active=any&limit=1000").json()
+            return {s["session_id"] for s in listed} == sessions
+
+        wait_until(api_sessions, timeout=60, interval=0.5, message="the api lists every session")
 
         # A reference run: one undisturbed processor over the same ingest topic.
         ref = start_processor(kafka_broker, s3_server, tmp_path, "ref", reference, f"s3://{bucket}/reference")
@@ -222,7 +232,7 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
         assert len(lake_keys) == len(set(lake_keys)), f"{len(lake_keys) - len(set(lake_keys))} samples doubled in the lake"
         assert set(lake_keys) == expected, f"{len(expected - set(lake_keys))} acknowledged samples missing from the lake"
     except BaseException:
-        for p in processors + [gateway]:
+        for p in processors + [gateway, api]:
             print(f"--- {p.proc.args[1]} {p.data_dir}:\n" + "\n".join(p.log_lines[-40:]))
         raise
     finally:
@@ -230,3 +240,4 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
         for p in processors:
             p.stop()
         gateway.stop()
+        api.stop()
