@@ -241,3 +241,56 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
             p.stop()
         gateway.stop()
         api.stop()
+
+
+def test_a_record_that_fails_a_stage_is_a_dead_letter_and_the_processor_moves_on(kafka_broker, tmp_path):
+    """The fail point makes a step panic on any record of sensor "poison", as an operator bug
+    triggered by one record's data would: the transaction aborts, the partitions rewind, the
+    record is found alone and set aside into `quarantine`, and everything else is exactly once."""
+    uid = uuid.uuid4().hex[:8]
+    config = config_file(tmp_path, "poison", f"ingest-{uid}", uid)
+    gateway = Platform(None, command="gateway", extra_args=["--config", config, "--kafka-brokers", kafka_broker.bootstrap])
+    lake = tmp_path / "lake"
+    processor = Platform(tmp_path / "p", command="processor", mqtt=False,
+                         extra_args=["--config", config, "--kafka-brokers", kafka_broker.bootstrap, "--lake", str(lake)],
+                         env={"FAILPOINTS": "pipeline-poison=return(poison)"})
+    pub = Publisher(gateway.mqtt_host, gateway.mqtt_port)
+    now_us = time.time_ns() // 1000
+    poison = encode_packet(0, now_us, synthetic_samples(SAMPLES, seed=2))
+    try:
+        for i in range(20):
+            for sid in ("good-1", "good-2"):
+                pub.publish(sid, (sid, i * SAMPLES), encode_packet(i * SAMPLES, now_us + i * 320_000, synthetic_samples(SAMPLES, seed=i)))
+            if i == 10:
+                pub.publish("poison", ("poison", 0), poison)
+        pub.wait_all_acked(timeout=60)
+        wait_until(lambda: metric(processor.get("/metrics").text, "sensorflow_processor_dead_letters_total") >= 1,
+                   timeout=60, message="the poisoned record set aside")
+        expected = {(sid, base + j) for sid, base in pub.acked if sid != "poison" for j in range(SAMPLES)}
+        rows: list = []
+
+        def all_rows():
+            nonlocal rows
+            rows = sample_rows(kafka_broker, f"transformed-{uid}")
+            return complete(rows, len(expected))
+
+        wait_until(all_rows, timeout=60, interval=1, message="every good sample in the transformed topic")
+        keys = [(r["sensor_id"], r["sample_index"]) for r in rows]
+        assert len(keys) == len(set(keys)), "samples doubled by the rewinds"
+        assert set(keys) == expected, "the poisoned sensor's samples never come out"
+        text = processor.get("/metrics").text
+        assert metric(text, "sensorflow_processor_rewinds_total") >= 1
+        assert metric(text, "sensorflow_processor_dead_letters_total") >= 1
+    finally:
+        pub.close()
+        assert processor.stop() == 0
+        gateway.stop()
+    letters = ds.dataset(str(lake / "quarantine"), format="parquet", partitioning="hive").to_table().to_pylist()
+    stage_failed = [r for r in letters if r["reason"] == "stage_failed"]
+    assert len(stage_failed) == 1, "set aside once, whatever the rewinds"
+    assert stage_failed[0]["sensor_id"] == "poison"
+    assert stage_failed[0]["payload"] == poison, "kept as received"
+    assert "pipeline-poison" in stage_failed[0]["detail"]
+    samples = ds.dataset(str(lake / "samples"), format="parquet", partitioning="hive").to_table(columns=["sensor_id", "sample_index"]).to_pylist()
+    lake_keys = [(r["sensor_id"], r["sample_index"]) for r in samples]
+    assert len(lake_keys) == len(set(lake_keys)) and set(lake_keys) == expected

@@ -79,6 +79,8 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("linger.ms", "5"),
     ("compression.type", "lz4"),
     ("partitioner", "murmur2_random"),
+    // Bounded (librdkafka's default is 1 GiB); a full queue makes the processor wait.
+    ("queue.buffering.max.kbytes", "131072"),
     // A partition's checkpoint is one record; large fleets make large ones.
     ("message.max.bytes", "67108864"),
     ("client.id", "sensorflow-processor"),
@@ -124,6 +126,9 @@ pub struct ProcessorStats {
     pub commits: AtomicU64,
     /// Transactions aborted (each followed by a rewind to the last checkpoint).
     pub aborts: AtomicU64,
+    /// Rewinds of every owned partition to its last checkpoint (after an abort, a failed
+    /// write or a panicking step).
+    pub rewinds: AtomicU64,
     /// Partitions owned now.
     pub partitions: AtomicU64,
     /// Partitions restored from the changelog.
@@ -292,7 +297,7 @@ fn run_once(
         }
         let now = Instant::now();
         if now >= next_tick {
-            st.tick()?;
+            st.tick(&consumer)?;
             next_tick = now + params.tick;
         }
         if now >= next_commit {
@@ -629,7 +634,10 @@ impl State {
                 .iter()
                 .filter(|r| !poisoned.iter().any(|(o, _)| *o == r.1))
                 .filter_map(|r| match IngestRecordRef::decode(&r.2) {
-                    Ok(record) => Some(record),
+                    Ok(record) => {
+                        poison_failpoint(record.sensor_id);
+                        Some(record)
+                    }
                     Err(e) => {
                         stats.corrupt_records.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(partition = p, offset = r.1, error = %e, "skipping an undecodable ingest record");
@@ -673,20 +681,21 @@ impl State {
     }
 
     /// Processing-time duties of every partition.
-    fn tick(&mut self) -> Result<()> {
+    fn tick(&mut self, consumer: &BaseConsumer<GroupContext>) -> Result<()> {
         let now = now_us();
+        let generation = self.generation;
         let owned: Vec<i32> = self.parts.keys().copied().collect();
         for p in owned {
             let mut out = Outputs::default();
             if let Some(part) = self.parts.get_mut(&p) {
                 part.pipeline.on_tick(now, &mut out);
-            }
-            if !out.is_empty() {
-                if let Some(part) = self.parts.get_mut(&p) {
+                if !out.is_empty() {
                     part.dirty = true;
                 }
-                self.emit_outputs(p, &mut out)
-                    .map_err(|e| Error::Processor(format!("partition {p}: {e}")))?;
+            }
+            self.emit(consumer, p, &mut out)?;
+            if self.generation != generation {
+                return Ok(());
             }
         }
         Ok(())
@@ -868,6 +877,7 @@ impl State {
     /// checkpoint: state, lake files, consumer position.
     fn rewind(&mut self, consumer: &BaseConsumer<GroupContext>) -> Result<()> {
         self.generation += 1;
+        self.stats.rewinds.fetch_add(1, Ordering::Relaxed);
         if self.txn_open {
             self.producer
                 .abort_transaction(TXN_TIMEOUT)
@@ -954,4 +964,17 @@ fn dead_letter(record: &IngestRecordRef<'_>, failure: &str, now: i64) -> Quarant
         failure,
         now,
     )
+}
+
+/// Fault injection for the dead-letter test: with the `failpoints` feature and
+/// `FAILPOINTS=pipeline-poison=return(SENSOR)`, a step panics on a record of sensor `SENSOR`,
+/// as an operator bug triggered by one record's data would (the embedded runtime has the same
+/// fail point). Compiled to nothing otherwise.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn poison_failpoint(sensor_id: &str) {
+    fail::fail_point!("pipeline-poison", |target: Option<String>| {
+        if target.as_deref() == Some(sensor_id) {
+            panic!("fail point pipeline-poison hit by a record of sensor {sensor_id}");
+        }
+    });
 }

@@ -27,6 +27,9 @@ use tokio::sync::{mpsc, watch};
 use crate::runtime::now_us;
 use crate::sim::{AckedPacket, SimConfig, Simulator};
 
+/// How long the lake of a running platform may stay unchanged before it is counted as final.
+const LAKE_SETTLE: Duration = Duration::from_secs(10);
+
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct LoadtestArgs {
     /// Virtual sensors.
@@ -275,21 +278,39 @@ async fn one_run(args: &LoadtestArgs, sensors: usize) -> anyhow::Result<Report> 
         None => (None, None),
     };
 
-    // Graceful stop of the child flushes the lake; then count.
+    // Graceful stop of the child flushes the lake; then count. A running platform (e.g. the
+    // processors of the distributed mode) commits its lake files on its own schedule: its lake
+    // is counted again until nothing is missing or it stopped growing for LAKE_SETTLE.
     if let Some(child) = target.child.as_mut() {
         stop_child(&mut child.child)?;
     }
-    let lake_counts = match &target.lake {
-        Some(root) => Some(
-            tokio::task::spawn_blocking({
+    let samples_acked: u64 = acked.values().sum();
+    let mut lake_counts = None;
+    if let Some(root) = &target.lake {
+        let mut last_change = Instant::now();
+        loop {
+            let counts = tokio::task::spawn_blocking({
                 let root = root.clone();
                 move || sensorflow_lake::count_samples_by_sensor(&root)
             })
-            .await??,
-        ),
-        None => None,
-    };
-    let samples_acked: u64 = acked.values().sum();
+            .await??;
+            let rows: u64 = counts.rows.values().sum();
+            let before = lake_counts
+                .as_ref()
+                .map(|c: &sensorflow_lake::SampleCounts| c.rows.values().sum::<u64>());
+            if before != Some(rows) {
+                last_change = Instant::now();
+            }
+            lake_counts = Some(counts);
+            if target.child.is_some()
+                || rows >= samples_acked
+                || last_change.elapsed() > LAKE_SETTLE
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     let (samples_in_lake, duplicates, lost) = match &lake_counts {
         Some(c) => {
             let lost: u64 = acked

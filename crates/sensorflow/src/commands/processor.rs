@@ -291,6 +291,12 @@ fn metrics(stats: &ProcessorStats) -> String {
             get(&stats.aborts),
         ),
         (
+            "sensorflow_processor_rewinds_total",
+            "counter",
+            "Rewinds of every owned partition to its last checkpoint (after an abort, a failed write or a failing step).",
+            get(&stats.rewinds),
+        ),
+        (
             "sensorflow_processor_partitions",
             "gauge",
             "Ingest partitions owned.",
