@@ -8,11 +8,6 @@ The records are written here the way a processor writes them (transactional prod
 rows keyed by sensor id), so the api role is tested on its own."""
 
 import json
-import os
-import re
-import signal
-import subprocess
-import threading
 import time
 import uuid
 
@@ -20,53 +15,17 @@ import requests
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from testkit import WsCollector, binary_path, metric, wait_until
+from testkit import Platform, WsCollector, metric, wait_until
 
 T0_US = 1_760_000_000_000_000
 TOPIC_KEYS = ("transformed", "aggregated", "sessions", "windows", "gaps", "late")
 
 
-class ApiReplica:
-    """`sensorflow api` on a free loopback port (no MQTT listener, so not testkit.Platform)."""
+class ApiReplica(Platform):
+    """`sensorflow api` on a free loopback port (no MQTT listener)."""
 
     def __init__(self, broker, env: dict):
-        self.log_lines: list[str] = []
-        full_env = dict(os.environ)
-        full_env.setdefault("SENSORFLOW_LOG", "info")
-        full_env.update(env)
-        args = [str(binary_path()), "api", "--kafka-brokers", broker.bootstrap, "--http-listen", "127.0.0.1:0"]
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=full_env)
-        self._http = threading.Event()
-        self.http = ""
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        if not self._http.wait(timeout=60) or not self.http:
-            self.stop()
-            raise RuntimeError("api did not report its address:\n" + "\n".join(self.log_lines[-50:]))
-        wait_until(lambda: self._health(), timeout=30, message="/health")
-
-    def _read_log(self):
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log_lines.append(line.rstrip("\n"))
-            m = re.search(r"http listening on (\S+)", line)
-            if m:
-                self.http = "http://" + m.group(1)
-                self._http.set()
-        self._http.set()
-
-    def _health(self) -> bool:
-        try:
-            return requests.get(self.http + "/health", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    @property
-    def ws(self) -> str:
-        return self.http.replace("http://", "ws://")
-
-    def get(self, path: str, **kw):
-        return requests.get(self.http + path, timeout=10, **kw)
+        super().__init__(None, command="api", extra_args=["--kafka-brokers", broker.bootstrap], env=env, mqtt=False)
 
     def ready(self) -> bool:
         return self.get("/ready").status_code == 200
@@ -75,17 +34,6 @@ class ApiReplica:
         r = self.get("/sessions", params={"active": "any", "limit": 1000})
         assert r.status_code == 200, r.text
         return r.json()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=5)
-        return self.proc.returncode
 
 
 class Topics:
