@@ -9,7 +9,8 @@
 #
 # Environment: DURATION (s of load per run, default 30), COMMIT_MS (the processors'
 # kafka.processor.commit_interval_ms, default 1000), MAX_P99_MS (loadtest's sustained
-# threshold, default 2000: outputs are visible at the processor's commits).
+# threshold, default 2000: outputs are visible at the processor's commits), PARTITIONS (of
+# every topic, default 12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SENSORS=("${@:-250 500 1000}")
@@ -17,9 +18,12 @@ read -r -a SENSORS <<<"${SENSORS[*]}"
 DURATION=${DURATION:-30}
 COMMIT_MS=${COMMIT_MS:-1000}
 MAX_P99_MS=${MAX_P99_MS:-2000}
+PARTITIONS=${PARTITIONS:-12}
 BIN=target/release/sensorflow
 [ -x "$BIN" ] || cargo build --release
 scripts/kafka.sh fetch >/dev/null
+# The broker with its JIT's full optimisation (the tests' broker stops at C1 to start faster).
+export SENSORFLOW_KAFKA_JAVA_OPTS=${SENSORFLOW_KAFKA_JAVA_OPTS:--Xms1g -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true}
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -36,7 +40,8 @@ wait_http() { # URL: until it answers 200
         curl -fs "$1" >/dev/null 2>&1 && return 0
         sleep 0.2
     done
-    echo "bench_distributed: $1 never answered" >&2
+    echo "bench_distributed: $1 never answered; logs:" >&2
+    tail -n 20 "$WORK"/run-*/*.log "$WORK/kafka.log" >&2 || true
     exit 1
 }
 cpu_seconds() { # PID: user+system CPU seconds so far
@@ -56,6 +61,8 @@ for n in "${SENSORS[@]}"; do
     run="$WORK/run-$n"
     mkdir -p "$run"
     cat >"$run/config.toml" <<TOML
+[kafka]
+partitions = $PARTITIONS
 [kafka.topics]
 ingest = "ingest-$n"
 transformed = "transformed-$n"
@@ -93,7 +100,11 @@ TOML
         used=$(awk -v a="${before[$p]}" -v b="$(cpu_seconds "$p")" 'BEGIN {printf "%.1f", b - a}')
         cpu="$cpu\"${role%%:*}_cpu_s\": $used, "
     done
-    echo "{\"mode\": \"distributed\", \"commit_interval_ms\": $COMMIT_MS, ${cpu}\"loadtest\": $(cat "$run/report.json")}"
+    pm=$(curl -fs "http://127.0.0.1:$p_http/metrics")
+    commits=$(awk '/^sensorflow_processor_commits_total/ {print $2}' <<<"$pm")
+    commit_s=$(awk '/^sensorflow_processor_commit_seconds_total/ {print $2}' <<<"$pm")
+    lake_s=$(awk '/^sensorflow_processor_lake_commit_seconds_total/ {print $2}' <<<"$pm")
+    echo "{\"mode\": \"distributed\", \"commit_interval_ms\": $COMMIT_MS, \"partitions\": $PARTITIONS, ${cpu}\"processor_commits\": $commits, \"processor_commit_s\": $commit_s, \"processor_lake_commit_s\": $lake_s, \"loadtest\": $(cat "$run/report.json")}"
     kill $gw $pr $api
     wait $gw $pr $api 2>/dev/null || true
     "$BIN" loadtest --sensors "$n" --duration "$DURATION" --json | sed 's/^/{"mode": "embedded", "loadtest": /; s/$/}/'

@@ -39,6 +39,11 @@ fetch() {
 }
 
 java_opts() {
+    # SENSORFLOW_KAFKA_JAVA_OPTS replaces the defaults below (e.g. full JIT for benchmarks).
+    if [ -n "${SENSORFLOW_KAFKA_JAVA_OPTS:-}" ]; then
+        echo "$SENSORFLOW_KAFKA_JAVA_OPTS -Dlog4j2.configurationFile=$HERE/kafka/log4j2.properties"
+        return
+    fi
     # 1 GiB heap at most; C1 only, which starts faster and is plenty for a test broker.
     echo "-Xms256m -Xmx1g -XX:+UseG1GC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
 -Dlog4j2.configurationFile=$HERE/kafka/log4j2.properties"

@@ -71,6 +71,9 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("isolation.level", "read_committed"),
     ("auto.offset.reset", "earliest"),
     ("partition.assignment.strategy", "roundrobin"),
+    // Records are waited for at most this long on the broker (librdkafka's default 500 ms adds
+    // to every record's latency whenever the gateway's producer is not the one waking it).
+    ("fetch.wait.max.ms", "20"),
     ("client.id", "sensorflow-processor"),
 ];
 const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
@@ -124,6 +127,10 @@ pub struct ProcessorStats {
     pub samples: AtomicU64,
     /// Transactions committed.
     pub commits: AtomicU64,
+    /// Time spent committing (lake files, checkpoints, offsets, the commit itself), µs.
+    pub commit_micros: AtomicU64,
+    /// Of which committing lake files, µs.
+    pub lake_commit_micros: AtomicU64,
     /// Transactions aborted (each followed by a rewind to the last checkpoint).
     pub aborts: AtomicU64,
     /// Rewinds of every owned partition to its last checkpoint (after an abort, a failed
@@ -808,9 +815,13 @@ impl State {
         if !self.txn_open {
             return Ok(());
         }
+        let started = Instant::now();
         match self.try_commit(consumer) {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .commit_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
@@ -834,7 +845,11 @@ impl State {
             let Some(next_offset) = part.next_offset else {
                 continue;
             };
+            let flushing = Instant::now();
             part.lake.flush().map_err(|e| format!("lake: {e}"))?;
+            self.stats
+                .lake_commit_micros
+                .fetch_add(flushing.elapsed().as_micros() as u64, Ordering::Relaxed);
             let checkpoint = PartitionCheckpoint {
                 input_offset: next_offset,
                 lake_epoch: part.epoch,

@@ -49,6 +49,10 @@ use crate::rows;
 /// - Statistics every second: the consumer lag on `/metrics`.
 pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("isolation.level", "read_committed"),
+    // Committed records become readable when the processor's transaction commits, which does
+    // not wake a waiting fetch on the broker: a short wait keeps them from sitting there for
+    // librdkafka's default 500 ms (BENCHMARKS §6: p50 publish → WebSocket 0.9 s with it).
+    ("fetch.wait.max.ms", "20"),
     ("enable.partition.eof", "true"),
     ("group.id", "sensorflow-api"),
     ("enable.auto.commit", "false"),

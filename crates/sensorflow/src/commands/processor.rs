@@ -264,7 +264,7 @@ fn ready(stats: &ProcessorStats) -> (bool, serde_json::Value) {
 
 fn metrics(stats: &ProcessorStats) -> String {
     let mut out = String::new();
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     for (name, kind, help, value) in [
         (
             "sensorflow_processor_records_total",
@@ -289,6 +289,18 @@ fn metrics(stats: &ProcessorStats) -> String {
             "counter",
             "Kafka transactions aborted, each followed by a rewind to the last checkpoint.",
             get(&stats.aborts),
+        ),
+        (
+            "sensorflow_processor_commit_seconds_total",
+            "counter",
+            "Time spent committing: lake files, state checkpoints, offsets and the transaction.",
+            get(&stats.commit_micros) / 1e6,
+        ),
+        (
+            "sensorflow_processor_lake_commit_seconds_total",
+            "counter",
+            "Of the commit time, committing lake files.",
+            get(&stats.lake_commit_micros) / 1e6,
         ),
         (
             "sensorflow_processor_rewinds_total",
