@@ -426,11 +426,14 @@ class KafkaBroker:
 
     SCRIPT = ROOT / "scripts" / "kafka.sh"
 
-    def __init__(self, base_dir: Path, node_id: int = 1, voters: str | None = None, extra: dict | None = None, start: bool = True):
+    def __init__(self, base_dir: Path, node_id: int = 1, voters: str | None = None, extra: dict | None = None, start: bool = True,
+                 ports: tuple[int, int] | None = None, cluster_id: str | None = None):
+        # `ports` (broker, controller) and `cluster_id` come from a KafkaCluster, which needs
+        # every node's controller port in `voters` and one cluster id on every log dir.
         self.dir = Path(base_dir)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
-        self.port, self.controller_port = free_port(), free_port()
+        self.port, self.controller_port = ports or (free_port(), free_port())
         self.props = self.dir / "server.properties"
         voters = voters or f"{node_id}@127.0.0.1:{self.controller_port}"
         single = voters.count("@") == 1
@@ -459,8 +462,13 @@ class KafkaBroker:
         self.log_path = self.dir / "broker.log"
         self.proc: subprocess.Popen | None = None
         self.started_in: float | None = None
-        subprocess.run([str(self.SCRIPT), "format", str(self.props)], check=True, stdout=subprocess.DEVNULL,
-                       stderr=open(self.dir / "format.log", "w"))
+        if cluster_id is None:
+            format_cmd = [str(self.SCRIPT), "format", str(self.props)]  # a new cluster id
+        else:
+            format_cmd = ["java", "-cp", kafka_classpath(), "kafka.tools.StorageTool", "format", "--ignore-formatted",
+                          "-t", cluster_id, "-c", str(self.props)]
+        with open(self.dir / "format.log", "w") as log:
+            subprocess.run(format_cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         if start:
             self.start()
 
@@ -523,6 +531,177 @@ class KafkaBroker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def static_port(taken: set[int]) -> int:
+    """A free loopback port below the kernel's ephemeral range (which port-0 binds draw from),
+    so no other process is handed it while its owner is down; not one of `taken`, to which it
+    is added."""
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randint(10000, low - 1)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+_KAFKA_CLASSPATH: str | None = None
+
+
+def kafka_classpath() -> str:
+    """The Java classpath of scripts/kafka.sh's Kafka jars (fetched once, cached)."""
+    global _KAFKA_CLASSPATH
+    if _KAFKA_CLASSPATH is None:
+        _KAFKA_CLASSPATH = subprocess.run([str(KafkaBroker.SCRIPT), "classpath"], check=True, capture_output=True,
+                                          text=True).stdout.strip()
+    return _KAFKA_CLASSPATH
+
+
+def java_string_hash(s: str) -> int:
+    """Java's String.hashCode (signed 32 bits), for strings of the Basic Multilingual Plane."""
+    h = 0
+    for ch in s:
+        h = (31 * h + ord(ch)) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def coordinator_partition(key: str, partitions: int) -> int:
+    """The partition of `__consumer_offsets` (key: a group id) or `__transaction_state` (key: a
+    transactional id) whose leader is the key's coordinator: Kafka's
+    `Utils.abs(key.hashCode()) % partitions`."""
+    h = java_string_hash(key)
+    return (0 if h == -(1 << 31) else abs(h)) % partitions
+
+
+class KafkaCluster:
+    """A real Apache Kafka 4.1.1 cluster on loopback: `nodes` KRaft nodes, each broker and
+    controller, every one a voter of the metadata quorum, formatted with one cluster id. Internal
+    topics are replicated to 3 with a minimum ISR of 2, and so is every topic created without
+    its own settings (`default.replication.factor`, `min.insync.replicas`), so the cluster
+    keeps accepting `acks=all` writes and transactions with one node dead.
+
+    `brokers[i]` are KafkaBrokers: kill, stop and start them one by one. The internal topics
+    get `internal_partitions` partitions (Kafka's default is 50) to keep their creation quick."""
+
+    def __init__(self, base_dir: Path, nodes: int = 3, extra: dict | None = None, internal_partitions: int = 6,
+                 timeout: float = 120):
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Every controller port first: each node's controller.quorum.voters names all of them.
+        # Below the ephemeral range, so no listener on port 0 (a gateway, an HTTP server) is
+        # handed the ports of a node a test killed, and the node restarts on them.
+        taken: set[int] = set()
+        ports = [(static_port(taken), static_port(taken)) for _ in range(nodes)]
+        voters = ",".join(f"{i + 1}@127.0.0.1:{cport}" for i, (_, cport) in enumerate(ports))
+        rf, min_isr = str(min(3, nodes)), str(min(2, nodes))
+        props = {
+            "default.replication.factor": rf,
+            "min.insync.replicas": min_isr,
+            "offsets.topic.replication.factor": rf,
+            "offsets.topic.num.partitions": str(internal_partitions),
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": min_isr,
+            "transaction.state.log.num.partitions": str(internal_partitions),
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": min_isr,
+        }
+        props.update(extra or {})
+        self.internal_partitions = internal_partitions
+        # A Kafka Uuid (16 random bytes, URL-safe base64 without padding); not one that starts
+        # with "-", which the format tool would take for an option.
+        import base64
+
+        while (cluster_id := base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")).startswith("-"):
+            pass
+        self.cluster_id = cluster_id
+        base_dir = Path(base_dir)
+        self.brokers: list[KafkaBroker] = []
+        with ThreadPoolExecutor(nodes) as pool:
+            self.brokers = list(pool.map(
+                lambda i: KafkaBroker(base_dir / f"node{i + 1}", node_id=i + 1, voters=voters, extra=props, start=False,
+                                      ports=ports[i], cluster_id=cluster_id),
+                range(nodes)))
+        try:
+            self.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def bootstrap(self) -> str:
+        """Every node's address: a client still finds the cluster with any one of them dead."""
+        return ",".join(b.bootstrap for b in self.brokers)
+
+    def broker(self, node_id: int) -> KafkaBroker:
+        return next(b for b in self.brokers if b.node_id == node_id)
+
+    def running(self) -> list[KafkaBroker]:
+        return [b for b in self.brokers if b.proc is not None and b.proc.poll() is None]
+
+    def start(self, timeout: float = 120):
+        """Starts every node that is not running, in parallel (a node waits for a quorum of
+        voters), and waits until the metadata lists every node as a broker."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        stopped = [b for b in self.brokers if b not in self.running()]
+        with ThreadPoolExecutor(max(1, len(stopped))) as pool:
+            for f in [pool.submit(b.start, timeout) for b in stopped]:
+                f.result()
+        wait_until(lambda: len(self.registered()) == len(self.brokers), timeout=timeout, interval=0.5,
+                   message=f"all {len(self.brokers)} kafka nodes registered as brokers")
+
+    def registered(self) -> set[int]:
+        """Node ids the cluster metadata lists as brokers (a dead one until its session expires)."""
+        from confluent_kafka.admin import AdminClient
+
+        addrs = ",".join(b.bootstrap for b in self.running())
+        try:
+            return set(AdminClient({"bootstrap.servers": addrs, "log_level": 0}).list_topics(timeout=5).brokers)
+        except Exception:
+            return set()
+
+    def controller_leader(self) -> int:
+        """The node id of the active controller (the metadata quorum's leader), as
+        kafka-metadata-quorum reports it (DescribeQuorum to the controllers)."""
+        controllers = ",".join(f"127.0.0.1:{b.controller_port}" for b in self.running())
+        out = subprocess.run(
+            ["java", "-Xmx256m", "-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={KafkaBroker.SCRIPT.parent / 'kafka' / 'log4j2.properties'}",
+             "-cp", kafka_classpath(), "org.apache.kafka.tools.MetadataQuorumCommand", "--bootstrap-controller", controllers,
+             "describe", "--status"],
+            check=True, capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"^LeaderId:\s+(\d+)", out, re.M)
+        assert m, f"no LeaderId in kafka-metadata-quorum's answer:\n{out}"
+        return int(m.group(1))
+
+    def log_tails(self, lines: int = 30) -> str:
+        out = []
+        for b in self.brokers:
+            text = b.log_path.read_text(errors="replace").splitlines() if b.log_path.exists() else []
+            out.append(f"--- kafka node {b.node_id} ({b.log_path}):\n" + "\n".join(text[-lines:]))
+        return "\n".join(out)
+
+    def stop(self):
+        """SIGTERM to every node at once, then wait (one at a time, the last nodes would wait
+        for a quorum that is already gone)."""
+        for b in self.running():
+            b.proc.send_signal(signal.SIGCONT)
+            b.proc.terminate()
+        for b in self.brokers:
+            if b.proc is not None:
+                try:
+                    b.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    b.proc.kill()
+                    b.proc.wait()
 
 
 def decode_ingest_record(value: bytes) -> dict:
