@@ -18,6 +18,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
@@ -185,6 +186,15 @@ pub fn read_checkpoints(
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 pending.remove(&p);
+            }
+            // One broker unreachable (a dead one is still in the bootstrap list): librdkafka
+            // reconnects and fetches from the partitions' new leaders by itself. Failing here
+            // made a processor's every restart fail while one broker of a cluster was down.
+            Some(Err(KafkaError::MessageConsumption(
+                code
+                @ (RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown),
+            ))) => {
+                tracing::debug!(error = %code, "changelog consumer: broker unreachable, retrying");
             }
             Some(Err(source)) => {
                 return Err(Error::Request {
