@@ -265,7 +265,7 @@ def test_a_killed_node_of_a_three_node_cluster_loses_or_doubles_no_acknowledged_
             owned = [metric(p.get("/metrics").text, "sensorflow_processor_partitions") for p in processors]
             return owned if all(owned) and sum(owned) == 6 else None
 
-        wait_until(all_own_partitions, timeout=45, interval=0.5, message=f"all 3 processors owning partitions with node {victim} down")
+        wait_until(all_own_partitions, timeout=90, interval=0.5, message=f"all 3 processors owning partitions with node {victim} down")
         assert cluster.broker(victim).proc.poll() is not None
         for p in processors:
             m = p.get("/metrics").text

@@ -191,6 +191,8 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
         # A reference run: one undisturbed processor over the same ingest topic.
         ref = start_processor(kafka_broker, s3_server, tmp_path, "ref", reference, f"s3://{bucket}/reference")
         try:
+            # Ready once it created its topics, joined its group and committed.
+            wait_until(lambda: ref.get("/ready").status_code == 200, timeout=60, message="the reference processor ready")
             ref_rows: list = []
 
             def all_ref_rows():
@@ -281,6 +283,10 @@ def test_a_record_that_fails_a_stage_is_a_dead_letter_and_the_processor_moves_on
         text = processor.get("/metrics").text
         assert metric(text, "sensorflow_processor_rewinds_total") >= 1
         assert metric(text, "sensorflow_processor_dead_letters_total") >= 1
+    except BaseException:
+        for p in (processor, gateway):
+            print(f"--- {p.proc.args[1]}:\n" + "\n".join(p.log_lines[-40:]))
+        raise
     finally:
         pub.close()
         assert processor.stop() == 0

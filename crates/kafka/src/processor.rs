@@ -24,11 +24,12 @@
 //!
 //! The group uses the eager `roundrobin` assignor. Before partitions are revoked the running
 //! transaction commits (inside the rebalance callback) and their state is dropped; on an
-//! assignment each new partition's newest committed checkpoint is read from the changelog and
-//! consumption starts at its offset (set in the assignment itself, not read from the group's
-//! committed offsets, so a transaction left open by a dead processor does not delay it). A dead
-//! processor's partitions move after `kafka.processor.session_timeout_ms`; its open transaction
-//! is aborted by the broker after `kafka.processor.transaction_timeout_ms`, which is how long
+//! assignment the group's committed offsets are fetched as stable offsets (this waits while a
+//! previous owner's transaction holds them), then each new partition's newest committed
+//! checkpoint is read from the changelog until it matches them, and consumption starts at its
+//! offset (set in the assignment itself). A dead processor's partitions move after
+//! `kafka.processor.session_timeout_ms`; its open transaction is aborted by the broker after
+//! `kafka.processor.transaction_timeout_ms`, which is how long the new owner and
 //! `read_committed` readers of the outputs wait for the partitions it wrote.
 //!
 //! A failed commit (or lake write) aborts the transaction and rewinds every owned partition to
@@ -82,6 +83,11 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("linger.ms", "5"),
     ("compression.type", "lz4"),
     ("partitioner", "murmur2_random"),
+    // librdkafka 2.12 does not look up a new transaction/group coordinator while the cached one
+    // is dead, and `send_offsets_to_transaction` then waits without end (upstream issues 5456,
+    // 5511). Closing idle connections makes it re-run the lookup: with it, no hang in 8 runs of
+    // test_kafka_cluster that hung in ~40% without.
+    ("connections.max.idle.ms", "10000"),
     // Bounded (librdkafka's default is 1 GiB); a full queue makes the processor wait.
     ("queue.buffering.max.kbytes", "131072"),
     // A partition's checkpoint is one record; large fleets make large ones.
@@ -349,7 +355,7 @@ impl ConsumerContext for GroupContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                match st.assign(&partitions) {
+                match st.assign(consumer, &partitions) {
                     Ok(offsets) => {
                         let topic = st.params.kafka.topics.ingest.clone();
                         for (p, offset) in offsets {
@@ -371,8 +377,7 @@ impl ConsumerContext for GroupContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                if let Err(e) = st.commit(consumer) {
-                    tracing::error!(error = %e, "committing before a revocation failed; the new owners resume from the last checkpoint");
+                if let Err(e) = st.commit_before_revoke(consumer) {
                     st.failure = Some(e);
                 }
                 st.parts.clear();
@@ -436,11 +441,58 @@ fn now_us() -> i64 {
 
 impl State {
     /// Restores `partitions` from the changelog and returns where to start consuming each.
-    fn assign(&mut self, partitions: &[i32]) -> Result<Vec<(i32, Offset)>> {
+    ///
+    /// The previous owner may still have a transaction open (it was evicted, not dead, or it
+    /// died with one open). Its offsets and its checkpoint commit or abort together, so the
+    /// group's committed offsets are read first, as *stable* offsets (a `read_committed`
+    /// consumer's offset fetch waits while a transaction holds them: KIP-447); the changelog
+    /// is then read until every checkpoint matches them. Reading the changelog first could
+    /// miss a checkpoint that commits just after, and both owners' outputs would survive.
+    fn assign(
+        &mut self,
+        consumer: &BaseConsumer<GroupContext>,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, Offset)>> {
         let k = &self.params.kafka;
         let started = Instant::now();
-        let mut checkpoints =
-            read_checkpoints(k, &k.topics.changelog, partitions, RESTORE_TIMEOUT)?;
+        let deadline = started + RESTORE_TIMEOUT;
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&k.topics.ingest, p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, RESTORE_TIMEOUT)
+            .map_err(|source| Error::Request {
+                what: "fetching the group's committed offsets",
+                source,
+            })?;
+        let stable: BTreeMap<i32, i64> = committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect();
+        let mut checkpoints = loop {
+            let checkpoints =
+                read_checkpoints(k, &k.topics.changelog, partitions, RESTORE_TIMEOUT)?;
+            let behind: Vec<i32> = stable
+                .iter()
+                .filter(|(p, o)| checkpoints.get(p).map(|c| c.input_offset) != Some(**o))
+                .map(|(p, _)| *p)
+                .collect();
+            if behind.is_empty() {
+                break checkpoints;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Processor(format!(
+                    "the state changelog does not reach the group's committed offsets of partitions {behind:?}"
+                )));
+            }
+            tracing::info!(partitions = ?behind, "the changelog is behind the committed offsets; reading it again");
+            std::thread::sleep(Duration::from_millis(200));
+        };
         self.discard_uncommitted_lake_files(partitions, &checkpoints)?;
         let mut offsets = Vec::new();
         for &p in partitions {
@@ -827,6 +879,34 @@ impl State {
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; aborting and rewinding to the last checkpoint");
                 self.rewind(consumer)
+            }
+        }
+    }
+
+    /// [`State::commit`] before partitions are revoked. A failure only aborts: the partitions'
+    /// state is dropped anyway and their next owners (maybe this processor again) resume from
+    /// the last checkpoints. No rewind: its seeks cannot complete inside the rebalance
+    /// callback (each would wait out its timeout, holding the processor out of the group).
+    fn commit_before_revoke(&mut self, consumer: &BaseConsumer<GroupContext>) -> Result<()> {
+        if !self.txn_open {
+            return Ok(());
+        }
+        match self.try_commit(consumer) {
+            Ok(()) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "committing before a revocation failed; the next owners resume from the last checkpoints");
+                self.generation += 1;
+                self.txn_open = false;
+                self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+                self.producer
+                    .abort_transaction(TXN_TIMEOUT)
+                    .map_err(|source| Error::Transaction {
+                        what: "abort",
+                        source,
+                    })
             }
         }
     }
