@@ -39,3 +39,17 @@ pub use config::{ClientValue, KafkaConfig, ProcessorSettings, TopicNames};
 pub use error::{Error, Result};
 pub use processor::{ProcessorParams, ProcessorStats};
 pub use producer::{KafkaSink, ProducerStats};
+
+/// Routes a librdkafka log line to `tracing` at the matching level (every client context of
+/// this crate logs through it).
+pub(crate) fn log_to_tracing(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            tracing::error!(facility = fac, "librdkafka: {message}")
+        }
+        L::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+        L::Notice | L::Info => tracing::info!(facility = fac, "librdkafka: {message}"),
+        L::Debug => tracing::debug!(facility = fac, "librdkafka: {message}"),
+    }
+}
