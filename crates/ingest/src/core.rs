@@ -577,7 +577,7 @@ impl Drop for InflightGuard {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReadGate;
 
-impl<S, Sink> ntex::service::Middleware<S, ntex_mqtt::Session<Sink, Conn>> for ReadGate {
+impl<S, Sink> ntex_service::Middleware<S, ntex_mqtt::Session<Sink, Conn>> for ReadGate {
     type Service = ReadGateService<S>;
 
     fn create(&self, session: &ntex_mqtt::Session<Sink, Conn>, service: S) -> Self::Service {
@@ -594,14 +594,14 @@ pub(crate) struct ReadGateService<S> {
     inflight: Rc<Inflight>,
 }
 
-impl<S, St, Req> ntex::service::Service<St, Req> for ReadGateService<S>
+impl<S, St, Req> ntex_service::Service<St, Req> for ReadGateService<S>
 where
-    S: ntex::service::Service<St, Req>,
+    S: ntex_service::Service<St, Req>,
 {
     type Res = S::Res;
     type Error = S::Error;
 
-    async fn ready(&self, ctx: ntex::service::Ctx<'_, Self, St>) -> Result<(), Self::Error> {
+    async fn ready(&self, ctx: ntex_service::Ctx<'_, Self, St>) -> Result<(), Self::Error> {
         self.inflight.room().await;
         ctx.ready(&self.service).await
     }
@@ -609,12 +609,12 @@ where
     async fn call(
         &self,
         req: Req,
-        ctx: ntex::service::Ctx<'_, Self, St>,
+        ctx: ntex_service::Ctx<'_, Self, St>,
     ) -> Result<Self::Res, Self::Error> {
         ctx.call(&self.service, req).await
     }
 
-    ntex::service::forward_shutdown!(St, service);
+    ntex_service::forward_shutdown!(St, service);
 }
 
 /// Runs beside each connection (on its worker) and closes it on session takeover, or on

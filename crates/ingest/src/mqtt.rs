@@ -31,9 +31,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ntex::time::Seconds;
-use ntex::util::ByteString;
+use ntex_bytes::ByteString;
 use ntex_mqtt::{v3, v5};
+use ntex_util::time::Seconds;
 
 use crate::auth::AuthFailure;
 use crate::core::{CloseReason, Conn, Core, Refusal, Verdict, closer};
@@ -145,14 +145,14 @@ pub(crate) async fn control_v5(
 }
 
 /// The source IP of a handshake's connection, for the failed-CONNECT rate limit.
-fn peer_ip(io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
-    io.query::<ntex::io::types::PeerAddr>()
+fn peer_ip(io: &ntex_io::IoBoxed) -> Option<std::net::IpAddr> {
+    io.query::<ntex_io::types::PeerAddr>()
         .get()
         .map(|addr| addr.0.ip())
 }
 
 /// The subject CN of the client certificate of a TLS connection, if it presented one.
-fn certificate_cn(io: &ntex::io::IoBoxed) -> Option<String> {
+fn certificate_cn(io: &ntex_io::IoBoxed) -> Option<String> {
     let cert = io.query::<ntex_tls::rustls::PeerCert<'static>>();
     cert.as_ref()
         .and_then(|c| crate::auth::certificate_common_name(c.0.as_ref()))
@@ -224,7 +224,7 @@ pub(crate) async fn connect_v3(
     let core_for_idle = Arc::clone(&core);
     let (ack, session) = connect.ack_and_session(conn, attached.session_present);
     let sink = session.sink().clone();
-    ntex::rt::spawn(closer(
+    ntex_rt::spawn(closer(
         core,
         inflight,
         attached.kick,
@@ -338,7 +338,7 @@ pub(crate) async fn connect_v5(
     let allow_zero = core.config.allow_keep_alive_zero;
     let (mut ack, session) = connect.ack_and_session(conn);
     let sink = session.sink().clone();
-    ntex::rt::spawn(closer(
+    ntex_rt::spawn(closer(
         core,
         inflight,
         attached.kick,

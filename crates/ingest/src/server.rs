@@ -14,7 +14,7 @@
 //!
 //! The bridge back to tokio is narrow: a sink append's future is awaited on the ntex worker
 //! (whose System runs a tokio current-thread runtime, so tokio channels and timers work in
-//! it), and the control handle (`ntex::server::Server`) is `Send`, with futures that can be
+//! it), and the control handle (`ntex_server::net::Server`) is `Send`, with futures that can be
 //! awaited from tokio.
 //!
 //! # Graceful stop
@@ -33,9 +33,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use ntex::SharedCfg;
-use ntex::time::Seconds;
 use ntex_mqtt::{MqttServer, MqttServiceConfig, QoS, v3, v5};
+use ntex_service::cfg::SharedCfg;
+use ntex_util::time::Seconds;
 
 use crate::config::{ConfigError, IngestConfig};
 use crate::core::{Conn, Core, ReadGate};
@@ -68,7 +68,7 @@ pub enum IngestError {
     Startup(io::Error),
 }
 
-type NtexServer = ntex::server::Server;
+type NtexServer = ntex_server::net::Server;
 
 /// Handle of a running MQTT ingest listener. Dropping it without [`IngestServer::stop`] stops
 /// the server abruptly (connections are closed without waiting for in-flight appends).
@@ -101,7 +101,7 @@ impl IngestServer {
         config.validate()?;
         tokio::runtime::Handle::try_current().map_err(|_| IngestError::NoRuntime)?;
         let addr = config.listen;
-        let listener = ntex::server::create_tcp_listener(addr, BACKLOG)
+        let listener = ntex_server::net::create_tcp_listener(addr, BACKLOG)
             .map_err(|source| IngestError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()
@@ -109,7 +109,7 @@ impl IngestServer {
         let tls_listener = match &config.tls {
             Some(tls) => {
                 let addr = tls.listen;
-                let listener = ntex::server::create_tcp_listener(addr, BACKLOG)
+                let listener = ntex_server::net::create_tcp_listener(addr, BACKLOG)
                     .map_err(|source| IngestError::Bind { addr, source })?;
                 let bound = listener
                     .local_addr()
@@ -224,10 +224,10 @@ fn run_system(
     tls_listener: Option<std::net::TcpListener>,
     ready: tokio::sync::oneshot::Sender<io::Result<NtexServer>>,
 ) {
-    ntex::rt::System::build()
+    ntex_rt::System::build()
         .name("sensorflow-mqtt")
         .disable_signals()
-        .build(ntex::rt::DefaultRuntime)
+        .build(ntex_net::DefaultRuntime)
         .block_on(async move {
             match build_server(core, listener, tls_listener) {
                 Ok(server) => {
@@ -291,7 +291,7 @@ fn build_server(
     let workers = config.workers;
     let tls = config.tls.as_ref().map(|t| Arc::clone(&t.server_config));
 
-    let mut builder = ntex::server::build()
+    let mut builder = ntex_server::net::build()
         .name("sensorflow-mqtt")
         .workers(workers)
         .disable_signals()
@@ -302,7 +302,7 @@ fn build_server(
                 let server = mqtt_service!(core);
                 // A CONNECT that is too large fails the handshake, before any session exists
                 // for the control service to see it: counted here.
-                ntex::service::service(server).map_err(move |err| {
+                ntex_service::service(server).map_err(move |err| {
                     if let ntex_mqtt::MqttError::Connect(ntex_mqtt::MqttConnectError::Protocol(
                         proto,
                     )) = &err
@@ -317,7 +317,7 @@ fn build_server(
         builder = builder.listen("mqtts", listener, shared_cfg, async move |_| {
             let server = mqtt_service!(core);
             // A failed handshake ends that connection only; it is not an MQTT error.
-            ntex::service::service(ntex_tls::rustls::TlsAcceptor::new(Arc::clone(&tls)))
+            ntex_service::service(ntex_tls::rustls::TlsAcceptor::new(Arc::clone(&tls)))
                 .map_err(|err| {
                     tracing::debug!(error = %err, "mqtts handshake failed");
                     ntex_mqtt::MqttError::Connect(ntex_mqtt::MqttConnectError::Disconnected(Some(
