@@ -16,8 +16,6 @@
 //!
 //! The api role runs no model: `GET`/`POST /model` answer 503.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,8 +26,8 @@ use sensorflow_kafka::KafkaConfig;
 use sensorflow_kafka::api_feed::{FeedEvent, FeedReader, FeedStats, OutputTopic};
 use tokio::sync::watch;
 
+use super::kafka_role::KafkaRoleArgs;
 use super::shutdown_signal;
-use crate::config::Config;
 use crate::runtime;
 
 mod status;
@@ -46,35 +44,12 @@ const NO_MODEL: &str = "the api role runs no model, and model swaps in distribut
 
 #[derive(Args, Debug)]
 pub(crate) struct ApiArgs {
-    /// Configuration file (TOML); see `sensorflow config` for every key.
-    #[arg(long, env = "SENSORFLOW_CONFIG")]
-    config: Option<PathBuf>,
-    /// Kafka bootstrap brokers, HOST:PORT[,…] [default: kafka.brokers].
-    #[arg(long)]
-    kafka_brokers: Option<String>,
-    /// HTTP listener (REST, WebSockets, dashboard) [default: 0.0.0.0:8000]; port 0 picks one.
-    #[arg(long)]
-    http_listen: Option<SocketAddr>,
-}
-
-impl ApiArgs {
-    /// Defaults, then the file, then `SENSORFLOW_*` env, then these flags.
-    fn load_config(&self) -> anyhow::Result<Config> {
-        let mut config = Config::load(self.config.as_deref(), std::env::vars())?;
-        config.kafka.apply_client_env(std::env::vars());
-        if let Some(b) = &self.kafka_brokers {
-            config.kafka.brokers = b.clone();
-        }
-        if let Some(a) = self.http_listen {
-            config.http.listen = a;
-        }
-        config.validate()?;
-        Ok(config)
-    }
+    #[command(flatten)]
+    common: KafkaRoleArgs,
 }
 
 pub(crate) async fn run(args: ApiArgs) -> anyhow::Result<()> {
-    let config = args.load_config()?;
+    let config = args.common.load_config(|_| ())?;
     // Security first, as in `run`: tokens and certificates that do not load stop the start.
     let tls = runtime::Tls::load(&config.tls)?.map(Arc::new);
     let tokens = runtime::api_tokens(&config.auth)?;

@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -32,6 +31,7 @@ use sensorflow_kafka::{KafkaSink, ProducerStats};
 use sensorflow_protocol::BadReason;
 use tokio::sync::watch;
 
+use super::kafka_role::KafkaRoleArgs;
 use super::shutdown_signal;
 use crate::config::Config;
 use crate::runtime::record_bad;
@@ -45,36 +45,20 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Args, Debug)]
 pub(crate) struct GatewayArgs {
-    /// Configuration file (TOML); see `sensorflow config` for every key.
-    #[arg(long, env = "SENSORFLOW_CONFIG")]
-    config: Option<PathBuf>,
-    /// Kafka bootstrap brokers, HOST:PORT[,…] [default: kafka.brokers].
-    #[arg(long)]
-    kafka_brokers: Option<String>,
+    #[command(flatten)]
+    common: KafkaRoleArgs,
     /// MQTT listener [default: 0.0.0.0:1883]; port 0 picks a free port.
     #[arg(long)]
     mqtt_listen: Option<SocketAddr>,
-    /// HTTP listener (health, readiness, metrics) [default: 0.0.0.0:8000]; port 0 picks one.
-    #[arg(long)]
-    http_listen: Option<SocketAddr>,
 }
 
 impl GatewayArgs {
-    /// Defaults, then the file, then `SENSORFLOW_*` env, then these flags.
     fn load_config(&self) -> anyhow::Result<Config> {
-        let mut config = Config::load(self.config.as_deref(), std::env::vars())?;
-        config.kafka.apply_client_env(std::env::vars());
-        if let Some(b) = &self.kafka_brokers {
-            config.kafka.brokers = b.clone();
-        }
-        if let Some(a) = self.mqtt_listen {
-            config.mqtt.listen = a;
-        }
-        if let Some(a) = self.http_listen {
-            config.http.listen = a;
-        }
-        config.validate()?;
-        Ok(config)
+        self.common.load_config(|config| {
+            if let Some(a) = self.mqtt_listen {
+                config.mqtt.listen = a;
+            }
+        })
     }
 }
 

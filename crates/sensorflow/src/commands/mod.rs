@@ -3,6 +3,7 @@
 pub(crate) mod api;
 pub(crate) mod demo;
 pub(crate) mod gateway;
+mod kafka_role;
 pub(crate) mod loadtest;
 pub(crate) mod passwd;
 pub(crate) mod processor;

@@ -9,7 +9,6 @@
 //! the group, so its partitions move at once with their state.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,21 +27,15 @@ use sensorflow_kafka::processor::CHANGELOG_TOPIC_CONFIGS;
 use sensorflow_kafka::{ProcessorParams, ProcessorStats, TopicSpec};
 use tokio::sync::watch;
 
+use super::kafka_role::KafkaRoleArgs;
 use super::shutdown_signal;
 use crate::config::Config;
 use crate::runtime::model_control::ModelLoader;
 
 #[derive(Args, Debug)]
 pub(crate) struct ProcessorArgs {
-    /// Configuration file (TOML); see `sensorflow config` for every key.
-    #[arg(long, env = "SENSORFLOW_CONFIG")]
-    config: Option<PathBuf>,
-    /// Kafka bootstrap brokers, HOST:PORT[,…] [default: kafka.brokers].
-    #[arg(long)]
-    kafka_brokers: Option<String>,
-    /// HTTP listener (health, readiness, metrics) [default: 0.0.0.0:8000]; port 0 picks one.
-    #[arg(long)]
-    http_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    common: KafkaRoleArgs,
     /// Lake: a directory or s3://bucket/prefix (credentials, region and endpoint from the
     /// standard AWS_* variables) [default: lake.root, else DATA_DIR/lake]. Every processor of
     /// a group writes the same lake.
@@ -58,27 +51,18 @@ pub(crate) struct ProcessorArgs {
 }
 
 impl ProcessorArgs {
-    /// Defaults, then the file, then `SENSORFLOW_*` env, then these flags.
     fn load_config(&self) -> anyhow::Result<Config> {
-        let mut config = Config::load(self.config.as_deref(), std::env::vars())?;
-        config.kafka.apply_client_env(std::env::vars());
-        if let Some(b) = &self.kafka_brokers {
-            config.kafka.brokers = b.clone();
-        }
-        if let Some(a) = self.http_listen {
-            config.http.listen = a;
-        }
-        if let Some(l) = &self.lake {
-            config.lake.root = Some(PathBuf::from(l));
-        }
-        if let Some(d) = &self.data_dir {
-            config.data_dir = d.clone();
-        }
-        if let Some(m) = &self.model {
-            config.model.path = Some(m.clone());
-        }
-        config.validate()?;
-        Ok(config)
+        self.common.load_config(|config| {
+            if let Some(l) = &self.lake {
+                config.lake.root = Some(PathBuf::from(l));
+            }
+            if let Some(d) = &self.data_dir {
+                config.data_dir = d.clone();
+            }
+            if let Some(m) = &self.model {
+                config.model.path = Some(m.clone());
+            }
+        })
     }
 }
 
