@@ -8,7 +8,6 @@ import time
 import duckdb
 import paho.mqtt.client as mqtt
 import pyarrow.dataset as ds
-import pytest
 
 from testkit import PERIOD_US, Platform, WsCollector, encode_packet, json_packet, synthetic_samples, wait_until
 

@@ -8,7 +8,6 @@ once in the ingest topic and every acknowledged sample exactly once in the trans
 and in the lake."""
 
 import collections
-import json
 import struct
 import time
 import uuid
@@ -26,7 +25,9 @@ from testkit import (
     decode_ingest_record,
     encode_packet,
     metric,
+    processor_config,
     read_topic,
+    sample_rows,
     synthetic_samples,
     wait_until,
 )
@@ -40,35 +41,6 @@ KILL_ROUND = ROUNDS // 4
 # A third processor starts this many rounds after the kill, while the node is still dead.
 JOIN_ROUND = KILL_ROUND + 8
 OUTPUTS = ("transformed", "aggregated", "sessions", "windows", "gaps", "late", "state")
-
-
-def config_file(tmp_path, name: str, uid: str, group: str, instance: str) -> str:
-    """Topics and group of this run only; `instance` fixes the processor's transactional id
-    (`sensorflow-processor-{instance}`) and so its transaction coordinator."""
-    path = tmp_path / f"{name}.toml"
-    path.write_text(f"""
-[kafka]
-partitions = 6
-replication_factor = 3
-[kafka.topics]
-ingest = "ingest-{uid}"
-transformed = "transformed-{uid}"
-aggregated = "aggregated-{uid}"
-sessions = "sessions-{uid}"
-windows = "windows-{uid}"
-gaps = "gaps-{uid}"
-late = "late-{uid}"
-changelog = "state-{uid}"
-[kafka.processor]
-group_id = "{group}"
-commit_interval_ms = 500
-instance_id = "{instance}"
-[pipeline]
-aggregate_interval_secs = 1.0
-[lake]
-max_file_age_secs = 1
-""")
-    return str(path)
 
 
 _ADMINS: dict = {}
@@ -140,17 +112,6 @@ def check_replication(cluster: KafkaCluster, topics: list[str]):
         assert value == "2", f"{resource.name}: min.insync.replicas = {value}"
 
 
-def sample_rows(cluster: KafkaCluster, topic: str) -> list[dict]:
-    rows = []
-    for m in read_topic(cluster.bootstrap, topic, idle_s=1.0):
-        value = json.loads(m.value())
-        batch = value if isinstance(value, list) else [value]
-        for r in batch:
-            assert m.key().decode() == r["sensor_id"], "keyed by sensor id"
-        rows += batch
-    return rows
-
-
 def test_a_killed_node_of_a_three_node_cluster_loses_or_doubles_no_acknowledged_sample(tmp_path):
     uid = uuid.uuid4().hex[:8]
     t_start = time.monotonic()
@@ -168,7 +129,10 @@ def test_a_killed_node_of_a_three_node_cluster_loses_or_doubles_no_acknowledged_
         group = id_coordinated_by(f"processors-{uid}", victim, offsets_leaders, n)
         instances = [id_coordinated_by(f"p{i}-{uid}", victim, txn_leaders, n, key=lambda s: f"sensorflow-processor-{s}") for i in (1, 2)]
         instances.append(f"p3-{uid}")
-        configs = [config_file(tmp_path, f"p{i + 1}", uid, group, inst) for i, inst in enumerate(instances)]
+        configs = [
+            processor_config(tmp_path, f"p{i + 1}", uid, group=group, instance=inst, replication_factor=3)
+            for i, inst in enumerate(instances)
+        ]
         lake = tmp_path / "lake"
         # The victim first in the platform's bootstrap list: a client started after the kill
         # tries the dead node first.
@@ -244,7 +208,7 @@ def test_a_killed_node_of_a_three_node_cluster_loses_or_doubles_no_acknowledged_
 
         def all_rows():
             nonlocal rows
-            rows = sample_rows(cluster, f"transformed-{uid}")
+            rows = sample_rows(cluster.bootstrap, f"transformed-{uid}")
             return len({(r["sensor_id"], r["sample_index"]) for r in rows}) >= len(expected)
 
         wait_until(all_rows, timeout=90, interval=1, message="every acknowledged sample in the transformed topic")
@@ -280,14 +244,14 @@ def test_a_killed_node_of_a_three_node_cluster_loses_or_doubles_no_acknowledged_
         # topic (no transaction left open that commits a duplicate later), and in the lake.
         for p in processors:
             assert p.stop() == 0
-        final = [(r["sensor_id"], r["sample_index"]) for r in sample_rows(cluster, f"transformed-{uid}")]
+        final = [(r["sensor_id"], r["sample_index"]) for r in sample_rows(cluster.bootstrap, f"transformed-{uid}")]
         assert len(final) == len(set(final)), f"{len(final) - len(set(final))} samples doubled in the transformed topic"
         assert set(final) == expected
         check_lake_exactly_once(lake, acked, SAMPLES)
         print(f"test body took {time.monotonic() - t_start:.1f} s")
     except BaseException:
         for p in processors + ([gateway] if gateway else []):
-            print(f"--- {p.proc.args[1]} {p.data_dir}:\n" + "\n".join(p.log_lines[-40:]))
+            print(p.log_tail())
         print(cluster.log_tails())
         raise
     finally:

@@ -7,7 +7,6 @@ import threading
 import time
 import uuid
 
-import pytest
 from confluent_kafka.admin import AdminClient
 
 from testkit import (
@@ -129,7 +128,7 @@ def test_every_acknowledged_publish_is_one_ingest_record_keyed_by_sensor(kafka_b
         # a full suite run: show what the gateway saw.
         unacked = sorted(pub.published - set(pub.acked))
         print(f"unacknowledged ({len(unacked)}): {unacked[:20]}\n--- gateway /metrics:\n{gw.get('/metrics').text}"
-              "\n--- gateway log:\n" + "\n".join(gw.log_lines[-60:]))
+              "\n" + gw.log_tail(60))
         raise
     finally:
         pub.close()

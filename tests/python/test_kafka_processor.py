@@ -10,39 +10,23 @@ import uuid
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from testkit import Platform, Publisher, encode_packet, metric, read_topic, synthetic_samples, wait_until
+from testkit import (
+    Platform,
+    Publisher,
+    encode_packet,
+    metric,
+    processor_config,
+    read_topic_to_end,
+    sample_rows,
+    synthetic_samples,
+    wait_until,
+)
 
 SENSORS = 30
 ROUNDS = 48
 SAMPLES = 64
 # 64 samples at 200 Hz: one packet per sensor every 320 ms.
 PACKET_S = SAMPLES / 200
-
-
-def config_file(tmp_path, name: str, ingest: str, uid: str) -> str:
-    """A config whose topics, group and changelog belong to this run only (`ingest` shared)."""
-    path = tmp_path / f"{name}.toml"
-    path.write_text(f"""
-[kafka]
-partitions = 6
-[kafka.topics]
-ingest = "{ingest}"
-transformed = "transformed-{uid}"
-aggregated = "aggregated-{uid}"
-sessions = "sessions-{uid}"
-windows = "windows-{uid}"
-gaps = "gaps-{uid}"
-late = "late-{uid}"
-changelog = "state-{uid}"
-[kafka.processor]
-group_id = "processors-{uid}"
-commit_interval_ms = 500
-[pipeline]
-aggregate_interval_secs = 1.0
-[lake]
-max_file_age_secs = 1
-""")
-    return str(path)
 
 
 def start_processor(broker, s3, tmp_path, name: str, config: str, lake: str) -> Platform:
@@ -53,17 +37,6 @@ def start_processor(broker, s3, tmp_path, name: str, config: str, lake: str) -> 
         env=s3.env,
         mqtt=False,
     )
-
-
-def sample_rows(broker, topic: str) -> list[dict]:
-    rows = []
-    for m in read_topic(broker.bootstrap, topic, idle_s=1.0):
-        value = json.loads(m.value())
-        batch = value if isinstance(value, list) else [value]
-        for r in batch:
-            assert m.key().decode() == r["sensor_id"], "keyed by sensor id"
-        rows += batch
-    return rows
 
 
 def complete(rows: list[dict], expected: int) -> bool:
@@ -82,49 +55,10 @@ def lake_rows(s3, bucket: str, prefix: str) -> list[dict]:
     return dataset.to_table(columns=["sensor_id", "sample_index", "session_id", "velocity_pred"]).to_pylist()
 
 
-def read_to_end(bootstrap: str, topic: str) -> list:
-    """Every committed record of `topic` up to the end offsets it had when called (the topic
-    keeps growing: running processors emit aggregates every second)."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    c = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": f"test-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-        "isolation.level": "read_committed",
-        "enable.partition.eof": True,
-    })
-    try:
-        parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
-        highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-        c.assign([TopicPartition(topic, p, 0) for p in parts])
-        done = {p for p in parts if highs[p] == 0}
-        out = []
-        deadline = time.monotonic() + 60
-        while len(done) < len(parts):
-            assert time.monotonic() < deadline, f"reading {topic} to its end took over 60 s"
-            m = c.poll(0.5)
-            if m is None:
-                continue
-            if m.error():
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    if c.position([TopicPartition(topic, m.partition())])[0].offset >= highs[m.partition()]:
-                        done.add(m.partition())
-                    continue
-                raise RuntimeError(f"consumer error: {m.error()}")
-            if m.offset() < highs[m.partition()]:
-                out.append(m)
-            if m.offset() + 1 >= highs[m.partition()]:
-                done.add(m.partition())
-        return out
-    finally:
-        c.close()
-
-
 def last_aggregates(broker, topic: str) -> dict:
     """The newest aggregate of each session (by emission time)."""
     newest: dict = {}
-    for m in read_to_end(broker.bootstrap, topic):
+    for m in read_topic_to_end(broker.bootstrap, topic):
         a = json.loads(m.value())
         if a["session_id"] not in newest or a["emitted_at_us"] > newest[a["session_id"]]["emitted_at_us"]:
             newest[a["session_id"]] = a
@@ -135,8 +69,8 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
     uid = uuid.uuid4().hex[:8]
     ingest = f"ingest-{uid}"
     bucket = s3_server.new_bucket("lake")
-    cluster = config_file(tmp_path, "cluster", ingest, uid)
-    reference = config_file(tmp_path, "reference", ingest, f"ref{uid}")
+    cluster = processor_config(tmp_path, "cluster", uid, ingest=ingest)
+    reference = processor_config(tmp_path, "reference", f"ref{uid}", ingest=ingest)
     gateway = Platform(None, command="gateway", extra_args=["--config", cluster, "--kafka-brokers", kafka_broker.bootstrap])
     processors = [start_processor(kafka_broker, s3_server, tmp_path, f"p{i}", cluster, f"s3://{bucket}/cluster") for i in (1, 2)]
     api = Platform(None, command="api", extra_args=["--config", cluster, "--kafka-brokers", kafka_broker.bootstrap], mqtt=False)
@@ -171,7 +105,7 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
 
         def all_rows():
             nonlocal rows
-            rows = sample_rows(kafka_broker, f"transformed-{uid}")
+            rows = sample_rows(kafka_broker.bootstrap, f"transformed-{uid}")
             return complete(rows, len(expected))
 
         wait_until(all_rows, timeout=120, interval=1, message="every acknowledged sample in the transformed topic")
@@ -197,7 +131,7 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
 
             def all_ref_rows():
                 nonlocal ref_rows
-                ref_rows = sample_rows(kafka_broker, f"transformed-ref{uid}")
+                ref_rows = sample_rows(kafka_broker.bootstrap, f"transformed-ref{uid}")
                 return complete(ref_rows, len(expected))
 
             wait_until(all_ref_rows, timeout=180, interval=2, message="the reference run processed everything")
@@ -235,7 +169,7 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
         assert set(lake_keys) == expected, f"{len(expected - set(lake_keys))} acknowledged samples missing from the lake"
     except BaseException:
         for p in processors + [gateway, api]:
-            print(f"--- {p.proc.args[1]} {p.data_dir}:\n" + "\n".join(p.log_lines[-40:]))
+            print(p.log_tail())
         raise
     finally:
         pub.close()
@@ -250,7 +184,7 @@ def test_a_record_that_fails_a_stage_is_a_dead_letter_and_the_processor_moves_on
     triggered by one record's data would: the transaction aborts, the partitions rewind, the
     record is found alone and set aside into `quarantine`, and everything else is exactly once."""
     uid = uuid.uuid4().hex[:8]
-    config = config_file(tmp_path, "poison", f"ingest-{uid}", uid)
+    config = processor_config(tmp_path, "poison", uid)
     gateway = Platform(None, command="gateway", extra_args=["--config", config, "--kafka-brokers", kafka_broker.bootstrap])
     lake = tmp_path / "lake"
     processor = Platform(tmp_path / "p", command="processor", mqtt=False,
@@ -273,7 +207,7 @@ def test_a_record_that_fails_a_stage_is_a_dead_letter_and_the_processor_moves_on
 
         def all_rows():
             nonlocal rows
-            rows = sample_rows(kafka_broker, f"transformed-{uid}")
+            rows = sample_rows(kafka_broker.bootstrap, f"transformed-{uid}")
             return complete(rows, len(expected))
 
         wait_until(all_rows, timeout=60, interval=1, message="every good sample in the transformed topic")
@@ -285,7 +219,7 @@ def test_a_record_that_fails_a_stage_is_a_dead_letter_and_the_processor_moves_on
         assert metric(text, "sensorflow_processor_dead_letters_total") >= 1
     except BaseException:
         for p in (processor, gateway):
-            print(f"--- {p.proc.args[1]}:\n" + "\n".join(p.log_lines[-40:]))
+            print(p.log_tail())
         raise
     finally:
         pub.close()

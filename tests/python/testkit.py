@@ -200,6 +200,12 @@ class Platform:
         self.proc.kill()
         self.proc.wait()
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` of its log under a header naming the role and data dir, for a failed
+        test to print."""
+        where = f" {self.data_dir}" if self.data_dir is not None else ""
+        return f"--- {self.proc.args[1]}{where}:\n" + "\n".join(self.log_lines[-lines:])
+
 
 def wait_until(predicate, timeout: float, interval: float = 0.1, message: str = "condition"):
     """Polls `predicate` until it returns a truthy value; raises with `message` on timeout."""
@@ -763,3 +769,89 @@ def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0, timeout: float =
     finally:
         c.close()
     return out
+
+
+def read_topic_to_end(bootstrap: str, topic: str) -> list:
+    """Every committed record of `topic` up to the end offsets it had when called (the topic
+    keeps growing: running processors emit aggregates every second)."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    c = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": f"test-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+        "enable.partition.eof": True,
+    })
+    try:
+        parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        done = {p for p in parts if highs[p] == 0}
+        out = []
+        deadline = time.monotonic() + 60
+        while len(done) < len(parts):
+            assert time.monotonic() < deadline, f"reading {topic} to its end took over 60 s"
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    if c.position([TopicPartition(topic, m.partition())])[0].offset >= highs[m.partition()]:
+                        done.add(m.partition())
+                    continue
+                raise RuntimeError(f"consumer error: {m.error()}")
+            if m.offset() < highs[m.partition()]:
+                out.append(m)
+            if m.offset() + 1 >= highs[m.partition()]:
+                done.add(m.partition())
+        return out
+    finally:
+        c.close()
+
+
+def sample_rows(bootstrap: str, topic: str) -> list[dict]:
+    """The sample rows of a JSON output topic (`sensor-data-transformed`), each record checked
+    to be keyed by its sensor id."""
+    rows = []
+    for m in read_topic(bootstrap, topic, idle_s=1.0):
+        value = json.loads(m.value())
+        batch = value if isinstance(value, list) else [value]
+        for r in batch:
+            assert m.key().decode() == r["sensor_id"], "keyed by sensor id"
+        rows += batch
+    return rows
+
+
+def processor_config(tmp_path, name: str, uid: str, ingest: str | None = None, group: str | None = None,
+                     instance: str | None = None, replication_factor: int | None = None) -> str:
+    """A `processor` config file whose output topics, changelog and group belong to one run
+    (`uid`); `ingest` defaults to `ingest-{uid}`, `group` to `processors-{uid}`; `instance` fixes
+    the transactional id (`sensorflow-processor-{instance}`) and so its coordinator. Commits every
+    500 ms, aggregates every second and lake files of at most a second keep tests short."""
+    ingest = ingest or f"ingest-{uid}"
+    group = group or f"processors-{uid}"
+    replication = f"replication_factor = {replication_factor}\n" if replication_factor else ""
+    instance_line = f'instance_id = "{instance}"\n' if instance else ""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f"""
+[kafka]
+partitions = 6
+{replication}[kafka.topics]
+ingest = "{ingest}"
+transformed = "transformed-{uid}"
+aggregated = "aggregated-{uid}"
+sessions = "sessions-{uid}"
+windows = "windows-{uid}"
+gaps = "gaps-{uid}"
+late = "late-{uid}"
+changelog = "state-{uid}"
+[kafka.processor]
+group_id = "{group}"
+commit_interval_ms = 500
+{instance_line}[pipeline]
+aggregate_interval_secs = 1.0
+[lake]
+max_file_age_secs = 1
+""")
+    return str(path)
