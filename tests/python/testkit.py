@@ -415,10 +415,18 @@ class S3Server:
             self.proc.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: the sockets stay bound until all are chosen, since two
+    separate binds to port 0 may get the same port (seen once: a broker's PLAINTEXT and
+    CONTROLLER listeners on one port, so it could not start)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class KafkaBroker:
@@ -439,7 +447,7 @@ class KafkaBroker:
         self.dir = Path(base_dir)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
-        self.port, self.controller_port = ports or (free_port(), free_port())
+        self.port, self.controller_port = ports or tuple(free_ports(2))
         self.props = self.dir / "server.properties"
         voters = voters or f"{node_id}@127.0.0.1:{self.controller_port}"
         single = voters.count("@") == 1
