@@ -356,9 +356,7 @@ class S3Server:
     REGION = "us-east-1"
 
     def __init__(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_ports(1)[0]
         moto = Path(sys.executable).parent / "moto_server"
         self.proc = subprocess.Popen(
             [str(moto), "-H", "127.0.0.1", "-p", str(port)],
