@@ -9,6 +9,7 @@ import uuid
 
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import requests
 
 from testkit import (
     Platform,
@@ -234,3 +235,92 @@ def test_a_record_that_fails_a_stage_is_a_dead_letter_and_the_processor_moves_on
     samples = ds.dataset(str(lake / "samples"), format="parquet", partitioning="hive").to_table(columns=["sensor_id", "sample_index"]).to_pylist()
     lake_keys = [(r["sensor_id"], r["sample_index"]) for r in samples]
     assert len(lake_keys) == len(set(lake_keys)) and set(lake_keys) == expected
+
+
+def test_a_processor_stuck_in_a_commit_is_stopped_by_its_watchdog_and_its_successor_loses_nothing(kafka_broker, tmp_path):
+    """The fail point stalls the processor's third commit with data where librdkafka's
+    coordinator hang waits (`send_offsets_to_transaction`, upstream issues 5456/5511): `/ready`
+    names the step, the watchdog exits the process with status 70 once the step has lasted
+    `stall_timeout_ms`, and a processor started in its place (same instance id: it aborts the
+    stuck transaction at once) ends with every sample exactly once, in the topic and the lake."""
+    uid = uuid.uuid4().hex[:8]
+    instance = f"stall-{uid}"
+    stalling = processor_config(tmp_path, "stalling", uid, instance=instance, stall_timeout_ms=5000)
+    successor_config = processor_config(tmp_path, "successor", uid, instance=instance)
+    gateway = Platform(None, command="gateway", extra_args=["--config", successor_config, "--kafka-brokers", kafka_broker.bootstrap])
+    lake = tmp_path / "lake"
+
+    def processor(name: str, config: str, env: dict | None = None) -> Platform:
+        return Platform(tmp_path / name, command="processor", mqtt=False, env=env,
+                        extra_args=["--config", config, "--kafka-brokers", kafka_broker.bootstrap, "--lake", str(lake)])
+
+    stuck = processor("stuck", stalling, {"FAILPOINTS": "processor-commit-stall=2*off->1*sleep(600000)"})
+    successor = None
+    pub = Publisher(gateway.mqtt_host, gateway.mqtt_port)
+    now_us = time.time_ns() // 1000
+    sent = 0
+
+    def publish_round():
+        nonlocal sent
+        for sid in ("s-1", "s-2", "s-3"):
+            pub.publish(sid, (sid, sent * SAMPLES),
+                        encode_packet(sent * SAMPLES, now_us + sent * 320_000, synthetic_samples(SAMPLES, seed=sent)))
+        sent += 1
+
+    seen_stalled: dict = {}
+
+    def stalled_step_reported():
+        try:
+            component = stuck.get("/ready").json()["components"]["processor"]
+        except (requests.ConnectionError, ValueError):
+            return False
+        if component["step"] == "committing" and component["step_seconds"] >= 1:
+            seen_stalled.update(component)
+        return bool(seen_stalled)
+
+    try:
+        wait_until(lambda: stuck.get("/ready").status_code == 200, timeout=60, message="the first processor ready")
+        # Devices keep sending at their own pace (one packet per sensor every 200 ms) while the
+        # processor stalls and dies: what arrives meanwhile waits in the ingest topic.
+        deadline = time.monotonic() + 90
+        while stuck.proc.poll() is None and time.monotonic() < deadline:
+            publish_round()
+            stalled_step_reported()
+            time.sleep(0.2)
+        assert stuck.proc.wait(timeout=30) == 70, "the watchdog's exit status"
+        assert seen_stalled, "/ready never showed the stalled step"
+        assert any("the processor is stuck: no progress while committing" in line for line in stuck.log_lines)
+        for _ in range(5):
+            publish_round()
+        successor = processor("successor", successor_config)
+        for _ in range(5):
+            publish_round()
+        pub.wait_all_acked(timeout=60)
+        expected = {(sid, base + j) for sid, base in pub.acked for j in range(SAMPLES)}
+        rows: list = []
+
+        def all_rows():
+            nonlocal rows
+            rows = sample_rows(kafka_broker.bootstrap, f"transformed-{uid}")
+            return complete(rows, len(expected))
+
+        wait_until(all_rows, timeout=90, interval=1, message="every sample in the transformed topic")
+        keys = [(r["sensor_id"], r["sample_index"]) for r in rows]
+        assert len(keys) == len(set(keys)), "samples of the stuck transaction doubled"
+        assert set(keys) == expected
+    except BaseException:
+        for p in (stuck, successor, gateway):
+            if p is not None:
+                print(p.log_tail())
+        raise
+    finally:
+        pub.close()
+        if stuck.proc.poll() is None:
+            stuck.kill()
+        if successor is not None:
+            assert successor.stop() == 0
+        gateway.stop()
+    samples = ds.dataset(str(lake / "samples"), format="parquet", partitioning="hive").to_table(columns=["sensor_id", "sample_index"]).to_pylist()
+    lake_keys = [(r["sensor_id"], r["sample_index"]) for r in samples]
+    assert len(lake_keys) == len(set(lake_keys)), "lake files of the stuck transaction kept"
+    assert set(lake_keys) == expected

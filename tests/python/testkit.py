@@ -830,15 +830,18 @@ def sample_rows(bootstrap: str, topic: str) -> list[dict]:
 
 
 def processor_config(tmp_path, name: str, uid: str, ingest: str | None = None, group: str | None = None,
-                     instance: str | None = None, replication_factor: int | None = None) -> str:
+                     instance: str | None = None, replication_factor: int | None = None,
+                     stall_timeout_ms: int | None = None) -> str:
     """A `processor` config file whose output topics, changelog and group belong to one run
     (`uid`); `ingest` defaults to `ingest-{uid}`, `group` to `processors-{uid}`; `instance` fixes
-    the transactional id (`sensorflow-processor-{instance}`) and so its coordinator. Commits every
-    500 ms, aggregates every second and lake files of at most a second keep tests short."""
+    the transactional id (`sensorflow-processor-{instance}`) and so its coordinator;
+    `stall_timeout_ms` sets the stall watchdog's timeout. Commits every 500 ms, aggregates every
+    second and lake files of at most a second keep tests short."""
     ingest = ingest or f"ingest-{uid}"
     group = group or f"processors-{uid}"
     replication = f"replication_factor = {replication_factor}\n" if replication_factor else ""
-    instance_line = f'instance_id = "{instance}"\n' if instance else ""
+    processor_lines = f'instance_id = "{instance}"\n' if instance else ""
+    processor_lines += f"stall_timeout_ms = {stall_timeout_ms}\n" if stall_timeout_ms is not None else ""
     path = tmp_path / f"{name}.toml"
     path.write_text(f"""
 [kafka]
@@ -855,7 +858,7 @@ changelog = "state-{uid}"
 [kafka.processor]
 group_id = "{group}"
 commit_interval_ms = 500
-{instance_line}[pipeline]
+{processor_lines}[pipeline]
 aggregate_interval_secs = 1.0
 [lake]
 max_file_age_secs = 1

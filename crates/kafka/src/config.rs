@@ -77,6 +77,10 @@ pub struct ProcessorSettings {
     /// Stable id of this replica (e.g. a StatefulSet pod name) in its transactional id, so a
     /// restart fences and aborts its predecessor's transaction at once; empty: random per start.
     pub instance_id: String,
+    /// The stall watchdog: a processor whose loop stays this long in one step (a poll, a
+    /// commit, a restore) exits with status 70 so that its supervisor restarts it; its open
+    /// transaction is aborted and its partitions resume from their checkpoints. 0 turns it off.
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for ProcessorSettings {
@@ -87,6 +91,9 @@ impl Default for ProcessorSettings {
             session_timeout_ms: 6000,
             transaction_timeout_ms: 10_000,
             instance_id: String::new(),
+            // Kafka's own bound on a consumer stuck between polls (`max.poll.interval.ms`); a
+            // restore may legitimately take two RESTORE_TIMEOUTs (240 s).
+            stall_timeout_ms: 300_000,
         }
     }
 }

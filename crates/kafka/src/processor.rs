@@ -161,6 +161,39 @@ pub struct ProcessorStats {
     pub ready: AtomicBool,
     /// The last failure, for `/ready`.
     pub last_error: Mutex<Option<String>>,
+    /// The step the processor's loop is in and since when: the stall watchdog's input.
+    pub heartbeat: Heartbeat,
+}
+
+/// What the processor's loop is doing, and since when.
+///
+/// Every step of the loop marks its start here: a poll (which runs the rebalance callbacks),
+/// processing, timers, a commit, a restore, a wait before a restart. A step that lasts far
+/// longer than its own timeouts means the loop is stuck, e.g. in librdkafka waiting on a dead
+/// coordinator (`send_offsets_to_transaction` can wait without end, upstream issues 5456 and
+/// 5511), where no timeout of ours can interrupt it. The processor command's watchdog reads
+/// [`Heartbeat::current`] and exits the process when a step exceeds
+/// `kafka.processor.stall_timeout_ms`.
+#[derive(Debug)]
+pub struct Heartbeat(Mutex<(Instant, &'static str)>);
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat(Mutex::new((Instant::now(), "starting")))
+    }
+}
+
+impl Heartbeat {
+    /// Marks the start of `step`.
+    pub fn beat(&self, step: &'static str) {
+        *self.0.lock() = (Instant::now(), step);
+    }
+
+    /// The current step and how long it has lasted.
+    pub fn current(&self) -> (&'static str, Duration) {
+        let (since, step) = *self.0.lock();
+        (step, since.elapsed())
+    }
 }
 
 /// Runs the processor until `stop` is set, restarting it (new clients, state from the
@@ -180,6 +213,7 @@ pub fn run(params: &ProcessorParams, stats: &Arc<ProcessorStats>, stop: &AtomicB
                     backoff = Duration::from_millis(500);
                 }
                 let until = Instant::now() + backoff;
+                stats.heartbeat.beat("waiting to restart");
                 while Instant::now() < until && !stop.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -219,6 +253,7 @@ fn run_once(
     producer_config
         .set("transactional.id", &txn_id)
         .set("transaction.timeout.ms", &txn_timeout);
+    stats.heartbeat.beat("initialising transactions");
     let producer: ThreadedProducer<DefaultProducerContext> =
         producer_config.create().map_err(|source| Error::Client {
             what: "transactional producer",
@@ -280,6 +315,7 @@ fn run_once(
     let mut next_tick = Instant::now() + params.tick;
     let mut batch: Vec<(i32, i64, Bytes)> = Vec::with_capacity(params.batch_records);
     while !stop.load(Ordering::Acquire) {
+        stats.heartbeat.beat("polling");
         let generation = state.lock().generation;
         batch.clear();
         let mut wait =
@@ -299,6 +335,7 @@ fn run_once(
             }
             wait = Duration::ZERO;
         }
+        stats.heartbeat.beat("processing");
         let mut st = state.lock();
         if let Some(e) = st.failure.take() {
             return Err(e);
@@ -310,10 +347,12 @@ fn run_once(
         }
         let now = Instant::now();
         if now >= next_tick {
+            stats.heartbeat.beat("running timers");
             st.tick(&consumer)?;
             next_tick = now + params.tick;
         }
         if now >= next_commit {
+            stats.heartbeat.beat("committing");
             st.commit(&consumer)?;
             st.stats.ready.store(true, Ordering::Release);
             next_commit = Instant::now() + commit_interval;
@@ -321,6 +360,7 @@ fn run_once(
     }
     // A clean stop: commit what is done, then leave the group (the revocation commits nothing
     // more); the partitions move to the other processors with their state.
+    stats.heartbeat.beat("committing before stopping");
     state.lock().commit(&consumer)?;
     consumer.unsubscribe();
     drop(consumer);
@@ -355,6 +395,7 @@ impl ConsumerContext for GroupContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                st.stats.heartbeat.beat("restoring assigned partitions");
                 match st.assign(consumer, &partitions) {
                     Ok(offsets) => {
                         let topic = st.params.kafka.topics.ingest.clone();
@@ -377,6 +418,7 @@ impl ConsumerContext for GroupContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                st.stats.heartbeat.beat("committing before a revocation");
                 if let Err(e) = st.commit_before_revoke(consumer) {
                     st.failure = Some(e);
                 }
@@ -491,6 +533,9 @@ impl State {
                 )));
             }
             tracing::info!(partitions = ?behind, "the changelog is behind the committed offsets; reading it again");
+            self.stats
+                .heartbeat
+                .beat("restoring assigned partitions (re-reading the changelog)");
             std::thread::sleep(Duration::from_millis(200));
         };
         self.discard_uncommitted_lake_files(partitions, &checkpoints)?;
@@ -948,6 +993,9 @@ impl State {
             let metadata = consumer
                 .group_metadata()
                 .ok_or_else(|| "no consumer group metadata".to_owned())?;
+            // The stall watchdog's test: `processor-commit-stall=N*off->1*sleep(MS)` stalls the
+            // Nth commit where librdkafka's coordinator hang does.
+            fail::fail_point!("processor-commit-stall");
             self.producer
                 .send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT)
                 .map_err(|e| format!("send offsets: {e}"))?;

@@ -7,6 +7,13 @@
 //! as many partitions as the ingest topic), retried until the cluster answers, then the model,
 //! then the group. Stop (SIGINT/SIGTERM): the open transaction commits and the processor leaves
 //! the group, so its partitions move at once with their state.
+//!
+//! A watchdog thread exits the process with status [`STALLED_EXIT_CODE`] when the processor's
+//! loop stays in one step longer than `kafka.processor.stall_timeout_ms` (see
+//! `sensorflow_kafka::processor::Heartbeat`): a thread stuck inside librdkafka cannot be
+//! interrupted, and a restart by the supervisor (Kubernetes, systemd) is what recovers it. The
+//! open transaction is then aborted by the broker and the partitions resume from their
+//! checkpoints, exactly as after a SIGKILL.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -115,6 +122,14 @@ pub(crate) async fn run(args: ProcessorArgs) -> anyhow::Result<()> {
         group = %config.kafka.processor.group_id,
         "processor starting"
     );
+    if config.kafka.processor.stall_timeout_ms > 0 {
+        let timeout = Duration::from_millis(config.kafka.processor.stall_timeout_ms);
+        let stats = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("processor-watchdog".into())
+            .spawn(move || watchdog(&stats, timeout))
+            .context("spawning the processor's watchdog")?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let (stats, stop) = (Arc::clone(&stats), Arc::clone(&stop));
@@ -136,6 +151,31 @@ pub(crate) async fn run(args: ProcessorArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The exit status of a processor stopped by its watchdog (`EX_SOFTWARE`).
+pub(crate) const STALLED_EXIT_CODE: i32 = 70;
+
+/// Exits the process once the processor's loop has stayed in one step for `timeout`. Runs on a
+/// thread of its own for the life of the process, through a clean stop too (a stop that hangs
+/// in its last commit is a stall like any other).
+fn watchdog(stats: &ProcessorStats, timeout: Duration) {
+    let period = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        std::thread::sleep(period);
+        let (step, lasted) = stats.heartbeat.current();
+        if lasted >= timeout {
+            tracing::error!(
+                step,
+                stalled_s = lasted.as_secs_f64(),
+                "the processor is stuck: no progress while {step} for {:.1} s \
+                 (kafka.processor.stall_timeout_ms); exiting with status {STALLED_EXIT_CODE} \
+                 so that its supervisor restarts it",
+                lasted.as_secs_f64()
+            );
+            std::process::exit(STALLED_EXIT_CODE);
+        }
+    }
 }
 
 /// Creates the ingest and output topics, then the changelog with as many partitions as the
@@ -233,6 +273,7 @@ fn ready(stats: &ProcessorStats) -> (bool, serde_json::Value) {
             "joining the group".into()
         }
     });
+    let (step, lasted) = stats.heartbeat.current();
     let body = serde_json::json!({
         "ready": ready,
         "components": {
@@ -240,6 +281,8 @@ fn ready(stats: &ProcessorStats) -> (bool, serde_json::Value) {
                 "ok": ready,
                 "detail": detail,
                 "partitions": stats.partitions.load(Ordering::Relaxed),
+                "step": step,
+                "step_seconds": lasted.as_secs_f64(),
             },
         },
     });
@@ -333,6 +376,12 @@ fn metrics(stats: &ProcessorStats) -> String {
             "counter",
             "Lake files deleted because their transaction never committed.",
             get(&stats.lake_files_discarded),
+        ),
+        (
+            "sensorflow_processor_step_seconds",
+            "gauge",
+            "How long the processor's loop has been in its current step (the stall watchdog exits at kafka.processor.stall_timeout_ms).",
+            stats.heartbeat.current().1.as_secs_f64(),
         ),
     ] {
         let _ = writeln!(
