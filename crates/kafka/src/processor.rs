@@ -173,32 +173,38 @@ pub struct ProcessorStats {
 /// coordinator (`send_offsets_to_transaction` can wait without end, upstream issues 5456 and
 /// 5511), where no timeout of ours can interrupt it. The processor command's watchdog reads
 /// [`Heartbeat::current`] and exits the process when a step exceeds
-/// `kafka.processor.stall_timeout_ms`.
-#[derive(Debug)]
-pub struct Heartbeat(Mutex<(Instant, &'static str)>);
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Heartbeat(Mutex::new((Instant::now(), "starting")))
-    }
-}
+/// `kafka.processor.stall_timeout_ms`. Before [`run`] starts and after it returns there is no
+/// step.
+#[derive(Debug, Default)]
+pub struct Heartbeat(Mutex<Option<(Instant, &'static str)>>);
 
 impl Heartbeat {
     /// Marks the start of `step`.
     pub fn beat(&self, step: &'static str) {
-        *self.0.lock() = (Instant::now(), step);
+        *self.0.lock() = Some((Instant::now(), step));
     }
 
-    /// The current step and how long it has lasted.
-    pub fn current(&self) -> (&'static str, Duration) {
-        let (since, step) = *self.0.lock();
-        (step, since.elapsed())
+    /// The loop has ended: no step any more.
+    fn end(&self) {
+        *self.0.lock() = None;
+    }
+
+    /// The current step and how long it has lasted; `None` while the loop is not running.
+    pub fn current(&self) -> Option<(&'static str, Duration)> {
+        self.0.lock().map(|(since, step)| (step, since.elapsed()))
     }
 }
 
 /// Runs the processor until `stop` is set, restarting it (new clients, state from the
 /// changelog) after a failure, with a backoff. Blocking: call it on a thread of its own.
 pub fn run(params: &ProcessorParams, stats: &Arc<ProcessorStats>, stop: &AtomicBool) {
+    stats.heartbeat.beat("starting");
+    run_until_stopped(params, stats, stop);
+    stats.heartbeat.end();
+}
+
+/// [`run`]'s restart loop.
+fn run_until_stopped(params: &ProcessorParams, stats: &Arc<ProcessorStats>, stop: &AtomicBool) {
     let mut backoff = Duration::from_millis(500);
     while !stop.load(Ordering::Acquire) {
         let began = Instant::now();

@@ -158,12 +158,15 @@ pub(crate) const STALLED_EXIT_CODE: i32 = 70;
 
 /// Exits the process once the processor's loop has stayed in one step for `timeout`. Runs on a
 /// thread of its own for the life of the process, through a clean stop too (a stop that hangs
-/// in its last commit is a stall like any other).
+/// in its last commit is a stall like any other); idle while the loop is not running (before
+/// it starts, after it returned).
 fn watchdog(stats: &ProcessorStats, timeout: Duration) {
     let period = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         std::thread::sleep(period);
-        let (step, lasted) = stats.heartbeat.current();
+        let Some((step, lasted)) = stats.heartbeat.current() else {
+            continue;
+        };
         if lasted >= timeout {
             tracing::error!(
                 step,
@@ -273,7 +276,7 @@ fn ready(stats: &ProcessorStats) -> (bool, serde_json::Value) {
             "joining the group".into()
         }
     });
-    let (step, lasted) = stats.heartbeat.current();
+    let (step, lasted) = stats.heartbeat.current().unzip();
     let body = serde_json::json!({
         "ready": ready,
         "components": {
@@ -282,7 +285,7 @@ fn ready(stats: &ProcessorStats) -> (bool, serde_json::Value) {
                 "detail": detail,
                 "partitions": stats.partitions.load(Ordering::Relaxed),
                 "step": step,
-                "step_seconds": lasted.as_secs_f64(),
+                "step_seconds": lasted.map(|d| d.as_secs_f64()),
             },
         },
     });
@@ -381,7 +384,10 @@ fn metrics(stats: &ProcessorStats) -> String {
             "sensorflow_processor_step_seconds",
             "gauge",
             "How long the processor's loop has been in its current step (the stall watchdog exits at kafka.processor.stall_timeout_ms).",
-            stats.heartbeat.current().1.as_secs_f64(),
+            stats
+                .heartbeat
+                .current()
+                .map_or(0.0, |(_, lasted)| lasted.as_secs_f64()),
         ),
     ] {
         let _ = writeln!(
