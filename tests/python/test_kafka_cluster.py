@@ -29,6 +29,7 @@ from testkit import (
     read_topic,
     sample_rows,
     synthetic_samples,
+    wait_for_sample_rows,
     wait_until,
 )
 
@@ -204,14 +205,8 @@ def test_a_killed_node_of_a_three_node_cluster_loses_or_doubles_no_acknowledged_
 
         # The transformed topic (read_committed): every acknowledged sample exactly once.
         expected = {(sid, base + j) for sid, base in acked for j in range(SAMPLES)}
-        rows: list = []
-
-        def all_rows():
-            nonlocal rows
-            rows = sample_rows(cluster.bootstrap, f"transformed-{uid}")
-            return len({(r["sensor_id"], r["sample_index"]) for r in rows}) >= len(expected)
-
-        wait_until(all_rows, timeout=90, interval=1, message="every acknowledged sample in the transformed topic")
+        rows = wait_for_sample_rows(cluster.bootstrap, f"transformed-{uid}", expected, timeout=90,
+                                    message="every acknowledged sample in the transformed topic")
         keys = [(r["sensor_id"], r["sample_index"]) for r in rows]
         assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} samples doubled in the transformed topic"
         assert set(keys) == expected

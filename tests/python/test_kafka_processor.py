@@ -18,8 +18,8 @@ from testkit import (
     metric,
     processor_config,
     read_topic_to_end,
-    sample_rows,
     synthetic_samples,
+    wait_for_sample_rows,
     wait_until,
 )
 
@@ -38,10 +38,6 @@ def start_processor(broker, s3, tmp_path, name: str, config: str, lake: str) -> 
         env=s3.env,
         mqtt=False,
     )
-
-
-def complete(rows: list[dict], expected: int) -> bool:
-    return len({(r["sensor_id"], r["sample_index"]) for r in rows}) >= expected
 
 
 def lake_rows(s3, bucket: str, prefix: str) -> list[dict]:
@@ -102,14 +98,8 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
         assert len(expected) == SENSORS * ROUNDS * SAMPLES
 
         # Kafka: every acknowledged sample exactly once in sensor-data-transformed (read_committed).
-        rows: list = []
-
-        def all_rows():
-            nonlocal rows
-            rows = sample_rows(kafka_broker.bootstrap, f"transformed-{uid}")
-            return complete(rows, len(expected))
-
-        wait_until(all_rows, timeout=120, interval=1, message="every acknowledged sample in the transformed topic")
+        rows = wait_for_sample_rows(kafka_broker.bootstrap, f"transformed-{uid}", expected, timeout=120,
+                                    message="every acknowledged sample in the transformed topic")
         keys = [(r["sensor_id"], r["sample_index"]) for r in rows]
         assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} samples doubled in Kafka"
         assert set(keys) == expected
@@ -128,14 +118,8 @@ def test_processors_scale_out_and_fail_over_exactly_once_with_their_state(kafka_
         try:
             # Ready once it created its topics, joined its group and committed.
             wait_until(lambda: ref.get("/ready").status_code == 200, timeout=60, message="the reference processor ready")
-            ref_rows: list = []
-
-            def all_ref_rows():
-                nonlocal ref_rows
-                ref_rows = sample_rows(kafka_broker.bootstrap, f"transformed-ref{uid}")
-                return complete(ref_rows, len(expected))
-
-            wait_until(all_ref_rows, timeout=180, interval=2, message="the reference run processed everything")
+            ref_rows = wait_for_sample_rows(kafka_broker.bootstrap, f"transformed-ref{uid}", expected, timeout=180,
+                                            interval=2, message="the reference run processed everything")
             # Sessions and model state moved with their partitions: the same session per
             # sensor and the same predictions as without the rebalance and the kill.
             by_key = {(r["sensor_id"], r["sample_index"]): r for r in rows}
@@ -204,14 +188,8 @@ def test_a_record_that_fails_a_stage_is_a_dead_letter_and_the_processor_moves_on
         wait_until(lambda: metric(processor.get("/metrics").text, "sensorflow_processor_dead_letters_total") >= 1,
                    timeout=60, message="the poisoned record set aside")
         expected = {(sid, base + j) for sid, base in pub.acked if sid != "poison" for j in range(SAMPLES)}
-        rows: list = []
-
-        def all_rows():
-            nonlocal rows
-            rows = sample_rows(kafka_broker.bootstrap, f"transformed-{uid}")
-            return complete(rows, len(expected))
-
-        wait_until(all_rows, timeout=60, interval=1, message="every good sample in the transformed topic")
+        rows = wait_for_sample_rows(kafka_broker.bootstrap, f"transformed-{uid}", expected, timeout=60,
+                                    message="every good sample in the transformed topic")
         keys = [(r["sensor_id"], r["sample_index"]) for r in rows]
         assert len(keys) == len(set(keys)), "samples doubled by the rewinds"
         assert set(keys) == expected, "the poisoned sensor's samples never come out"
@@ -297,14 +275,8 @@ def test_a_processor_stuck_in_a_commit_is_stopped_by_its_watchdog_and_its_succes
             publish_round()
         pub.wait_all_acked(timeout=60)
         expected = {(sid, base + j) for sid, base in pub.acked for j in range(SAMPLES)}
-        rows: list = []
-
-        def all_rows():
-            nonlocal rows
-            rows = sample_rows(kafka_broker.bootstrap, f"transformed-{uid}")
-            return complete(rows, len(expected))
-
-        wait_until(all_rows, timeout=90, interval=1, message="every sample in the transformed topic")
+        rows = wait_for_sample_rows(kafka_broker.bootstrap, f"transformed-{uid}", expected, timeout=90,
+                                    message="every sample in the transformed topic")
         keys = [(r["sensor_id"], r["sample_index"]) for r in rows]
         assert len(keys) == len(set(keys)), "samples of the stuck transaction doubled"
         assert set(keys) == expected

@@ -829,6 +829,22 @@ def sample_rows(bootstrap: str, topic: str) -> list[dict]:
     return rows
 
 
+def wait_for_sample_rows(bootstrap: str, topic: str, expected: set, timeout: float, message: str,
+                         interval: float = 1) -> list[dict]:
+    """Reads `topic`'s sample rows (see `sample_rows`) until they hold as many distinct
+    `(sensor_id, sample_index)` keys as `expected` has, and returns that read's rows: what the
+    caller then checks for doubles and for exactly the expected keys."""
+    rows: list[dict] = []
+
+    def complete():
+        nonlocal rows
+        rows = sample_rows(bootstrap, topic)
+        return len({(r["sensor_id"], r["sample_index"]) for r in rows}) >= len(expected)
+
+    wait_until(complete, timeout=timeout, interval=interval, message=message)
+    return rows
+
+
 def processor_config(tmp_path, name: str, uid: str, ingest: str | None = None, group: str | None = None,
                      instance: str | None = None, replication_factor: int | None = None,
                      stall_timeout_ms: int | None = None) -> str:
