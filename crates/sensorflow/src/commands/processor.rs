@@ -154,7 +154,7 @@ pub(crate) async fn run(args: ProcessorArgs) -> anyhow::Result<()> {
 }
 
 /// The exit status of a processor stopped by its watchdog (`EX_SOFTWARE`).
-pub(crate) const STALLED_EXIT_CODE: i32 = 70;
+const STALLED_EXIT_CODE: i32 = 70;
 
 /// Exits the process once the processor's loop has stayed in one step for `timeout`. Runs on a
 /// thread of its own for the life of the process, through a clean stop too (a stop that hangs
